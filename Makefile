@@ -1,0 +1,44 @@
+# ddt_fast developer entry points.
+#   make test      fresh machine -> venv, deps, extension (CPU + CUDA when a toolkit
+#                  exists), C++ tests (ctest), pytest. The one test command.
+#   make build     (re)build ddt_fast/_C*.so in place
+#   make bench     CPU benchmarks, results under benchmarks/results/
+#   make clean
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# PyTorch with CUDA 13 (matches the nvcc 13 toolkit); override to try others.
+TORCH_SPEC ?= torch==2.14.1
+DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: test build venv cpp-test pytest bench clean
+
+test: build cpp-test pytest
+
+$(VENV)/.deps-stamp: Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+build: venv
+	MAX_JOBS=$(JOBS) $(PY) setup.py build_ext --inplace
+	$(PY) -c "import ddt_fast, json; print(json.dumps(ddt_fast.info(), indent=1, default=str))"
+
+cpp-test: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build/cmake -j $(JOBS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" ctest --test-dir build/cmake --output-on-failure
+
+pytest: venv
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_dp.py
+
+clean:
+	rm -rf build ddt_fast/_C*.so

@@ -1,0 +1,61 @@
+"""Loads the compiled extension ddt_fast._C once, if it was built.
+
+Without it every op runs its pure-PyTorch reference; we say so once, in a
+log line, and carry on.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional
+
+logger = logging.getLogger("ddt_fast")
+
+_C = None
+_load_error: Optional[str] = None
+
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
+try:  # registers torch.ops.ddt_fast.* as a side effect
+    _C = importlib.import_module("ddt_fast._C")
+except ImportError as e:  # not built, or built against another torch
+    _load_error = f"{type(e).__name__}: {e}"
+    logger.warning(
+        "ddt_fast: compiled extension not available (%s); using the pure-PyTorch reference "
+        "paths. Build it with `pip install --no-build-isolation .` or `make build`.",
+        _load_error,
+    )
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def load_error() -> Optional[str]:
+    return _load_error
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True if torch.ops.ddt_fast.<op> has a kernel registered for `dispatch_key` ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    import torch
+
+    name = f"ddt_fast::{op}"
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
+    except RuntimeError:  # op not registered at all
+        return False
+
+
+def registered_ops() -> list:
+    """Names of the ddt_fast ops the extension registered (without the namespace)."""
+    if _C is None:
+        return []
+    import torch
+
+    names = []
+    for schema in torch._C._jit_get_all_schemas():
+        if schema.name.startswith("ddt_fast::"):
+            names.append(schema.name.split("::", 1)[1])
+    return sorted(set(names) - {"build_marker"})

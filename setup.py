@@ -1,0 +1,113 @@
+"""Build ddt_fast._C: the C++ (CPU) kernels always, the CUDA kernels when possible.
+
+Environment:
+  DDT_FAST_BUILD_CUDA=0|1   force the CUDA part off / on (default: on when
+                            PyTorch has CUDA and a toolkit is found)
+  TORCH_CUDA_ARCH_LIST      archs to compile for (default "8.0;9.0a")
+  CUDA_HOME                 toolkit root (the folder holding bin/nvcc, lib64/, include/)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _toolkit_root_from_nvcc():
+    """The toolkit root behind `nvcc` on the PATH.
+
+    `nvcc` is often a wrapper script in /usr/local/bin; PyTorch then guesses
+    CUDA_HOME one folder too high. We follow the wrapper to the real binary
+    and accept a root only if it has include/cuda_runtime.h.
+    """
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a shell wrapper: `exec /path/to/cuda/bin/nvcc "$@"`
+            with open(real, "r", errors="ignore") as f:
+                for tok in f.read(4096).split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"]
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _setup_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    root = _toolkit_root_from_nvcc()
+    if root:
+        os.environ["CUDA_HOME"] = root
+    return root
+
+
+# Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+_cuda_home = _setup_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    force = os.environ.get("DDT_FAST_BUILD_CUDA")
+    if force is not None and force not in ("0", "1"):
+        sys.exit(f"DDT_FAST_BUILD_CUDA must be 0 or 1, got {force!r}")
+    possible = torch.version.cuda is not None and _cuda_home is not None
+    if force == "1" and not possible:
+        why = "PyTorch was built without CUDA" if torch.version.cuda is None else (
+            "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc and include/)")
+        sys.exit(f"DDT_FAST_BUILD_CUDA=1 but {why}.")
+    if force == "0":
+        return False
+    return possible
+
+
+def _version():
+    ns = {}
+    with open(os.path.join(ROOT, "ddt_fast", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/torch/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP"]
+    link = ["-fopenmp"]
+    if not with_cuda:
+        print("ddt_fast: building the CPU extension only", file=sys.stderr)
+        return CppExtension("ddt_fast._C", cpu_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    print(f"ddt_fast: building CPU + CUDA ({_cuda_home}, archs {archs})", file=sys.stderr)
+    # The arch list travels as one pp-number token (no quotes or semicolons,
+    # which the ninja shell line would mangle); csrc/torch stringifies it.
+    arch_token = "_".join(a for a in archs.replace(";", " ").split())
+    cxx += ["-DDDT_FAST_WITH_CUDA", f"-DDDT_FAST_CUDA_ARCHS={arch_token}"]
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DDDT_FAST_WITH_CUDA",
+            "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    return CUDAExtension("ddt_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+
+
+setup(
+    version=_version(),
+    packages=find_packages(include=["ddt_fast", "ddt_fast.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
