@@ -1,0 +1,119 @@
+"""The op surface the DDT model calls: one function per (future) fused op.
+
+Every function picks its implementation through `dispatch` (fused kernel or
+the pure-PyTorch reference in `reference.py`); the model never branches on
+devices or backends itself.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from ddt_fast.ops import dispatch, reference
+from ddt_fast.ops.dispatch import (
+    get_attention_backend,
+    get_backend,
+    set_attention_backend,
+    set_backend,
+    use_backend,
+)
+
+Tensor = torch.Tensor
+
+# Ops the model calls. A fused kernel registers as torch.ops.ddt_fast.<name>
+# with the same argument order as the function here.
+MODEL_OPS = (
+    "rms_norm_modulate",
+    "layer_norm_modulate",
+    "gated_residual",
+    "gated_residual_rms_norm_modulate",
+    "qk_norm_rope",
+    "swiglu",
+    "attention",
+)
+
+
+def _fused(name: str):
+    return getattr(torch.ops.ddt_fast, name)
+
+
+def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
+                      eps: float = 1e-6) -> Tensor:
+    if dispatch.use_fused("rms_norm_modulate", x.device):
+        return _fused("rms_norm_modulate")(x, weight, shift, scale, eps)
+    return reference.rms_norm_modulate(x, weight, shift, scale, eps)
+
+
+def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    if dispatch.use_fused("layer_norm_modulate", x.device):
+        return _fused("layer_norm_modulate")(x, shift, scale, eps)
+    return reference.layer_norm_modulate(x, shift, scale, eps)
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    if dispatch.use_fused("gated_residual", x.device):
+        return _fused("gated_residual")(x, gate, y)
+    return reference.gated_residual(x, gate, y)
+
+
+def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Tensor,
+                                     shift: Tensor, scale: Tensor,
+                                     eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    if dispatch.use_fused("gated_residual_rms_norm_modulate", x.device):
+        return _fused("gated_residual_rms_norm_modulate")(x, gate, y, weight, shift, scale, eps)
+    return reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, eps)
+
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    if dispatch.use_fused("swiglu", a.device):
+        return _fused("swiglu")(a, b)
+    return reference.swiglu(a, b)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_frequencies(height: int, width: int, head_dim: int, device: torch.device) -> Tensor:
+    """Cached 2D rotary table `[height*width, head_dim/2]` (complex64) on `device`."""
+    return reference.rope_frequencies(height, width, head_dim, device)
+
+
+def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
+                 freqs_cis: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    if dispatch.use_fused("qk_norm_rope", qkv.device):
+        return _fused("qk_norm_rope")(qkv, q_weight, k_weight, num_heads,
+                                      torch.view_as_real(freqs_cis), eps)
+    return reference.qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention on `[B, H, L, D]`; backend per `dispatch.attention_backend`."""
+    backend = dispatch.attention_backend(q, k, v, mask)
+    if backend == "ddt":
+        return _fused("attention")(q, k, v)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func  # optional dependency
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return reference.attention(q, k, v, mask)
+
+
+def plan(device: torch.device) -> dict:
+    """Which implementation each model op takes on `device` under the current backend."""
+    device = torch.device(device)
+    rows = {op: ("fused" if dispatch.use_fused(op, device) else "reference")
+            for op in MODEL_OPS if op != "attention"}
+    probe = torch.empty(1, 1, 1, 72, device="meta", dtype=torch.bfloat16)
+    if device.type == "cuda":
+        probe = torch.empty(1, 1, 1, 72, device=device, dtype=torch.bfloat16)
+    rows["attention"] = dispatch.attention_backend(probe, probe, probe, None)
+    return rows
+
+
+__all__ = [
+    "MODEL_OPS", "rms_norm_modulate", "layer_norm_modulate", "gated_residual",
+    "gated_residual_rms_norm_modulate", "swiglu", "rope_frequencies", "qk_norm_rope",
+    "attention", "plan", "reference", "dispatch", "get_backend", "set_backend",
+    "get_attention_backend", "set_attention_backend", "use_backend",
+]
