@@ -1,5 +1,17 @@
-"""DDT models: the model class, named presets."""
+"""DDT models: the model class, named presets, checkpoint I/O."""
+from ddt_fast.models.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    infer_config,
+    load_checkpoint,
+    read_state_dict,
+    save_pretrained,
+)
 from ddt_fast.models.ddt import DDT, DDTBlock
 from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
 
-__all__ = ["DDT", "DDTBlock", "PRESETS", "create", "match_preset", "preset_config", "preset_names"]
+__all__ = [
+    "DDT", "DDTBlock", "PRESETS", "create", "match_preset", "preset_config", "preset_names",
+    "CheckpointError", "load_checkpoint", "read_state_dict", "infer_config", "save_pretrained",
+    "from_pretrained",
+]

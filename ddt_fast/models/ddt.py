@@ -204,6 +204,20 @@ class DDT(nn.Module):
             "num_classes": self.num_classes,
         }
 
+    def save_pretrained(self, folder: str) -> None:
+        """Write `config.json` + `model.safetensors` to `folder` (atomically)."""
+        from ddt_fast.models.checkpoint import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> "DDT":
+        """Load a save_pretrained folder, a checkpoint file or a hub id; see
+        `ddt_fast.models.checkpoint.from_pretrained` for the options."""
+        from ddt_fast.models.checkpoint import from_pretrained
+
+        return from_pretrained(name_or_path, **kwargs)
+
     @property
     def encoder_blocks(self):
         return self.blocks[: self.num_encoder_blocks]
