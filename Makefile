@@ -19,7 +19,6 @@ test: build cpp-test pytest
 
 $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install "$(TORCH_SPEC)" $(DEPS)
 	touch $@
 

@@ -9,6 +9,21 @@ from ddt_fast import _extension
 from ddt_fast._version import __version__
 
 
+def _gpu_image_summary(path: str) -> Dict[str, Any]:
+    """arch -> number of kernels, for the cubins really linked into `path`."""
+    from ddt_fast._fatbin import gpu_images
+
+    try:
+        images = gpu_images(path)
+    except (OSError, ValueError) as e:
+        return {"error": str(e)}
+    summary: Dict[str, Any] = {}
+    for image in images:
+        key = image.arch if image.kind == "cubin" else f"{image.arch} (ptx)"
+        summary[key] = summary.get(key, 0) + len(image.kernels)
+    return summary
+
+
 def info() -> Dict[str, Any]:
     """Build and runtime report: versions, compiled kernels and archs, devices."""
     report: Dict[str, Any] = {
@@ -23,12 +38,27 @@ def info() -> Dict[str, Any]:
         build = dict(_extension._C.build_info())
         archs = build.pop("cuda_archs", "")
         build["cuda_archs"] = [a for a in archs.split("_") if a]
+        build["gpu_images"] = _gpu_image_summary(_extension._C.__file__)
         report["build"] = build
         report["kernels"] = {
             op: {key.lower(): _extension.has_kernel(op, key) for key in ("CPU", "CUDA")}
             for op in _extension.registered_ops()
         }
+    from ddt_fast.ops import plan
+
+    report["backend"] = {"ops": _dispatch_state(), "cpu_plan": plan(torch.device("cpu"))}
+    if torch.cuda.is_available():
+        report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
+    from ddt_fast.ops.verified import VERIFIED
+
+    report["gpu_verified"] = [row._asdict() for row in VERIFIED]
     report["cuda_devices"] = [
         torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
     ] if torch.cuda.is_available() else []
     return report
+
+
+def _dispatch_state() -> Dict[str, str]:
+    from ddt_fast.ops import dispatch
+
+    return {"backend": dispatch.get_backend(), "attention": dispatch.get_attention_backend()}

@@ -1,0 +1,107 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddt_fast import ops
+from ddt_fast.ops import dispatch, verified
+
+
+def test_reference_forced_never_uses_fused(monkeypatch):
+    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    with ops.use_backend("reference"):
+        assert not dispatch.use_fused("swiglu", torch.device("cpu"))
+    with ops.use_backend("fused"):
+        assert dispatch.use_fused("swiglu", torch.device("cpu"))
+
+
+def test_cuda_auto_requires_gpu_verification(monkeypatch):
+    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    cuda = torch.device("cuda")
+    with ops.use_backend("auto"):
+        assert dispatch.use_fused("swiglu", torch.device("cpu"))  # CPU kernels need no GPU run
+        assert not dispatch.use_fused("swiglu", cuda)
+        monkeypatch.setattr(dispatch, "is_verified", lambda op: op == "swiglu")
+        assert dispatch.use_fused("swiglu", cuda)
+        assert not dispatch.use_fused("rms_norm_modulate", cuda)
+    with ops.use_backend("fused"):
+        assert dispatch.use_fused("rms_norm_modulate", cuda)
+
+
+def test_no_kernel_means_reference_even_when_forced(monkeypatch):
+    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: False)
+    with ops.use_backend("fused"):
+        assert not dispatch.use_fused("swiglu", torch.device("cpu"))
+
+
+def test_verified_table_rows_are_well_formed():
+    for row in verified.VERIFIED:
+        assert row.op in ops.MODEL_OPS and row.gpu and row.date and len(row.commit) >= 7
+
+
+def test_attention_on_cpu_is_sdpa_whatever_is_forced():
+    q = torch.randn(1, 2, 5, 8)
+    for choice in dispatch.ATTENTION_BACKENDS:
+        with ops.use_backend(attention=choice):
+            assert dispatch.attention_backend(q, q, q) == "sdpa"
+
+
+def test_attention_auto_order(monkeypatch):
+    class FakeCuda:
+        is_cuda = True
+        dtype = torch.bfloat16
+        shape = (1, 16, 256, 72)
+
+    q = FakeCuda()
+    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: True)
+    with ops.use_backend(attention="auto"):
+        assert dispatch.attention_backend(q, q, q) == "flash_attn"  # ddt kernel not verified
+        monkeypatch.setattr(dispatch, "is_verified", lambda op: True)
+        assert dispatch.attention_backend(q, q, q) == "ddt"
+        assert dispatch.attention_backend(q, q, q, mask=torch.ones(1)) == "sdpa"
+    monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: False)
+    with ops.use_backend(attention="flash_attn"):
+        assert dispatch.attention_backend(q, q, q) == "sdpa"
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("fast")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        ops.set_attention_backend("xformers")
+    out = subprocess.run([sys.executable, "-c", "import ddt_fast"], capture_output=True, text=True,
+                         env={"DDT_FAST_BACKEND": "turbo", "PATH": ""})
+    assert out.returncode != 0 and "DDT_FAST_BACKEND='turbo' is not one of" in out.stderr
+
+
+def test_env_var_selects_reference():
+    code = "import ddt_fast.ops as o; print(o.get_backend(), o.get_attention_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"DDT_FAST_BACKEND": "reference", "DDT_FAST_ATTENTION": "sdpa", "PATH": ""})
+    assert out.stdout.split() == ["reference", "sdpa"], out.stderr
+
+
+def test_use_backend_restores_state():
+    before = (ops.get_backend(), ops.get_attention_backend())
+    with pytest.raises(RuntimeError):
+        with ops.use_backend("reference", attention="sdpa"):
+            raise RuntimeError("boom")
+    assert (ops.get_backend(), ops.get_attention_backend()) == before
+
+
+def test_model_output_identical_under_every_backend_when_no_kernels():
+    from ddt_fast import models
+
+    m = models.create("DDT-tiny/2")
+    x, t, y = torch.randn(1, 4, 4, 4), torch.rand(1), torch.tensor([3])
+    with torch.no_grad(), ops.use_backend("reference"):
+        ref = m(x, t, y)[0]
+    with torch.no_grad(), ops.use_backend("auto"):
+        auto = m(x, t, y)[0]
+    plan = ops.plan("cpu")
+    if all(v in ("reference", "sdpa") for v in plan.values()):
+        assert torch.equal(ref, auto)
+    else:
+        torch.testing.assert_close(ref, auto, atol=1e-5, rtol=1e-5)
