@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ddt_fast.ops import dispatch, reference
+from ddt_fast.ops import dispatch, fused, reference  # noqa: F401  (fused: registrations)
 from ddt_fast.ops.dispatch import (
     get_attention_backend,
     get_backend,

@@ -1,0 +1,120 @@
+"""Fake (meta) and autograd registrations for the compiled ops.
+
+The C++ side (csrc/torch/) defines the schemas and the CPU/CUDA kernels;
+here each op gets the shape function torch.compile needs and a backward
+that calls the fused backward kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from ddt_fast import _extension
+
+_NONE, _RMS, _LAYER = 0, 1, 2
+
+
+def _maybe(t: torch.Tensor):
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _register_norm_modulate() -> None:
+    lib = "ddt_fast::"
+
+    @torch.library.register_fake(lib + "rms_norm_modulate")
+    def _(x, weight, shift, scale, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "layer_norm_modulate")
+    def _(x, shift, scale, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "gated_residual")
+    def _(x, gate, y):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "gated_residual_rms_norm_modulate")
+    def _(x, gate, y, weight, shift, scale, eps):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(x, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake(lib + "norm_modulate_backward")
+    def _(grad_out, grad_x_out, x, gate, y, weight, shift, scale, eps, kind, residual):
+        B, L, C = x.shape
+        empty = x.new_empty(0)
+
+        def mod(t):
+            return x.new_empty((B, t.shape[1], C), dtype=t.dtype)
+
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(x, memory_format=torch.contiguous_format) if residual else empty,
+                mod(gate) if residual else empty,
+                torch.empty_like(weight) if kind == _RMS else empty,
+                mod(shift) if kind != _NONE else empty,
+                mod(scale) if kind != _NONE else empty)
+
+    backward = torch.ops.ddt_fast.norm_modulate_backward
+
+    # rms_norm_modulate(x, weight, shift, scale, eps)
+    def setup_rms(ctx, inputs, output):
+        x, weight, shift, scale, eps = inputs
+        ctx.save_for_backward(x, weight, shift, scale)
+        ctx.eps = eps
+
+    def backward_rms(ctx, grad):
+        x, weight, shift, scale = ctx.saved_tensors
+        gx, _, _, gw, gsh, gsc = backward(grad, None, x, None, None, weight, shift, scale, ctx.eps, _RMS, False)
+        return gx, gw, gsh, gsc, None
+
+    torch.library.register_autograd(lib + "rms_norm_modulate", backward_rms, setup_context=setup_rms)
+
+    # layer_norm_modulate(x, shift, scale, eps)
+    def setup_ln(ctx, inputs, output):
+        x, shift, scale, eps = inputs
+        ctx.save_for_backward(x, shift, scale)
+        ctx.eps = eps
+
+    def backward_ln(ctx, grad):
+        x, shift, scale = ctx.saved_tensors
+        gx, _, _, _, gsh, gsc = backward(grad, None, x, None, None, None, shift, scale, ctx.eps, _LAYER, False)
+        return gx, gsh, gsc, None
+
+    torch.library.register_autograd(lib + "layer_norm_modulate", backward_ln, setup_context=setup_ln)
+
+    # gated_residual(x, gate, y)
+    def setup_gr(ctx, inputs, output):
+        x, gate, y = inputs
+        ctx.save_for_backward(output, gate, y)
+
+    def backward_gr(ctx, grad):
+        x_out, gate, y = ctx.saved_tensors
+        gx, gy, gg, _, _, _ = backward(None, grad, x_out, gate, y, None, None, None, 0.0, _NONE, True)
+        return gx, gg, gy
+
+    torch.library.register_autograd(lib + "gated_residual", backward_gr, setup_context=setup_gr)
+
+    # gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, eps) -> (x_out, out)
+    def setup_grn(ctx, inputs, output):
+        x, gate, y, weight, shift, scale, eps = inputs
+        ctx.save_for_backward(output[0], gate, y, weight, shift, scale)
+        ctx.eps = eps
+
+    def backward_grn(ctx, grad_x_out, grad_out):
+        x_out, gate, y, weight, shift, scale = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(x_out)
+        gx, gy, gg, gw, gsh, gsc = backward(grad_out, grad_x_out, x_out, gate, y, weight, shift, scale,
+                                            ctx.eps, _RMS, True)
+        return gx, gg, gy, gw, gsh, gsc, None
+
+    torch.library.register_autograd(lib + "gated_residual_rms_norm_modulate", backward_grn,
+                                    setup_context=setup_grn)
+
+
+def register() -> None:
+    if not _extension.available():
+        return
+    if hasattr(torch.ops.ddt_fast, "rms_norm_modulate"):
+        _register_norm_modulate()
+
+
+register()

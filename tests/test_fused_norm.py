@@ -1,0 +1,167 @@
+"""Fused norm + modulate family against the pure-PyTorch reference."""
+import itertools
+
+import pytest
+import torch
+
+from ddt_fast import _extension
+from ddt_fast.ops import reference
+
+pytestmark = pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CPU"),
+                                reason="ddt_fast._C with the norm kernels is not built")
+ops = torch.ops.ddt_fast if _extension.available() else None
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10),
+       torch.bfloat16: dict(atol=3e-2, rtol=2e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+def close(a, b, dtype, scale=1.0):
+    tol = TOL[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
+
+
+def mods(B, L, C, dtype, per_token, k=6, device="cpu"):
+    """shift/scale/gate as chunk views of one [B, L|1, k*C] tensor (strided, no copies)."""
+    t = torch.randn(B, L if per_token else 1, k * C, dtype=dtype, device=device) * 0.5
+    return t.chunk(k, dim=-1)
+
+
+GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256],
+                              [8, 72, 768, 1152], [False, True]))
+
+
+def _id(p):
+    dtype, B, L, C, per_token = p
+    return f"{str(dtype)[6:]}-B{B}-L{L}-C{C}-{'tok' if per_token else 'smp'}"
+
+
+@pytest.mark.parametrize("dtype,B,L,C,per_token", GRID, ids=[_id(p) for p in GRID])
+def test_forward_grid(dtype, B, L, C, per_token):
+    x = torch.randn(B, L, C, dtype=dtype) * 2
+    y = torch.randn(B, L, C, dtype=dtype)
+    weight = (1 + 0.1 * torch.randn(C)).to(dtype)
+    shift, scale, gate, *_ = mods(B, L, C, dtype, per_token)
+    close(ops.rms_norm_modulate(x, weight, shift, scale, 1e-6),
+          reference.rms_norm_modulate(x, weight, shift, scale, 1e-6), dtype)
+    close(ops.layer_norm_modulate(x, shift, scale, 1e-6),
+          reference.layer_norm_modulate(x, shift, scale, 1e-6), dtype)
+    close(ops.gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
+    xo, out = ops.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, 1e-6)
+    xo_ref, out_ref = reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, 1e-6)
+    close(xo, xo_ref, dtype)
+    close(out, out_ref, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_autocast_dtypes_fp32_weight(dtype, per_token):
+    """Under autocast x/mods are 16-bit and the norm weight is a float32 parameter."""
+    B, L, C = 2, 9, 72
+    x = torch.randn(B, L, C, dtype=dtype)
+    weight = 1 + 0.1 * torch.randn(C)
+    shift, scale, gate, *_ = mods(B, L, C, dtype, per_token)
+    out = ops.rms_norm_modulate(x, weight, shift, scale, 1e-6)
+    assert out.dtype == dtype  # stored in x's dtype; the reference promotes to float32
+    close(out, reference.rms_norm_modulate(x, weight, shift, scale, 1e-6), dtype)
+    s32, c32 = shift.float(), scale.float()
+    close(ops.rms_norm_modulate(x, weight, s32, c32, 1e-6),
+          reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype)
+
+
+def _grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in inputs]
+
+
+CASES = {
+    "rms": (lambda x, y, w, sh, sc, g: (x, w, sh, sc),
+            lambda x, w, sh, sc: ops.rms_norm_modulate(x, w, sh, sc, 1e-6),
+            lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6)),
+    "layer": (lambda x, y, w, sh, sc, g: (x, sh, sc),
+              lambda x, sh, sc: ops.layer_norm_modulate(x, sh, sc, 1e-6),
+              lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6)),
+    "residual": (lambda x, y, w, sh, sc, g: (x, g, y),
+                 lambda x, g, y: ops.gated_residual(x, g, y),
+                 lambda x, g, y: reference.gated_residual(x, g, y)),
+    "residual_rms": (lambda x, y, w, sh, sc, g: (x, g, y, w, sh, sc),
+                     lambda x, g, y, w, sh, sc: ops.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6),
+                     lambda x, g, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 768)])
+def test_backward_matches_reference(case, dtype, per_token, B, L, C):
+    pick, fused, ref = CASES[case]
+    x = torch.randn(B, L, C, dtype=dtype)
+    y = torch.randn(B, L, C, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C)).to(dtype)
+    sh, sc, g = (t.contiguous() for t in mods(B, L, C, dtype, per_token, k=3))
+    inputs = pick(x, y, w, sh, sc, g)
+    outs, grads = _grads(fused, inputs)
+    outs_ref, grads_ref = _grads(ref, inputs)
+    # 16-bit gradients summed over many rows (weight, per-sample modulation) carry
+    # the rounding of each addend: compare them relative to their size.
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    for a, b in zip(outs, outs_ref):
+        close(a, b, dtype, scale)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert a is not None and a.shape == b.shape and a.dtype == b.dtype, i
+        mag = max(b.float().abs().max().item(), 1.0)
+        close(a / mag, b / mag, dtype, scale * (4.0 if dtype == torch.float32 and L * B > 100 else 1.0))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gradcheck_float64(case, per_token):
+    pick, fused, _ = CASES[case]
+    B, L, C = 2, 3, 8
+    x = torch.randn(B, L, C, dtype=torch.float64)
+    y = torch.randn(B, L, C, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(C, dtype=torch.float64)
+    sh, sc, g = (t.contiguous() for t in mods(B, L, C, torch.float64, per_token, k=3))
+    inputs = tuple(t.requires_grad_(True) for t in pick(x, y, w, sh, sc, g))
+    assert torch.autograd.gradcheck(fused, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_opcheck(per_token):
+    B, L, C = 2, 5, 16
+    x, y = torch.randn(B, L, C), torch.randn(B, L, C)
+    w = torch.randn(C)
+    sh, sc, g = mods(B, L, C, torch.float32, per_token, k=3)
+    sh, sc, g = (t.contiguous().requires_grad_(True) for t in (sh, sc, g))
+    x.requires_grad_(True), y.requires_grad_(True), w.requires_grad_(True)
+    for op, args in [(ops.rms_norm_modulate, (x, w, sh, sc, 1e-6)),
+                     (ops.layer_norm_modulate, (x, sh, sc, 1e-6)),
+                     (ops.gated_residual, (x, g, y)),
+                     (ops.gated_residual_rms_norm_modulate, (x, g, y, w, sh, sc, 1e-6))]:
+        torch.library.opcheck(op, args)
+
+
+def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
+    B, L, C = 2, 4, 8
+    x = torch.randn(B, C, L).transpose(1, 2)  # non-contiguous
+    w = torch.randn(C)
+    sh, sc = torch.randn(B, 1, C), torch.randn(B, 1, C)
+    close(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+          torch.float32)
+    with pytest.raises(RuntimeError, match=r"shift must be \[B, 1, C\].*\[2, 1\|4, 8\]"):
+        ops.rms_norm_modulate(x, w, torch.randn(B, 3, C), sc, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous in its last dim"):
+        ops.rms_norm_modulate(x, w, torch.randn(B, 1, 2 * C)[..., ::2], sc, 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must be \[C\]"):
+        ops.rms_norm_modulate(x, torch.randn(C + 1), sh, sc, 1e-6)
+    with pytest.raises(RuntimeError, match="supported: float32, float64, float16, bfloat16"):
+        ops.rms_norm_modulate(x.int(), w, sh, sc, 1e-6)
+    with pytest.raises(RuntimeError, match="must be .* or float32"):
+        ops.rms_norm_modulate(x.bfloat16(), w.half(), sh.bfloat16(), sc.bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="y must match x"):
+        ops.gated_residual(x, sh, torch.randn(B, L, C + 1))
