@@ -110,11 +110,65 @@ def _register_norm_modulate() -> None:
                                     setup_context=setup_grn)
 
 
+def _register_qk_norm_rope() -> None:
+    name = "ddt_fast::qk_norm_rope"
+
+    @torch.library.register_fake(name)
+    def _(qkv, q_weight, k_weight, num_heads, rope, eps):
+        B, L, three_c = qkv.shape
+        D = three_c // (3 * num_heads)
+        return tuple(qkv.new_empty((B, num_heads, L, D)) for _ in range(3))
+
+    @torch.library.register_fake(name + "_backward")
+    def _(grad_q, grad_k, grad_v, qkv, q_weight, k_weight, num_heads, rope, eps):
+        return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+                torch.empty_like(q_weight), torch.empty_like(k_weight))
+
+    def setup(ctx, inputs, output):
+        qkv, q_weight, k_weight, num_heads, rope, eps = inputs
+        ctx.save_for_backward(qkv, q_weight, k_weight, rope)
+        ctx.num_heads, ctx.eps = num_heads, eps
+
+    def backward(ctx, grad_q, grad_k, grad_v):
+        qkv, q_weight, k_weight, rope = ctx.saved_tensors
+        g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(
+            grad_q, grad_k, grad_v, qkv, q_weight, k_weight, ctx.num_heads, rope, ctx.eps)
+        return g_qkv, g_qw, g_kw, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup)
+
+
+def _register_swiglu() -> None:
+    name = "ddt_fast::swiglu"
+
+    @torch.library.register_fake(name)
+    def _(a, b):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(name + "_backward")
+    def _(grad_out, a, b):
+        return (torch.empty_like(a, memory_format=torch.contiguous_format),
+                torch.empty_like(a, memory_format=torch.contiguous_format))
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return torch.ops.ddt_fast.swiglu_backward(grad, a, b)
+
+    torch.library.register_autograd(name, backward, setup_context=setup)
+
+
 def register() -> None:
     if not _extension.available():
         return
     if hasattr(torch.ops.ddt_fast, "rms_norm_modulate"):
         _register_norm_modulate()
+    if hasattr(torch.ops.ddt_fast, "qk_norm_rope"):
+        _register_qk_norm_rope()
+    if hasattr(torch.ops.ddt_fast, "swiglu"):
+        _register_swiglu()
 
 
 register()

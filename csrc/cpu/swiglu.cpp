@@ -1,0 +1,62 @@
+// CPU kernels for the SwiGLU gate (see ddt/swiglu.h): parallel over rows.
+#include "ddt/swiglu.h"
+
+#include <stdexcept>
+
+namespace ddt {
+namespace cpu {
+namespace {
+
+template <class T>
+void forward_impl(const Swiglu& p) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < p.R; ++r) {
+    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
+    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
+    T* out = static_cast<T*>(p.out) + r * p.H;
+    for (int64_t i = 0; i < p.H; ++i) out[i] = store<T>(sg::forward<T, A>(load<A>(a[i]), load<A>(b[i])));
+  }
+}
+
+template <class T>
+void backward_impl(const Swiglu& p) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < p.R; ++r) {
+    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
+    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
+    const T* g = static_cast<const T*>(p.grad_out) + r * p.H;
+    T* ga = static_cast<T*>(p.grad_a) + r * p.H;
+    T* gb = static_cast<T*>(p.grad_b) + r * p.H;
+    for (int64_t i = 0; i < p.H; ++i) {
+      A da, db;
+      sg::backward<T, A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);
+      ga[i] = store<T>(da);
+      gb[i] = store<T>(db);
+    }
+  }
+}
+
+template <class Fn>
+void dispatch(DType t, Fn&& fn) {
+  switch (t) {
+    case DType::f32: return fn(float{});
+    case DType::f64: return fn(double{});
+    case DType::bf16: return fn(bf16_t{});
+    case DType::f16: return fn(f16_t{});
+  }
+  throw std::invalid_argument("swiglu: unsupported dtype");
+}
+
+}  // namespace
+
+void swiglu_forward(const Swiglu& p) {
+  dispatch(p.dtype, [&](auto t) { forward_impl<decltype(t)>(p); });
+}
+void swiglu_backward(const Swiglu& p) {
+  dispatch(p.dtype, [&](auto t) { backward_impl<decltype(t)>(p); });
+}
+
+}  // namespace cpu
+}  // namespace ddt
