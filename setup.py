@@ -74,6 +74,14 @@ def _want_cuda():
     return possible
 
 
+def _cpu_arch_flags():
+    """-march for the CPU kernels: `native` by default (a from-source build runs
+    where it was built); DDT_FAST_CPU_ARCH=x86-64-v3 (or any -march value)
+    targets other machines, DDT_FAST_CPU_ARCH= (empty) adds no flag."""
+    arch = os.environ.get("DDT_FAST_CPU_ARCH", "native").strip()
+    return [f"-march={arch}"] if arch else []
+
+
 def _version():
     ns = {}
     with open(os.path.join(ROOT, "ddt_fast", "_version.py")) as f:
@@ -86,7 +94,7 @@ def _extension():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/torch/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP"] + _cpu_arch_flags()
     link = ["-fopenmp"]
     if not with_cuda:
         print("ddt_fast: building the CPU extension only", file=sys.stderr)

@@ -229,3 +229,27 @@ def test_bad_inputs_have_clear_errors():
 def test_top_level_exports():
     assert ddt_fast.DDT is models.DDT
     assert ddt_fast.create is models.create
+
+
+def test_fused_block_chain_equals_block_by_block_and_hooks_see_blocks():
+    from ddt_fast.models.ddt import run_blocks
+
+    m = randomize(models.create("DDT-tiny/2"), std=0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        v, s = m(x, t, y)
+        patches = m.patchify(x)
+        rope = m.rope(8, 8, "cpu")
+        _, c = m.embed_condition(t, y)
+        h = m.s_embedder(patches)
+        for block in m.encoder_blocks:
+            h = block(h, c, rope, None)
+        torch.testing.assert_close(run_blocks(m.encoder_blocks, m.s_embedder(patches), c, rope, None), h,
+                                   atol=1e-6, rtol=1e-6)
+    seen = []
+    handle = m.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        v2, s2 = m(x, t, y)
+    handle.remove()
+    assert seen == [(2, 16, 64)]
+    torch.testing.assert_close(v2, v, atol=1e-6, rtol=1e-6)

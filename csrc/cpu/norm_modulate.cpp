@@ -44,18 +44,21 @@ T* row(const MutRows& r, int64_t b, int64_t l) {
 
 // Normalise xr in place into xhat (unrounded) and return 1/std.
 template <class A>
-A normalise(NormKind kind, const A* xr, A* xhat, int64_t C, double eps) {
+A normalise(NormKind kind, const A* __restrict xr, A* __restrict xhat, int64_t C, double eps) {
   A mean = 0;
   if (kind == NormKind::layer) {
+#pragma omp simd reduction(+ : mean)
     for (int64_t c = 0; c < C; ++c) mean += xr[c];
     mean /= A(C);
   }
   A sq = 0;
+#pragma omp simd reduction(+ : sq)
   for (int64_t c = 0; c < C; ++c) {
     const A d = xr[c] - mean;
     sq += d * d;
   }
   const A rinv = nm::inv_std<A>(sq / A(C), eps);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) xhat[c] = (xr[c] - mean) * rinv;
   return rinv;
 }
@@ -77,11 +80,13 @@ void forward_impl(const NormModulateForward& p) {
         const T* y = row<T>(p.y, b, l);
         const M* g = row<M>(p.gate, b, l);
         T* xo = row<T>(p.x_out, b, l);
+#pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          xr[c] = nm::residual<T, M, A>(load<A>(x[c]), load<A>(g[c]), load<A>(y[c]));
+          xr[c] = round_to<T>(nm::residual<A>(load<A>(x[c]), load<A>(g[c]), load<A>(y[c])));
           xo[c] = store<T>(xr[c]);
         }
       } else {
+#pragma omp simd
         for (int64_t c = 0; c < C; ++c) xr[c] = load<A>(x[c]);
       }
       if (p.kind == NormKind::none) continue;
@@ -89,10 +94,15 @@ void forward_impl(const NormModulateForward& p) {
       const M* sh = row<M>(p.shift, b, l);
       const M* sc = row<M>(p.scale, b, l);
       T* out = row<T>(p.out, b, l);
-      for (int64_t c = 0; c < C; ++c) {
-        const A n = round_to<T>(xhat[c]);
-        const A w = has_weight ? load<A>(weight[c]) : A(1);
-        out[c] = store<T>(nm::modulate<T, W, M, A>(n, w, has_weight, load<A>(sh[c]), load<A>(sc[c])));
+      if (has_weight) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          out[c] = store<T>(nm::modulate<A>(round_to<T>(xhat[c]), load<A>(weight[c]), load<A>(sh[c]),
+                                            load<A>(sc[c])));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          out[c] = store<T>(nm::modulate<A>(round_to<T>(xhat[c]), A(1), load<A>(sh[c]), load<A>(sc[c])));
       }
     }
   }

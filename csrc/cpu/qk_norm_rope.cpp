@@ -17,7 +17,6 @@ namespace {
 template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
-  using PW = promote_t<T, W>;
   const T* qkv = static_cast<const T*>(p.qkv);
   const W* weights[2] = {static_cast<const W*>(p.q_weight), static_cast<const W*>(p.k_weight)};
   T* outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
@@ -35,8 +34,8 @@ void forward_impl(const QkNormRope& p) {
         const A rinv = nm::inv_std<A>(sq / A(D), p.eps);
         T* out = outs[part] + qk::split(p, b, h, l);
         for (int64_t m = 0; m < half; ++m) {
-          const A u0 = round_to<PW>(round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(weights[part][2 * m]));
-          const A u1 = round_to<PW>(round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(weights[part][2 * m + 1]));
+          const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(weights[part][2 * m]);
+          const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(weights[part][2 * m + 1]);
           A r0, r1;
           qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
           out[2 * m] = store<T>(r0);

@@ -62,7 +62,7 @@ __global__ void forward_kernel(NormModulateForward p) {
     const M* g = row_ptr<M>(p.gate, b, l);
     T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
     for (int64_t c = lane; c < C; c += kWarp)
-      xo[c] = store<T>(nm::residual<T, M, A>(load<A>(x[c]), load<A>(g[c]), load<A>(y[c])));
+      xo[c] = store<T>(nm::residual<A>(load<A>(x[c]), load<A>(g[c]), load<A>(y[c])));
     x = xo;  // each lane re-reads only what it wrote itself
   }
   if (p.kind == NormKind::none) return;
@@ -79,7 +79,7 @@ __global__ void forward_kernel(NormModulateForward p) {
     const A xr = load<A>(x[c]);
     const A n = round_to<T>((xr - mean) * rinv);
     const A w = has_weight ? load<A>(weight[c]) : A(1);
-    out[c] = store<T>(nm::modulate<T, W, M, A>(n, w, has_weight, load<A>(sh[c]), load<A>(sc[c])));
+    out[c] = store<T>(nm::modulate<A>(n, w, load<A>(sh[c]), load<A>(sc[c])));
   }
 }
 

@@ -42,7 +42,6 @@ __device__ __forceinline__ HeadVec decode(const QkNormRope& p, int64_t r) {
 template <class T, class W>
 __global__ void forward_kernel(QkNormRope p) {
   using A = acc_t<T>;
-  using PW = promote_t<T, W>;
   const int lane = threadIdx.x % kWarp;
   const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (r >= 3 * p.B * p.L * p.H) return;
@@ -61,8 +60,8 @@ __global__ void forward_kernel(QkNormRope p) {
   T* out = static_cast<T*>(hv.part == 0 ? p.q : p.k) + out_at;
   const float* rope = p.rope + hv.l * half * 2;
   for (int64_t m = lane; m < half; m += kWarp) {
-    const A u0 = round_to<PW>(round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(w[2 * m]));
-    const A u1 = round_to<PW>(round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(w[2 * m + 1]));
+    const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(w[2 * m]);
+    const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(w[2 * m + 1]);
     A r0, r1;
     qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
     out[2 * m] = store<T>(r0);

@@ -128,15 +128,54 @@ class DDTBlock(nn.Module):
         self.mlp = FeedForward(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+    def modulation(self, cond: Tensor) -> Tuple[Tensor, ...]:
+        """`shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp` (views of one GEMM)."""
+        return self.adaLN_modulation(cond).chunk(6, dim=-1)
+
+    def attention_input(self, x: Tensor, mods: Tuple[Tensor, ...]) -> Tensor:
+        return ops.rms_norm_modulate(x, self.norm1.weight, mods[0], mods[1], self.norm1.eps)
+
+    def body(self, x: Tensor, h: Tensor, mods: Tuple[Tensor, ...], freqs_cis: Tensor,
+             mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Attention (on the modulated input `h`), its gated residual fused with the
+        MLP's norm+modulate, and the MLP. Returns `x` after the attention residual
+        and the MLP output `y`; the block's output is `x + gate_mlp * y`."""
+        x, h = ops.gated_residual_rms_norm_modulate(
+            x, mods[2], self.attn(h, freqs_cis, mask), self.norm2.weight, mods[3], mods[4],
+            self.norm2.eps)
+        return x, self.mlp(h)
+
     def forward(self, x: Tensor, cond: Tensor, freqs_cis: Tensor,
                 mask: Optional[Tensor] = None) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(cond).chunk(6, dim=-1)
-        h = ops.rms_norm_modulate(x, self.norm1.weight, shift_msa, scale_msa, self.norm1.eps)
-        x, h = ops.gated_residual_rms_norm_modulate(
-            x, gate_msa, self.attn(h, freqs_cis, mask), self.norm2.weight, shift_mlp, scale_mlp,
-            self.norm2.eps)
-        return ops.gated_residual(x, gate_mlp, self.mlp(h))
+        mods = self.modulation(cond)
+        x, y = self.body(x, self.attention_input(x, mods), mods, freqs_cis, mask)
+        return ops.gated_residual(x, mods[5], y)
+
+
+def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Blocks in sequence, with each block's closing gated residual fused with
+    the next block's norm+modulate (one pass over x instead of two).
+
+    Equal to calling the blocks one by one (which is what happens when any
+    block has forward hooks, so hooks see every block's output).
+    """
+    if len(blocks) == 0:
+        return x
+    if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
+        for block in blocks:
+            x = block(x, cond, freqs_cis, mask)
+        return x
+    mods = blocks[0].modulation(cond)
+    h = blocks[0].attention_input(x, mods)
+    for i, block in enumerate(blocks):
+        x, y = block.body(x, h, mods, freqs_cis, mask)
+        if i + 1 == len(blocks):
+            return ops.gated_residual(x, mods[5], y)
+        nxt = blocks[i + 1]
+        gate_mlp, mods = mods[5], nxt.modulation(cond)
+        x, h = ops.gated_residual_rms_norm_modulate(x, gate_mlp, y, nxt.norm1.weight, mods[0], mods[1],
+                                                    nxt.norm1.eps)
+    return x
 
 
 class FinalLayer(nn.Module):
@@ -274,15 +313,11 @@ class DDT(nn.Module):
     def _encode(self, patches: Tensor, t: Tensor, y: Tensor, freqs_cis: Tensor,
                 mask: Optional[Tensor]) -> Tensor:
         temb, c = self.embed_condition(t, y)
-        s = self.s_embedder(patches)
-        for block in self.encoder_blocks:
-            s = block(s, c, freqs_cis, mask)
+        s = run_blocks(self.encoder_blocks, self.s_embedder(patches), c, freqs_cis, mask)
         return F.silu(temb + s)
 
     def _decode(self, patches: Tensor, s: Tensor, freqs_cis: Tensor, height: int, width: int) -> Tensor:
-        h = self.x_embedder(patches)
-        for block in self.decoder_blocks:
-            h = block(h, s, freqs_cis, None)
+        h = run_blocks(self.decoder_blocks, self.x_embedder(patches), s, freqs_cis, None)
         return self.unpatchify(self.final_layer(h, s), height, width)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, s: Optional[Tensor] = None,

@@ -17,12 +17,10 @@ namespace ddt {
 
 enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 
-struct bf16_t {
-  uint16_t bits;
-};
-struct f16_t {
-  uint16_t bits;
-};
+// Scoped enums rather than structs: they are scalar types, so loops that load
+// and store them vectorise like loops over uint16_t.
+enum class bf16_t : uint16_t {};
+enum class f16_t : uint16_t {};
 
 template <class T>
 struct acc_type {
@@ -56,33 +54,34 @@ DDT_HD uint32_t float_to_bits(float f) {
 }
 
 // Round-to-nearest-even, as PyTorch's float -> bfloat16 cast.
+// Branch-free so that CPU loops over it vectorise.
 DDT_HD bf16_t to_bf16(float f) {
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return bf16_t{uint16_t((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16_t{uint16_t(u >> 16)};
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16_t(uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded));
 }
 
-DDT_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(v.bits) << 16); }
+DDT_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(uint16_t(v)) << 16); }
 
 DDT_HD float to_float(f16_t v) {
 #if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(v.bits));
+  return __half2float(__ushort_as_half(uint16_t(v)));
 #else
   _Float16 h;
-  std::memcpy(&h, &v.bits, 2);
+  std::memcpy(&h, &v, 2);
   return static_cast<float>(h);
 #endif
 }
 
 DDT_HD f16_t to_f16(float f) {
 #if defined(__CUDA_ARCH__)
-  return f16_t{__half_as_ushort(__float2half_rn(f))};
+  return f16_t(__half_as_ushort(__float2half_rn(f)));
 #else
-  _Float16 h = static_cast<_Float16>(f);
-  f16_t v;
-  std::memcpy(&v.bits, &h, 2);
-  return v;
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return f16_t(bits);
 #endif
 }
 

@@ -5,10 +5,11 @@
 // stride 0 over L) or per token ([B,L,C]), possibly strided views of one
 // [B, L, k*C] modulation tensor. Forward and backward; torch-free.
 //
-// Rounding follows the reference op by op: the normalised value is cast to
-// the input dtype before the weight (the spec's rounding point), and every
-// later op rounds to the dtype PyTorch's type promotion would give it. The
-// result is stored in x's dtype.
+// Rounding: the normalised value is cast to the input dtype before the weight
+// (the spec's rounding point); everything after it stays in float32 and is
+// rounded once when stored in x's dtype (as torch.compile's fused code does;
+// eager PyTorch rounds after every 16-bit op, so 16-bit results differ from
+// eager by about one ulp).
 #pragma once
 
 #include <cmath>
@@ -71,40 +72,18 @@ struct NormModulateBackward {
   void* grad_weight = nullptr;  // w dtype, rms
 };
 
-// PyTorch's type promotion for the pairs we instantiate: a float32/float64
-// operand wins over a 16-bit one, otherwise the types are equal.
-template <class A, class B>
-struct promote {
-  using type = A;
-};
-template <>
-struct promote<bf16_t, float> {
-  using type = float;
-};
-template <>
-struct promote<f16_t, float> {
-  using type = float;
-};
-template <class A, class B>
-using promote_t = typename promote<A, B>::type;
-
 namespace nm {
 
-// x' = x + gate * y, with the reference's rounding (product, then sum).
-template <class T, class M, class A>
+// x' = x + gate * y (the caller stores it in x's dtype).
+template <class A>
 DDT_HD A residual(A x, A gate, A y) {
-  using P = promote_t<T, M>;
-  return round_to<P>(x + round_to<P>(gate * y));
+  return x + gate * y;
 }
 
-// norm(x')*(1+scale)+shift from the rounded normalised value n.
-template <class T, class W, class M, class A>
-DDT_HD A modulate(A n, A w, bool has_weight, A shift, A scale) {
-  using PW = promote_t<T, W>;
-  using PM = promote_t<PW, M>;
-  const A nw = has_weight ? round_to<PW>(n * w) : n;
-  const A a = round_to<M>(A(1) + scale);
-  return round_to<PM>(round_to<PM>(nw * a) + shift);
+// norm(x') * w * (1 + scale) + shift from the rounded normalised value n.
+template <class A>
+DDT_HD A modulate(A n, A w, A shift, A scale) {
+  return n * w * (A(1) + scale) + shift;
 }
 
 template <class A>

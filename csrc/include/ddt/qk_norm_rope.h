@@ -5,15 +5,16 @@
 // each as [B, H, L, D] (the layout attention reads). The rotary table holds
 // (cos, sin) per token and pair: rope[L, D/2, 2] float32; pair m of a head
 // vector, (v[2m], v[2m+1]) = re + i*im, is multiplied by cos + i*sin.
-// Rounding as the reference: the normalised value is cast to the input dtype,
-// times the weight (rounded to the promoted type), rotated in float32.
+// Rounding: the normalised value is cast to the input dtype (the spec's
+// rounding point); weight and rotation are applied in float32 and the result
+// rounded once to the input dtype.
 #pragma once
 
 #include <cmath>
 
 #include "ddt/common.h"
 #include "ddt/dtypes.h"
-#include "ddt/norm_modulate.h"  // promote_t, nm::inv_std
+#include "ddt/norm_modulate.h"  // nm::inv_std
 
 namespace ddt {
 
