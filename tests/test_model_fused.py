@@ -60,3 +60,12 @@ def test_fused_and_reference_agree_bf16_autocast():
 def test_cpu_auto_backend_uses_the_fused_kernels():
     plan = ops.plan("cpu")
     assert all(plan[op] == "fused" for op in ops.MODEL_OPS if op != "attention"), plan
+
+
+def test_torch_compile_fullgraph_with_fused_ops_cpu():
+    m = _model("DDT-tiny/2")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad(), ops.use_backend("fused"):
+        eager = m(x, t, y)[0]
+        compiled = torch.compile(m, fullgraph=True)(x, t, y)[0]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

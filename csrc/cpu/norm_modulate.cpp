@@ -42,22 +42,31 @@ T* row(const MutRows& r, int64_t b, int64_t l) {
   return static_cast<T*>(r.ptr) + b * r.stride_b + l * r.stride_l;
 }
 
-// Normalise xr in place into xhat (unrounded) and return 1/std.
+// Mean (0 for RMSNorm) and 1/std of a row.
 template <class A>
-A normalise(NormKind kind, const A* __restrict xr, A* __restrict xhat, int64_t C, double eps) {
-  A mean = 0;
+void row_stats(NormKind kind, const A* __restrict xr, int64_t C, double eps, A& mean, A& rinv) {
+  mean = 0;
   if (kind == NormKind::layer) {
-#pragma omp simd reduction(+ : mean)
-    for (int64_t c = 0; c < C; ++c) mean += xr[c];
-    mean /= A(C);
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += xr[c];
+    mean = sum / A(C);
   }
   A sq = 0;
+  const A mu = mean;
 #pragma omp simd reduction(+ : sq)
   for (int64_t c = 0; c < C; ++c) {
-    const A d = xr[c] - mean;
+    const A d = xr[c] - mu;
     sq += d * d;
   }
-  const A rinv = nm::inv_std<A>(sq / A(C), eps);
+  rinv = nm::inv_std<A>(sq / A(C), eps);
+}
+
+// Normalise a row into xhat (unrounded) and return 1/std.
+template <class A>
+A normalise(NormKind kind, const A* __restrict xr, A* __restrict xhat, int64_t C, double eps) {
+  A mean, rinv;
+  row_stats<A>(kind, xr, C, eps, mean, rinv);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) xhat[c] = (xr[c] - mean) * rinv;
   return rinv;
@@ -71,7 +80,7 @@ void forward_impl(const NormModulateForward& p) {
   const W* weight = static_cast<const W*>(p.weight);
 #pragma omp parallel
   {
-    std::vector<A> xr(C), xhat(C);
+    std::vector<A> xr(C);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
@@ -90,19 +99,22 @@ void forward_impl(const NormModulateForward& p) {
         for (int64_t c = 0; c < C; ++c) xr[c] = load<A>(x[c]);
       }
       if (p.kind == NormKind::none) continue;
-      normalise<A>(p.kind, xr.data(), xhat.data(), C, p.eps);
+      A mean, rinv;
+      row_stats<A>(p.kind, xr.data(), C, p.eps, mean, rinv);
+      const A* __restrict xrow = xr.data();
       const M* sh = row<M>(p.shift, b, l);
       const M* sc = row<M>(p.scale, b, l);
       T* out = row<T>(p.out, b, l);
       if (has_weight) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          out[c] = store<T>(nm::modulate<A>(round_to<T>(xhat[c]), load<A>(weight[c]), load<A>(sh[c]),
-                                            load<A>(sc[c])));
+          out[c] = store<T>(nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), load<A>(weight[c]),
+                                            load<A>(sh[c]), load<A>(sc[c])));
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          out[c] = store<T>(nm::modulate<A>(round_to<T>(xhat[c]), A(1), load<A>(sh[c]), load<A>(sc[c])));
+          out[c] = store<T>(nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), A(1), load<A>(sh[c]),
+                                            load<A>(sc[c])));
       }
     }
   }

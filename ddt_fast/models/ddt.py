@@ -349,7 +349,10 @@ class DDT(nn.Module):
                 raise ValueError(f"y must be [{B}] class ids, got shape {tuple(y.shape)}")
             if y.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"y must hold integer class ids (int64), got {y.dtype}")
-            if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            # Range check only where it is free: CPU tensors, eager mode (on a GPU it
+            # would synchronise; torch.compile cannot branch on data).
+            if (y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling()
+                    and (int(y.min()) < 0 or int(y.max()) > self.num_classes)):
                 raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} is the "
                                  f"null class), got range [{int(y.min())}, {int(y.max())}]")
         if s is not None:

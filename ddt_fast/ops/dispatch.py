@@ -12,7 +12,6 @@ overrides.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Iterator, Optional
@@ -74,10 +73,18 @@ def use_backend(backend: Optional[str] = None, attention: Optional[str] = None) 
         _state.update(saved)
 
 
-@functools.lru_cache(maxsize=None)
+# (op, device type) pairs with a compiled kernel, read once from the dispatcher
+# (a plain set, so torch.compile can trace the dispatch decision).
+_FUSED_KERNELS = frozenset(
+    (op, device_type)
+    for op in _extension.registered_ops()
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if _extension.has_kernel(op, key)
+)
+
+
 def _has_fused(op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and _extension.has_kernel(op, key)
+    return (op, device_type) in _FUSED_KERNELS
 
 
 def use_fused(op: str, device: torch.device) -> bool:
@@ -90,9 +97,11 @@ def use_fused(op: str, device: torch.device) -> bool:
     return is_verified(op)
 
 
-@functools.lru_cache(maxsize=None)
+_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_attn_importable() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return _FLASH_ATTN
 
 
 def _flash_attn_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:

@@ -1,0 +1,183 @@
+"""Benchmark: fused block ops vs the eager reference and torch.compile of it.
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--full]
+
+For each op (norm+modulate, gated residual + norm+modulate, q/k norm +
+rotary, SwiGLU, final LayerNorm+modulate), forward and forward+backward, at
+DDT-B (C=768, 12 heads of 64) and DDT-XL (C=1152, 16 heads of 72) shapes,
+with per-token modulation (the decoder's case). Same inputs, same process.
+On a GPU also reports achieved bandwidth against the device's HBM peak (L2
+flushed before each timed run). Also times a whole DDT-B/2 forward with the
+fused backend against the reference backend. Writes
+benchmarks/results/ops_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import torch._dynamo
+
+from common import device_tag, machine_info, timed, write_json
+
+import ddt_fast  # noqa: E402
+from ddt_fast import models, ops  # noqa: E402
+from ddt_fast.ops import reference  # noqa: E402
+
+HBM_PEAK_GBS = {"h100": 3350.0, "h200": 4800.0, "a100": 2039.0}
+TARGETS = {"fwd_vs_eager": 3.0, "fwd_vs_compile": 1.5, "bwd_vs_eager": 2.0}  # CPU, ops 1 and 2
+
+
+def make_case(op, B, L, C, dtype, device):
+    """(fused fn, reference fn, inputs, bytes moved by one forward)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    e = torch.finfo(dtype).bits // 8
+    f = torch.ops.ddt_fast
+    if op == "rms_norm_modulate":
+        x, w = rnd(B, L, C), rnd(C)
+        sh, sc, *_ = rnd(B, L, 6 * C).chunk(6, -1)
+        return (lambda x, w, sh, sc: f.rms_norm_modulate(x, w, sh, sc, 1e-6),
+                lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+                (x, w, sh, sc), 4 * B * L * C * e)
+    if op == "gated_residual_rms_norm_modulate":
+        x, y, w = rnd(B, L, C), rnd(B, L, C), rnd(C)
+        sh, sc, gate, *_ = rnd(B, L, 6 * C).chunk(6, -1)
+        return (lambda x, gate, y, w, sh, sc: f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+                lambda x, gate, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+                (x, gate, y, w, sh, sc), 7 * B * L * C * e)
+    if op == "layer_norm_modulate":
+        x = rnd(B, L, C)
+        sh, sc = rnd(B, L, 2 * C).chunk(2, -1)
+        return (lambda x, sh, sc: f.layer_norm_modulate(x, sh, sc, 1e-6),
+                lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6),
+                (x, sh, sc), 4 * B * L * C * e)
+    if op == "qk_norm_rope":
+        D = 64 if C % 72 else 72
+        H = C // D
+        side = int(L ** 0.5)
+        freqs = ops.rope_frequencies(side, L // side, D, torch.device(device))
+        rope = torch.view_as_real(freqs).contiguous()
+        qkv, qw, kw = rnd(B, L, 3 * C), rnd(D), rnd(D)
+        return (lambda qkv, qw, kw: f.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6),
+                lambda qkv, qw, kw: reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6),
+                (qkv, qw, kw), 6 * B * L * C * e)
+    if op == "swiglu":
+        hidden = int(2 * int(4 * C) / 3)
+        a, b = rnd(B, L, hidden), rnd(B, L, hidden)
+        return (lambda a, b: f.swiglu(a, b), reference.swiglu, (a, b), 3 * B * L * hidden * e)
+    raise ValueError(op)
+
+
+OPS = ["rms_norm_modulate", "gated_residual_rms_norm_modulate", "layer_norm_modulate", "qk_norm_rope", "swiglu"]
+
+
+def fwd_bwd(fn, inputs):
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    grads = None
+
+    def run():
+        nonlocal grads
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if grads is None:
+            grads = [torch.ones_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for t in leaves:
+            t.grad = None
+
+    return run
+
+
+def bench_case(op, B, L, C, dtype, device, repeats, compile_ref):
+    fused, ref, inputs, nbytes = make_case(op, B, L, C, dtype, device)
+    cuda = device.type == "cuda"
+    row = {"op": op, "B": B, "L": L, "C": C, "dtype": str(dtype).replace("torch.", "")}
+    impls = {"fused": fused, "eager": ref}
+    if compile_ref:
+        impls["compile"] = torch.compile(ref, dynamic=False)
+    for name, fn in impls.items():
+        with torch.no_grad():
+            row[f"{name}_fwd_s"] = timed(lambda: fn(*inputs), repeats, cuda=cuda, flush_l2=cuda)["median_s"]
+        row[f"{name}_fwdbwd_s"] = timed(fwd_bwd(fn, inputs), max(3, repeats // 2), cuda=cuda)["median_s"]
+    row["fwd_vs_eager"] = row["eager_fwd_s"] / row["fused_fwd_s"]
+    row["fwdbwd_vs_eager"] = row["eager_fwdbwd_s"] / row["fused_fwdbwd_s"]
+    # backward alone, as (fwd+bwd) - fwd
+    row["bwd_vs_eager"] = ((row["eager_fwdbwd_s"] - row["eager_fwd_s"])
+                           / max(row["fused_fwdbwd_s"] - row["fused_fwd_s"], 1e-9))
+    if compile_ref:
+        row["fwd_vs_compile"] = row["compile_fwd_s"] / row["fused_fwd_s"]
+        row["fwdbwd_vs_compile"] = row["compile_fwdbwd_s"] / row["fused_fwdbwd_s"]
+    if cuda:
+        row["fused_fwd_GBs"] = nbytes / row["fused_fwd_s"] / 1e9
+        peak = next((v for k, v in HBM_PEAK_GBS.items() if k in torch.cuda.get_device_name(device).lower()), None)
+        if peak:
+            row["fused_fwd_pct_peak"] = 100 * row["fused_fwd_GBs"] / peak
+    return row
+
+
+def bench_model(device, dtype, repeats):
+    torch.manual_seed(0)
+    m = models.create("DDT-B/2").to(device=device)
+    x = torch.randn(2, 4, 32, 32, device=device)
+    t, y = torch.rand(2, device=device), torch.tensor([1, 2], device=device)
+    out = {}
+    cuda = device.type == "cuda"
+    for backend in ("reference", "fused"):
+        with torch.no_grad(), ops.use_backend(backend), torch.autocast(device.type, dtype=dtype,
+                                                                        enabled=dtype != torch.float32):
+            out[backend] = timed(lambda: m(x, t, y), repeats, warmup=1, cuda=cuda)["median_s"]
+    return {"model": "DDT-B/2", "batch": 2, "tokens": 256, "dtype": str(dtype).replace("torch.", ""),
+            "reference_s": out["reference"], "fused_s": out["fused"],
+            "speedup": out["reference"] / out["fused"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="one small shape per op, no torch.compile")
+    p.add_argument("--full", action="store_true", help="the whole grid (B 4 and 32); slow on a CPU")
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if not all(ddt_fast._extension.has_kernel(op, device.type.upper()) for op in OPS):
+        sys.exit(f"the fused kernels are not built for {device.type}; run `make build` first")
+    torch._dynamo.config.cache_size_limit = 256
+    repeats = args.repeats or (5 if args.quick else 10)
+    if args.quick:
+        shapes = [(2, 256, 768, torch.float32)]
+    else:
+        batches = (4, 32) if args.full or device.type == "cuda" else (4,)
+        shapes = list(itertools.product(batches, (256, 1024), (768, 1152), (torch.float32, torch.bfloat16)))
+    rows = []
+    header = f"{'op':34s} {'B':>3s} {'L':>5s} {'C':>5s} {'dtype':>8s} {'fused ms':>9s} {'x eager':>8s} " \
+             f"{'x compile':>9s} {'bwd x eager':>11s}"
+    print(header)
+    for (B, L, C, dtype), op in itertools.product(shapes, OPS):
+        row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=not args.quick)
+        rows.append(row)
+        print(f"{op:34s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
+              f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
+              f"{row['bwd_vs_eager']:11.2f}", flush=True)
+    model_rows = [bench_model(device, dt, 3 if device.type == "cpu" else 20)
+                  for dt in (torch.float32, torch.bfloat16)]
+    for r in model_rows:
+        print(f"whole {r['model']} forward ({r['dtype']}, B={r['batch']}, L={r['tokens']}): reference "
+              f"{r['reference_s'] * 1e3:.1f} ms, fused {r['fused_s'] * 1e3:.1f} ms, x{r['speedup']:.2f}")
+    summary = {}
+    if device.type == "cpu" and not args.quick:
+        for op in ("rms_norm_modulate", "gated_residual_rms_norm_modulate"):
+            mine = [r for r in rows if r["op"] == op]
+            summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
+            summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
+        print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
+    path = write_json(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json",
+                      {"machine": machine_info(device), "rows": rows, "model": model_rows,
+                       "cpu_targets": TARGETS, "summary": summary})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
