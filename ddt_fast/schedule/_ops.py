@@ -1,0 +1,33 @@
+"""Fake (meta) implementation of ddt_fast::dp_schedule_solve.
+
+The C++ library names this module as the home of the op's fake
+implementation, so torch imports it when it traces the op (torch.compile,
+FakeTensor) even if the caller never imported ddt_fast.schedule.
+"""
+from __future__ import annotations
+
+import torch
+
+from ddt_fast import _extension
+
+
+def _has_op() -> bool:
+    return _extension.available() and hasattr(torch.ops.ddt_fast, "dp_schedule_solve")
+
+
+if _has_op():
+
+    @torch.library.register_fake("ddt_fast::dp_schedule_solve")
+    def _dp_schedule_solve_fake(sim: torch.Tensor, k_max: int):
+        torch._check(sim.dim() == 3, lambda: f"dp_schedule_solve: sim must be 3-D [B, N, N], got {sim.dim()}-D")
+        torch._check(sim.shape[1] == sim.shape[2], lambda: f"dp_schedule_solve: sim must be square, got {tuple(sim.shape)}")
+        torch._check(
+            sim.dtype in (torch.float32, torch.float64),
+            lambda: f"dp_schedule_solve: sim must be float32 or float64, got {sim.dtype}",
+        )
+        torch._check(1 <= k_max, lambda: f"dp_schedule_solve: k_max must be >= 1, got {k_max}")
+        torch._check(k_max <= sim.shape[1], lambda: f"dp_schedule_solve: k_max must be <= N, got {k_max}")
+        batch = sim.shape[0]
+        cost = sim.new_empty((batch, k_max), dtype=torch.float64)
+        steps = sim.new_empty((batch, k_max, k_max), dtype=torch.int32)
+        return cost, steps
