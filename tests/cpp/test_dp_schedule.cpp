@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ddt/dp_schedule.h"
+#include "../../csrc/cpu/dp_schedule_isa.h"
 
 namespace {
 
@@ -225,12 +226,52 @@ void test_long_ranges_against_plain_dp() {
   }
 }
 
+// Each instruction-set build of the level loop against a scalar loop, on
+// ranges of every length around the vector chunk sizes and on data with many
+// exact ties (the solver above only runs the variant this CPU prefers).
+void check_relax_rows(const char* name, ddt::cpu::detail::RelaxRowsFn relax_rows) {
+  using ddt::cpu::detail::q_row;
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> uni(0.0, 4.0);
+  std::uniform_int_distribution<int> few(0, 3);
+  const int64_t n = 140;
+  for (int ties = 0; ties < 2; ++ties) {
+    std::vector<double> cprev(n + 1), q(q_row(n + 1));
+    for (double& v : cprev) v = ties ? few(rng) : uni(rng);
+    for (double& v : q) v = ties ? few(rng) : uni(rng);
+    for (int64_t k : {2, 3, 40, 100, 139, 140}) {
+      std::vector<double> got(n + 1, NAN);
+      std::vector<int32_t> arg(n + 1, -1);
+      relax_rows(cprev.data(), q.data(), k, k, n + 1, got.data(), arg.data());
+      for (int64_t i = k; i <= n; ++i) {
+        double best = INFINITY;
+        int32_t at = -1;
+        for (int64_t j = k - 1; j < i; ++j)
+          if (cprev[j] + q[q_row(i) + j] < best) best = cprev[j] + q[q_row(i) + j], at = static_cast<int32_t>(j);
+        EXPECT(got[i] == best && arg[i] == at, "%s ties=%d k=%ld i=%ld: got (%g, %d), want (%g, %d)", name, ties,
+               (long)k, (long)i, got[i], arg[i], best, at);
+      }
+    }
+  }
+}
+
+void test_every_instruction_set() {
+  check_relax_rows("baseline", ddt::cpu::detail::relax_rows_baseline);
+#if defined(DDT_DP_HAVE_AVX2)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2"))
+    check_relax_rows("avx2", ddt::cpu::detail::relax_rows_avx2);
+  else
+    std::printf("note: this CPU has no AVX2; the AVX2 build was not run\n");
+#endif
+}
+
 // The parallel paths (over problems, and over i within a level) must give the
 // serial answers bit for bit; the serial answers are checked above.
 void test_parallel_paths_match_serial() {
   std::mt19937_64 rng(99);
   std::uniform_real_distribution<double> uni(0.0, 1.0);
-  const int64_t n = 160, batch = 5, k_max = 40;
+  const int64_t n = 1100, batch = 3, k_max = 12;
   std::vector<double> sim(batch * n * n);
   for (double& v : sim) v = uni(rng);
   const Result serial = solve(sim, batch, n, k_max, 1);
@@ -263,6 +304,7 @@ int main() {
   test_known_cases();
   test_against_brute_force();
   test_long_ranges_against_plain_dp();
+  test_every_instruction_set();
   test_parallel_paths_match_serial();
   test_empty_batch_writes_nothing();
   if (failures) {
