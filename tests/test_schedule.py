@@ -294,6 +294,24 @@ def test_opcheck_cpu(shape, k_max, dtype):
     torch.library.opcheck(torch.ops.ddt_fast.dp_schedule_solve.default, (sim, k_max))
 
 
+@needs_op
+def test_fake_tensor_and_torch_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.ddt_fast.dp_schedule_solve
+    with FakeTensorMode():
+        cost, steps = op(torch.empty(3, 10, 10, dtype=torch.float32), 4)
+        assert cost.shape == (3, 4) and cost.dtype == torch.float64
+        assert steps.shape == (3, 4, 4) and steps.dtype == torch.int32
+        with pytest.raises(Exception, match="k_max must be <= N"):
+            op(torch.empty(1, 3, 3), 4)
+    sim = torch.rand(2, 12, 12, dtype=torch.float64)
+    cost, steps = torch.compile(lambda t: op(t, 5), fullgraph=True)(sim)
+    c_ref, s_ref = solve_reference(sim.numpy(), 5)
+    np.testing.assert_array_equal(cost.numpy(), c_ref)
+    np.testing.assert_array_equal(steps.numpy(), s_ref)
+
+
 # CUDA ------------------------------------------------------------------------------
 
 cuda = pytest.mark.cuda

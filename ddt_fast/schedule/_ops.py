@@ -1,8 +1,9 @@
 """Fake (meta) implementation of ddt_fast::dp_schedule_solve.
 
-The C++ library names this module as the home of the op's fake
-implementation, so torch imports it when it traces the op (torch.compile,
-FakeTensor) even if the caller never imported ddt_fast.schedule.
+Imported by `import ddt_fast`, so the op can be traced (FakeTensor,
+torch.compile) as soon as the package is loaded. The C++ library names this
+module as the op's fake-implementation home, so torch's error message says
+what to import if only ddt_fast._C was loaded.
 """
 from __future__ import annotations
 
