@@ -33,7 +33,7 @@ DDT_DP_TARGET inline vecd lane_index() {
   return v;
 }
 
-// a < b ? a : b per lane, as the scalar std::min of each lane.
+// The smaller of a and b per lane (a when unordered): std::min(a, b) lane by lane.
 DDT_DP_TARGET inline vecd vmin(vecd a, vecd b) { return b < a ? b : a; }
 
 DDT_DP_TARGET inline double hmin(vecd v) {
