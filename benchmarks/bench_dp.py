@@ -91,6 +91,7 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
     if not _extension.has_kernel("dp_schedule_solve", "CPU"):
         print("ddt_fast._C is not built (or lacks dp_schedule_solve); build it first.", file=sys.stderr)
         return 1
+    machine = machine_info()  # before the runs: the load average then shows other work on the machine
     op = torch.ops.ddt_fast.dp_schedule_solve
     n, k, batch = args.n, args.k, args.batch
     reps = 5 if args.quick else 30
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
         "c_speedup": results["c_whole_curve"]["speedup"] >= TARGETS["c_speedup"],
     }
 
-    print(f"\nDP schedule solver, N={n}  ({machine_info()['cpu']}, {torch.get_num_threads()} threads)\n")
+    print(f"\nDP schedule solver, N={n}  ({machine['cpu']}, {torch.get_num_threads()} threads, "
+          f"load average {machine['loadavg_1_5_15min']})\n")
     print(f"{'case':<58}{'median':>14}{'min':>14}{'speedup':>12}")
     for name, t, speedup in rows:
         sp = f"{speedup:11.0f}x" if speedup is not None else ""
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
 
     tag = args.device_tag or default_tag()
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"dp_{tag}.json")
-    payload = {"benchmark": "dp_schedule", "quick": args.quick, "device_tag": tag, "machine": machine_info(),
+    payload = {"benchmark": "dp_schedule", "quick": args.quick, "device_tag": tag, "machine": machine,
                "targets": TARGETS, "targets_met": checks, "results": results}
     write_json(out, payload)
     print(f"wrote {os.path.relpath(out, ROOT)}")
