@@ -56,9 +56,9 @@ DDT_HD void write_schedule(const int32_t* arg, int64_t n, int64_t k, int64_t k_m
 
 namespace cpu {
 // Solves `batch` problems with up to `num_threads` OpenMP threads (<= 0: the
-// OpenMP default): over problems when there are enough of them, otherwise
-// over i within each level of one large problem. Scratch memory is allocated
-// once per thread, before the DP loops.
+// OpenMP default): one thread per problem, except that with fewer problems
+// than threads and N >= 1024 each level of a problem is split over i.
+// Scratch memory is allocated once per thread, before the DP loops.
 // cost: [batch, k_max]; steps: [batch, k_max, k_max] (padded with -1).
 void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost,
                        int32_t* steps, int num_threads = 0);
