@@ -2,7 +2,7 @@
 from ddt_fast._version import __version__
 from ddt_fast import _extension
 from ddt_fast._info import info
-from ddt_fast import ops
+from ddt_fast import ops, schedule
 from ddt_fast.models import DDT, CheckpointError, create, load_checkpoint
 
-__all__ = ["__version__", "info", "ops", "DDT", "create", "load_checkpoint", "CheckpointError"]
+__all__ = ["__version__", "info", "ops", "schedule", "DDT", "create", "load_checkpoint", "CheckpointError"]

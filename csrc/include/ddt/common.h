@@ -11,14 +11,16 @@
 #define DDT_DEVICE inline
 #endif
 
-#if defined(__CUDACC__) || defined(__CUDA_ARCH__)
+// Declared at global scope in every translation unit: an elaborated
+// `struct CUstream_st*` inside namespace ddt would otherwise name a different
+// type, ddt::CUstream_st, in host-only files, and the launchers declared with
+// stream_t would not link against their CUDA definitions.
 struct CUstream_st;
-#endif
 
 namespace ddt {
 
 // The CUDA stream handle, spelled without cuda_runtime.h so that host-only
 // translation units can declare the CUDA launchers.
-using stream_t = struct CUstream_st*;
+using stream_t = CUstream_st*;
 
 }  // namespace ddt

@@ -11,9 +11,14 @@
 // Outputs per problem: cost[k-1] = C[k][n] and steps[k-1][0..k-1] = the
 // recompute steps of the optimal k-run schedule (rows padded with -1).
 //
+// Non-finite similarities give unspecified costs and schedules, but every
+// returned step is still a valid index (callers validate finiteness).
+//
 // The per-element arithmetic lives here so the CPU and CUDA kernels round
 // identically (plain double adds, fixed order; no FMA is possible).
 #pragma once
+
+#include <cstddef>
 
 #include "ddt/common.h"
 
@@ -40,22 +45,42 @@ DDT_HD void traceback(const int32_t* arg, int64_t n, int64_t k, int32_t* out_ste
   }
 }
 
+// Row k-1 of the steps table: the k-run schedule, then -1 up to k_max.
+DDT_HD void write_schedule(const int32_t* arg, int64_t n, int64_t k, int64_t k_max,
+                           int32_t* steps_row) {
+  traceback(arg, n, k, steps_row);
+  for (int64_t m = k; m < k_max; ++m) steps_row[m] = -1;
+}
+
 }  // namespace dp
 
 namespace cpu {
-// Solves `batch` problems. workspace: batch-independent scratch of
-// dp_schedule_workspace_doubles(n, k_max, threads) doubles is allocated inside.
+// Solves `batch` problems with up to `num_threads` OpenMP threads (<= 0: the
+// OpenMP default): one thread per problem, except that with fewer problems
+// than threads and N >= 1024 each level of a problem is split over i.
+// Scratch memory is allocated once per thread, before the DP loops.
 // cost: [batch, k_max]; steps: [batch, k_max, k_max] (padded with -1).
 void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost,
-                       int32_t* steps);
+                       int32_t* steps, int num_threads = 0);
 }  // namespace cpu
 
 namespace cuda {
-// Same contract, on the device. sim, cost, steps are device pointers;
-// q_workspace holds batch*n*n doubles, arg_workspace batch*k_max*(n+1) int32.
-// Launched on `stream`; returns the launch error code (0 on success).
+// Device scratch for dp_schedule_solve, per problem: the run-cost table in
+// the transposed layout QT[j][i] = E(j, i-1) (n x (n+1) doubles, so threads
+// over i read consecutive addresses), two DP rows (used when they do not fit
+// in shared memory) and the argmin table (k_max x (n+1) int32).
+inline std::size_t dp_schedule_workspace_bytes(int64_t batch, int64_t n, int64_t k_max) {
+  const std::size_t doubles = static_cast<std::size_t>(n) * (n + 1) + 2 * static_cast<std::size_t>(n + 1);
+  const std::size_t ints = static_cast<std::size_t>(k_max) * (n + 1);
+  return static_cast<std::size_t>(batch) * (doubles * sizeof(double) + ints * sizeof(int32_t));
+}
+
+// Same contract as the CPU solver, on the device: one thread block per
+// problem. sim, cost, steps and workspace (dp_schedule_workspace_bytes bytes,
+// 8-byte aligned) are device pointers. Launched on `stream`; returns the CUDA
+// error code (0 on success).
 int dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost,
-                      int32_t* steps, double* q_workspace, int32_t* arg_workspace, stream_t stream);
+                      int32_t* steps, void* workspace, stream_t stream);
 }  // namespace cuda
 
 }  // namespace ddt
