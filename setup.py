@@ -94,7 +94,10 @@ def _extension():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/torch/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP"] + _cpu_arch_flags()
+    # -fno-trapping-math / -fno-math-errno: no FP traps or errno are relied on,
+    # and without them GCC will not vectorise clamps, floor or sqrt.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP", "-fno-trapping-math",
+           "-fno-math-errno"] + _cpu_arch_flags()
     link = ["-fopenmp"]
     if not with_cuda:
         print("ddt_fast: building the CPU extension only", file=sys.stderr)

@@ -17,23 +17,14 @@ benchmarks/results/dp_<device-tag>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, device_tag, machine_info, result_path, timed, write_json
 
-import ddt_fast  # noqa: E402
 from ddt_fast import _extension  # noqa: E402
 from ddt_fast.schedule import solve  # noqa: E402
 from ddt_fast.schedule.reference import solve_published_style, solve_reference  # noqa: E402
@@ -48,80 +39,6 @@ def drifting_similarity(n: int, batch: int = 1, dim: int = 64, drift: float = 0.
     steps[:, 0] = torch.randn(batch, dim, generator=g, dtype=torch.float64)
     x = torch.nn.functional.normalize(steps.cumsum(dim=1), dim=-1)
     return x @ x.transpose(1, 2)
-
-
-def timed(fn, repeats: int, warmup: int = 1, cuda: bool = False) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "ddt_fast": ddt_fast.__version__,
-        "extension": _extension.available(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def default_tag() -> str:
-    if torch.cuda.is_available() and _extension.has_kernel("dp_schedule_solve", "CUDA"):
-        name = torch.cuda.get_device_name(0).lower()
-        return "cuda-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    return "cpu"
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def fmt_s(s: float) -> str:
@@ -141,7 +58,7 @@ def main(argv=None) -> int:
     if not _extension.has_kernel("dp_schedule_solve", "CPU"):
         print("ddt_fast._C is not built (or lacks dp_schedule_solve); build it first.", file=sys.stderr)
         return 1
-    machine = machine_info()  # before the runs: the load average then shows other work on the machine
+    machine = machine_info(torch.device("cuda") if torch.cuda.is_available() else None)  # before the runs: the load average then shows other work on the machine
     op = torch.ops.ddt_fast.dp_schedule_solve
     n, k, batch = args.n, args.k, args.batch
     reps = 5 if args.quick else 30
@@ -228,8 +145,9 @@ def main(argv=None) -> int:
         print(f"{name:<58}{fmt_s(t['median_s']):>14}{mn:>14}{sp:>12}")
     print("\ntargets: " + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in checks.items()))
 
-    tag = args.device_tag or default_tag()
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"dp_{tag}.json")
+    gpu = torch.cuda.is_available() and _extension.has_kernel("dp_schedule_solve", "CUDA")
+    tag = args.device_tag or device_tag(torch.device("cuda" if gpu else "cpu"))
+    out = args.out or result_path(f"dp_{tag}.json")
     payload = {"benchmark": "dp_schedule", "quick": args.quick, "device_tag": tag, "machine": machine,
                "targets": TARGETS, "targets_met": checks, "results": results}
     write_json(out, payload)

@@ -20,7 +20,7 @@ import sys
 import torch
 import torch._dynamo
 
-from common import device_tag, machine_info, timed, write_json
+from common import device_tag, machine_info, result_path, timed, write_json
 
 import ddt_fast  # noqa: E402
 from ddt_fast import models, ops  # noqa: E402
@@ -142,6 +142,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    machine = machine_info(device)  # before the runs: its load average shows competing work
     if not all(ddt_fast._extension.has_kernel(op, device.type.upper()) for op in OPS):
         sys.exit(f"the fused kernels are not built for {device.type}; run `make build` first")
     torch._dynamo.config.cache_size_limit = 256
@@ -173,8 +174,8 @@ def main(argv=None):
             summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
-    path = write_json(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json",
-                      {"machine": machine_info(device), "rows": rows, "model": model_rows,
+    path = write_json(result_path(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json"),
+                      {"machine": machine, "rows": rows, "model": model_rows,
                        "cpu_targets": TARGETS, "summary": summary})
     print("wrote", path)
 

@@ -46,6 +46,12 @@ def timed(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
+    """Where and when a result was measured (taken before the runs, so the load
+    average shows other work on the machine)."""
+    import numpy as np
+
+    import ddt_fast
+
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,18 +61,24 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
                     break
     except OSError:
         pass
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    gpu = None
     if device is not None and torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+        gpu = torch.cuda.get_device_name(device)
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ddt_fast": ddt_fast.__version__,
+        "extension": ddt_fast._extension.available(),
+    }
 
 
 def device_tag(device: torch.device) -> str:
@@ -75,22 +87,27 @@ def device_tag(device: torch.device) -> str:
     return "cpu"
 
 
-def _git_commit() -> str:
+def _git(*args) -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
 
 
-def write_json(name: str, payload: dict) -> str:
-    """Write `payload` to benchmarks/results/<name> via a temporary file and rename."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix="." + name, suffix=".tmp")
+def result_path(name: str) -> str:
+    return os.path.join(RESULTS, name)
+
+
+def write_json(path: str, payload: dict) -> str:
+    """Write `payload` to `path` through a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
+            json.dump(payload, f, indent=1)
+            f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

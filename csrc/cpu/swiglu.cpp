@@ -15,6 +15,7 @@ void forward_impl(const Swiglu& p) {
     const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
     T* out = static_cast<T*>(p.out) + r * p.H;
+#pragma omp simd
     for (int64_t i = 0; i < p.H; ++i) out[i] = store<T>(sg::forward<T, A>(load<A>(a[i]), load<A>(b[i])));
   }
 }
@@ -29,6 +30,7 @@ void backward_impl(const Swiglu& p) {
     const T* g = static_cast<const T*>(p.grad_out) + r * p.H;
     T* ga = static_cast<T*>(p.grad_a) + r * p.H;
     T* gb = static_cast<T*>(p.grad_b) + r * p.H;
+#pragma omp simd
     for (int64_t i = 0; i < p.H; ++i) {
       A da, db;
       sg::backward<T, A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);

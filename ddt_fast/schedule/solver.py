@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import List, Tuple
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 
 from ddt_fast import _extension
+from ddt_fast.ops import dispatch
+from ddt_fast.ops.verified import is_verified
 from ddt_fast.schedule import _ops  # noqa: F401  (registers the op's fake implementation)
 from ddt_fast.schedule.reference import solve_reference
 from ddt_fast.schedule.schedule import Schedule
@@ -136,11 +137,11 @@ def _check_finite(sim: torch.Tensor, batched: bool) -> None:
 
 
 def _backend(backend) -> str:
-    choice = backend if backend is not None else os.environ.get("DDT_FAST_BACKEND", "auto")
-    if choice not in _BACKENDS:
-        source = "backend" if backend is not None else "DDT_FAST_BACKEND"
-        raise ValueError(f"{source} must be one of {_BACKENDS}, got {choice!r}")
-    return choice
+    if backend is None:
+        return dispatch.get_backend()
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
 
 
 def solve(sim, k_max: int, *, backend: str | None = None) -> DPResult:
@@ -149,8 +150,10 @@ def solve(sim, k_max: int, *, backend: str | None = None) -> DPResult:
     ``sim``: similarity matrix ``[N, N]`` or a batch ``[B, N, N]``, float32 or
     float64 (solved in float64), a torch tensor (CPU or CUDA) or a NumPy array.
     ``backend``: 'auto' (the compiled kernel for the input's device when the
-    extension has one, else the NumPy reference), 'fused' (the kernel, or an
-    error) or 'reference'; defaults to ``$DDT_FAST_BACKEND`` or 'auto'.
+    extension has one -- on CUDA only once GPU-verified, else the CPU kernel
+    with the results moved back -- and the NumPy reference without the
+    extension), 'fused' (the kernel for the input's device, or an error) or
+    'reference'; defaults to the ops backend (``$DDT_FAST_BACKEND``, 'auto').
     """
     t = _as_tensor(sim)
     if t.dim() not in (2, 3):
@@ -170,17 +173,21 @@ def solve(sim, k_max: int, *, backend: str | None = None) -> DPResult:
     _check_finite(t3, batched)
 
     mode = _backend(backend)
-    key = "CUDA" if t3.is_cuda else "CPU"
-    has_kernel = t3.device.type in ("cpu", "cuda") and _extension.has_kernel(_OP, key)
+    device = t3.device
+    has_kernel = device.type in ("cpu", "cuda") and dispatch._has_fused(_OP, device.type)
     if mode == "fused" and not has_kernel:
-        raise RuntimeError(f"no compiled {_OP} kernel for {t3.device.type} tensors "
+        raise RuntimeError(f"no compiled {_OP} kernel for {device.type} tensors "
                            f"(extension loaded: {_extension.available()}); build ddt_fast._C or use backend='reference'")
-    if has_kernel and mode != "reference":
-        cost, steps = torch.ops.ddt_fast.dp_schedule_solve(t3, k_max)
+    op = torch.ops.ddt_fast.dp_schedule_solve if _extension.available() else None
+    if mode == "fused" or (mode == "auto" and has_kernel and (device.type == "cpu" or is_verified(_OP))):
+        cost, steps = op(t3, k_max)
+    elif mode == "auto" and dispatch._has_fused(_OP, "cpu"):
+        # A CUDA kernel not yet GPU-verified (ops/verified.py): solve on the CPU.
+        cost, steps = (x.to(device) for x in op(t3.cpu(), k_max))
     else:
         c, s = solve_reference(t3.cpu().double().numpy(), k_max)
-        cost = torch.from_numpy(c).to(t3.device)
-        steps = torch.from_numpy(s).to(t3.device)
+        cost = torch.from_numpy(c).to(device)
+        steps = torch.from_numpy(s).to(device)
 
     if not batched:
         cost, steps = cost[0], steps[0]
