@@ -38,6 +38,8 @@ pytest: venv
 
 bench: build
 	$(PY) benchmarks/bench_dp.py
+	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/summarize.py
 
 clean:
 	rm -rf build ddt_fast/_C*.so

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from tolerances import close
 
 from ddt_fast import _extension, models, ops
 from ddt_fast.ops import reference
@@ -14,13 +15,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CUDA"),
                                  reason="ddt_fast._C was built without CUDA kernels")]
 f = torch.ops.ddt_fast if _extension.available() else None
-TOL = {torch.float32: dict(atol=3e-5, rtol=3e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
-       torch.float16: dict(atol=4e-3, rtol=4e-3)}
-
-
-def close(a, b, dtype, scale=1.0):
-    torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype]["atol"] * scale,
-                               rtol=TOL[dtype]["rtol"] * scale)
 
 
 GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256],

@@ -105,3 +105,20 @@ def test_model_output_identical_under_every_backend_when_no_kernels():
         assert torch.equal(ref, auto)
     else:
         torch.testing.assert_close(ref, auto, atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_combinations_the_kernels_do_not_take_fall_back_to_reference():
+    from ddt_fast.ops import reference
+
+    x = torch.randn(2, 3, 8)
+    w16 = torch.randn(8, dtype=torch.bfloat16)
+    sh, sc = torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    with ops.use_backend("fused"):
+        out = ops.rms_norm_modulate(x, w16, sh, sc)  # float32 x with a bf16 weight: promotion
+    torch.testing.assert_close(out, reference.rms_norm_modulate(x, w16, sh, sc))
+    assert out.dtype == torch.float32
+    xi = torch.randint(0, 4, (2, 3, 8))
+    with ops.use_backend("fused"):
+        assert ops._kernel_takes(x, (torch.randn(8),), (sh, sc))
+        assert not ops._kernel_takes(xi.float(), (w16,))
+        assert not ops._kernel_takes(x.bfloat16(), (), (sh, sc.bfloat16()))

@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from tolerances import close
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
@@ -10,14 +11,6 @@ from ddt_fast.ops import reference
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("qk_norm_rope", "CPU"),
                                 reason="ddt_fast._C with the qk_norm_rope/swiglu kernels is not built")
 ops = torch.ops.ddt_fast if _extension.available() else None
-
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
-       torch.float16: dict(atol=4e-3, rtol=4e-3), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-
-
-def close(a, b, dtype, scale=1.0):
-    torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype]["atol"] * scale,
-                               rtol=TOL[dtype]["rtol"] * scale)
 
 
 def rope_table(hp, wp, D):

@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from tolerances import close
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
@@ -10,14 +11,6 @@ from ddt_fast.ops import reference
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CPU"),
                                 reason="ddt_fast._C with the norm kernels is not built")
 ops = torch.ops.ddt_fast if _extension.available() else None
-
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10),
-       torch.bfloat16: dict(atol=3e-2, rtol=2e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
-
-
-def close(a, b, dtype, scale=1.0):
-    tol = TOL[dtype]
-    torch.testing.assert_close(a.float(), b.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
 
 
 def mods(B, L, C, dtype, per_token, k=6, device="cpu"):

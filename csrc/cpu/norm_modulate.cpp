@@ -5,6 +5,8 @@
 // given thread count.
 #include "ddt/norm_modulate.h"
 
+#include "ddt/dtype_dispatch.h"
+
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
@@ -137,7 +139,10 @@ void backward_impl(const NormModulateBackward& p) {
 
 #pragma omp parallel
   {
-    std::vector<A> xr(C), xhat(C), gn(C), gx(C);
+    // Row buffers (L1-resident for DDT widths); simple loops over them vectorise.
+    std::vector<A> xr(C), xhat(C), nrm(C), gbuf(C), abuf(C), gn(C), gx(C), wv(C, A(1));
+    if (has_weight)
+      for (int64_t c = 0; c < C; ++c) wv[c] = load<A>(weight[c]);
     A* mine = acc.data() + size_t(thread_id()) * size_t(stride);
     A* acc_w = mine;
     A* acc_shift = mine + C;
@@ -146,49 +151,88 @@ void backward_impl(const NormModulateBackward& p) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
-      for (int64_t c = 0; c < C; ++c) gx[c] = A(0);
+      A* __restrict gxr = gx.data();
       if (norm) {
         const T* x = row<T>(p.x, b, l);
-        for (int64_t c = 0; c < C; ++c) xr[c] = load<A>(x[c]);
-        const A rinv = normalise<A>(p.kind, xr.data(), xhat.data(), C, p.eps);
         const T* go = row<T>(p.grad_out, b, l);
         const M* sc = row<M>(p.scale, b, l);
-        M* gsh = sum_shift ? nullptr : static_cast<M*>(p.grad_shift) + r * C;
-        M* gsc = sum_scale ? nullptr : static_cast<M*>(p.grad_scale) + r * C;
-        A dot = 0, mean_gn = 0;
+        A* __restrict xv = xr.data();
+        A* __restrict xh = xhat.data();
+        A* __restrict n = nrm.data();
+        A* __restrict g = gbuf.data();
+        A* __restrict a = abuf.data();
+        A* __restrict d = gn.data();
+        const A* __restrict w = wv.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) xv[c] = load<A>(x[c]);
+        const A rinv = normalise<A>(p.kind, xv, xh, C, p.eps);
+        A dot = 0, sum_d = 0;
+#pragma omp simd reduction(+ : dot, sum_d)
         for (int64_t c = 0; c < C; ++c) {
-          const A g = load<A>(go[c]);
-          const A n = round_to<T>(xhat[c]);
-          const A w = has_weight ? load<A>(weight[c]) : A(1);
-          const A a = A(1) + load<A>(sc[c]);
-          const A gnw = g * a;  // d out / d (n * w)
-          if (has_weight) acc_w[c] += gnw * n;
-          if (sum_shift) acc_shift[b * C + c] += g; else gsh[c] = store<M>(g);
-          if (sum_scale) acc_scale[b * C + c] += g * n * w; else gsc[c] = store<M>(g * n * w);
-          gn[c] = gnw * w;  // d out / d xhat
-          dot += gn[c] * xhat[c];
-          mean_gn += gn[c];
+          g[c] = load<A>(go[c]);
+          a[c] = A(1) + load<A>(sc[c]);
+          n[c] = round_to<T>(xh[c]);
+          d[c] = g[c] * a[c] * w[c];  // d out / d xhat
+          dot += d[c] * xh[c];
+          sum_d += d[c];
+        }
+        if (has_weight) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc_w[c] += g[c] * a[c] * n[c];
+        }
+        if (sum_shift) {
+          A* __restrict acc_b = acc_shift + b * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc_b[c] += g[c];
+        } else {
+          M* gsh = static_cast<M*>(p.grad_shift) + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gsh[c] = store<M>(g[c]);
+        }
+        if (sum_scale) {
+          A* __restrict acc_b = acc_scale + b * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc_b[c] += g[c] * n[c] * w[c];
+        } else {
+          M* gsc = static_cast<M*>(p.grad_scale) + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gsc[c] = store<M>(g[c] * n[c] * w[c]);
         }
         dot /= A(C);
-        mean_gn = p.kind == NormKind::layer ? mean_gn / A(C) : A(0);
-        for (int64_t c = 0; c < C; ++c) gx[c] = rinv * (gn[c] - mean_gn - xhat[c] * dot);
+        const A mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gxr[c] = rinv * (d[c] - mean_d - xh[c] * dot);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gxr[c] = A(0);
       }
       T* grad_x = static_cast<T*>(p.grad_x) + r * C;
       if (p.residual) {
-        const T* gxo = p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
+        if (p.grad_x_out.ptr) {
+          const T* gxo = row<T>(p.grad_x_out, b, l);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) gxr[c] += load<A>(gxo[c]);
+        }
         const T* y = row<T>(p.y, b, l);
         const M* gate = row<M>(p.gate, b, l);
         T* grad_y = static_cast<T*>(p.grad_y) + r * C;
-        M* ggate = sum_gate ? nullptr : static_cast<M*>(p.grad_gate) + r * C;
+#pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const A g = gx[c] + (gxo ? load<A>(gxo[c]) : A(0));
-          grad_x[c] = store<T>(g);
-          grad_y[c] = store<T>(g * load<A>(gate[c]));
-          const A gg = g * load<A>(y[c]);
-          if (sum_gate) acc_gate[b * C + c] += gg; else ggate[c] = store<M>(gg);
+          grad_x[c] = store<T>(gxr[c]);
+          grad_y[c] = store<T>(gxr[c] * load<A>(gate[c]));
+        }
+        if (sum_gate) {
+          A* __restrict acc_b = acc_gate + b * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc_b[c] += gxr[c] * load<A>(y[c]);
+        } else {
+          M* ggate = static_cast<M*>(p.grad_gate) + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) ggate[c] = store<M>(gxr[c] * load<A>(y[c]));
         }
       } else {
-        for (int64_t c = 0; c < C; ++c) grad_x[c] = store<T>(gx[c]);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) grad_x[c] = store<T>(gxr[c]);
       }
     }
   }
@@ -208,41 +252,24 @@ void backward_impl(const NormModulateBackward& p) {
   if (sum_gate) reduce_into(C + 2 * p.B * C, p.B * C, static_cast<M*>(p.grad_gate));
 }
 
-// One instantiation per supported (x, weight, modulation) dtype triple.
-template <template <class, class, class> class Fn, class P>
-void dispatch(const P& p) {
-  const DType t = p.x_dtype, w = p.w_dtype, m = p.mod_dtype;
-  auto is = [](DType d, DType e) { return d == e; };
-  if (is(t, DType::f32) && is(w, DType::f32) && is(m, DType::f32)) return Fn<float, float, float>::run(p);
-  if (is(t, DType::f64) && is(w, DType::f64) && is(m, DType::f64)) return Fn<double, double, double>::run(p);
-  if (is(t, DType::bf16)) {
-    if (is(w, DType::bf16) && is(m, DType::bf16)) return Fn<bf16_t, bf16_t, bf16_t>::run(p);
-    if (is(w, DType::f32) && is(m, DType::bf16)) return Fn<bf16_t, float, bf16_t>::run(p);
-    if (is(w, DType::f32) && is(m, DType::f32)) return Fn<bf16_t, float, float>::run(p);
-    if (is(w, DType::bf16) && is(m, DType::f32)) return Fn<bf16_t, bf16_t, float>::run(p);
-  }
-  if (is(t, DType::f16)) {
-    if (is(w, DType::f16) && is(m, DType::f16)) return Fn<f16_t, f16_t, f16_t>::run(p);
-    if (is(w, DType::f32) && is(m, DType::f16)) return Fn<f16_t, float, f16_t>::run(p);
-    if (is(w, DType::f32) && is(m, DType::f32)) return Fn<f16_t, float, float>::run(p);
-    if (is(w, DType::f16) && is(m, DType::f32)) return Fn<f16_t, f16_t, float>::run(p);
-  }
-  throw std::invalid_argument("norm_modulate: unsupported dtype combination");
-}
-
-template <class T, class W, class M>
-struct Forward {
-  static void run(const NormModulateForward& p) { forward_impl<T, W, M>(p); }
-};
-template <class T, class W, class M>
-struct Backward {
-  static void run(const NormModulateBackward& p) { backward_impl<T, W, M>(p); }
-};
-
 }  // namespace
 
-void norm_modulate_forward(const NormModulateForward& p) { dispatch<Forward>(p); }
-void norm_modulate_backward(const NormModulateBackward& p) { dispatch<Backward>(p); }
+// One instantiation per supported (x, weight, modulation) dtype triple.
+template <class P, class Fn>
+void dispatch(const P& p, Fn&& fn) {
+  const bool ok = dispatch_x_w_m<bool>(p.x_dtype, p.w_dtype, p.mod_dtype, false, [&](auto t, auto w, auto m) {
+    fn(t, w, m);
+    return true;
+  });
+  if (!ok) throw std::invalid_argument("norm_modulate: unsupported dtype combination");
+}
+
+void norm_modulate_forward(const NormModulateForward& p) {
+  dispatch(p, [&](auto t, auto w, auto m) { forward_impl<decltype(t), decltype(w), decltype(m)>(p); });
+}
+void norm_modulate_backward(const NormModulateBackward& p) {
+  dispatch(p, [&](auto t, auto w, auto m) { backward_impl<decltype(t), decltype(w), decltype(m)>(p); });
+}
 
 }  // namespace cpu
 }  // namespace ddt

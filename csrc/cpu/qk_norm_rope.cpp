@@ -3,6 +3,8 @@
 // accumulators summed in thread order (deterministic for a thread count).
 #include "ddt/qk_norm_rope.h"
 
+#include "ddt/dtype_dispatch.h"
+
 #include <stdexcept>
 #include <vector>
 
@@ -120,16 +122,13 @@ void backward_impl(const QkNormRope& p) {
     }
 }
 
-template <class P, class Fwd>
-void dispatch(const P& p, Fwd&& fn) {
-  const DType t = p.x_dtype, w = p.w_dtype;
-  if (t == DType::f32 && w == DType::f32) return fn(float{}, float{});
-  if (t == DType::f64 && w == DType::f64) return fn(double{}, double{});
-  if (t == DType::bf16 && w == DType::bf16) return fn(bf16_t{}, bf16_t{});
-  if (t == DType::bf16 && w == DType::f32) return fn(bf16_t{}, float{});
-  if (t == DType::f16 && w == DType::f16) return fn(f16_t{}, f16_t{});
-  if (t == DType::f16 && w == DType::f32) return fn(f16_t{}, float{});
-  throw std::invalid_argument("qk_norm_rope: unsupported dtype combination");
+template <class Fn>
+void dispatch(const QkNormRope& p, Fn&& fn) {
+  const bool ok = dispatch_x_w<bool>(p.x_dtype, p.w_dtype, false, [&](auto t, auto w) {
+    fn(t, w);
+    return true;
+  });
+  if (!ok) throw std::invalid_argument("qk_norm_rope: unsupported dtype combination");
 }
 
 }  // namespace

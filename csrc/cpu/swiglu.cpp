@@ -1,6 +1,8 @@
 // CPU kernels for the SwiGLU gate (see ddt/swiglu.h): parallel over rows.
 #include "ddt/swiglu.h"
 
+#include "ddt/dtype_dispatch.h"
+
 #include <stdexcept>
 
 namespace ddt {
@@ -40,24 +42,15 @@ void backward_impl(const Swiglu& p) {
   }
 }
 
-template <class Fn>
-void dispatch(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32: return fn(float{});
-    case DType::f64: return fn(double{});
-    case DType::bf16: return fn(bf16_t{});
-    case DType::f16: return fn(f16_t{});
-  }
-  throw std::invalid_argument("swiglu: unsupported dtype");
-}
-
 }  // namespace
 
 void swiglu_forward(const Swiglu& p) {
-  dispatch(p.dtype, [&](auto t) { forward_impl<decltype(t)>(p); });
+  if (!dispatch_x<bool>(p.dtype, false, [&](auto t) { return forward_impl<decltype(t)>(p), true; }))
+    throw std::invalid_argument("swiglu: unsupported dtype");
 }
 void swiglu_backward(const Swiglu& p) {
-  dispatch(p.dtype, [&](auto t) { backward_impl<decltype(t)>(p); });
+  if (!dispatch_x<bool>(p.dtype, false, [&](auto t) { return backward_impl<decltype(t)>(p), true; }))
+    throw std::invalid_argument("swiglu: unsupported dtype");
 }
 
 }  // namespace cpu

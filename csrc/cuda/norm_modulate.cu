@@ -9,6 +9,7 @@
 // order. No atomics: results are deterministic.
 #include <cuda_runtime.h>
 
+#include "ddt/dtype_dispatch.h"
 #include "ddt/norm_modulate.h"
 
 namespace ddt {
@@ -238,24 +239,12 @@ struct Launch {
   }
 };
 
-template <class Fn, class P>
+template <class P, class Fn>
 int dispatch(const P& p, Fn&& fn) {
-  const DType t = p.x_dtype, w = p.w_dtype, m = p.mod_dtype;
-  if (t == DType::f32 && w == DType::f32 && m == DType::f32) return fn(Launch<float, float, float>{});
-  if (t == DType::f64 && w == DType::f64 && m == DType::f64) return fn(Launch<double, double, double>{});
-  if (t == DType::bf16) {
-    if (w == DType::bf16 && m == DType::bf16) return fn(Launch<bf16_t, bf16_t, bf16_t>{});
-    if (w == DType::f32 && m == DType::bf16) return fn(Launch<bf16_t, float, bf16_t>{});
-    if (w == DType::f32 && m == DType::f32) return fn(Launch<bf16_t, float, float>{});
-    if (w == DType::bf16 && m == DType::f32) return fn(Launch<bf16_t, bf16_t, float>{});
-  }
-  if (t == DType::f16) {
-    if (w == DType::f16 && m == DType::f16) return fn(Launch<f16_t, f16_t, f16_t>{});
-    if (w == DType::f32 && m == DType::f16) return fn(Launch<f16_t, float, f16_t>{});
-    if (w == DType::f32 && m == DType::f32) return fn(Launch<f16_t, float, float>{});
-    if (w == DType::f16 && m == DType::f32) return fn(Launch<f16_t, f16_t, float>{});
-  }
-  return int(cudaErrorInvalidValue);
+  return dispatch_x_w_m<int>(p.x_dtype, p.w_dtype, p.mod_dtype, int(cudaErrorInvalidValue),
+                             [&](auto t, auto w, auto m) {
+                               return fn(Launch<decltype(t), decltype(w), decltype(m)>{});
+                             });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // rows in a fixed order (deterministic, no atomics).
 #include <cuda_runtime.h>
 
+#include "ddt/dtype_dispatch.h"
 #include "ddt/qk_norm_rope.h"
 
 namespace ddt {
@@ -167,14 +168,8 @@ struct Launch {
 template <class Fn>
 int dispatch(const QkNormRope& p, Fn&& fn) {
   if (p.D > 2 * kWarp * kMaxPairsPerLane || p.D % 4 != 0) return int(cudaErrorInvalidValue);
-  const DType t = p.x_dtype, w = p.w_dtype;
-  if (t == DType::f32 && w == DType::f32) return fn(Launch<float, float>{});
-  if (t == DType::f64 && w == DType::f64) return fn(Launch<double, double>{});
-  if (t == DType::bf16 && w == DType::bf16) return fn(Launch<bf16_t, bf16_t>{});
-  if (t == DType::bf16 && w == DType::f32) return fn(Launch<bf16_t, float>{});
-  if (t == DType::f16 && w == DType::f16) return fn(Launch<f16_t, f16_t>{});
-  if (t == DType::f16 && w == DType::f32) return fn(Launch<f16_t, float>{});
-  return int(cudaErrorInvalidValue);
+  return dispatch_x_w<int>(p.x_dtype, p.w_dtype, int(cudaErrorInvalidValue),
+                           [&](auto t, auto w) { return fn(Launch<decltype(t), decltype(w)>{}); });
 }
 
 }  // namespace

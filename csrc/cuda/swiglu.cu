@@ -3,6 +3,7 @@
 // index division per element.
 #include <cuda_runtime.h>
 
+#include "ddt/dtype_dispatch.h"
 #include "ddt/swiglu.h"
 
 namespace ddt {
@@ -46,17 +47,6 @@ dim3 grid(const Swiglu& p) {
   return dim3(unsigned(tiles < 8 ? tiles : 8), unsigned(p.R < 65535 ? p.R : 65535));
 }
 
-template <template <class> class K, class Fn>
-int dispatch(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::f32: return fn(K<float>{});
-    case DType::f64: return fn(K<double>{});
-    case DType::bf16: return fn(K<bf16_t>{});
-    case DType::f16: return fn(K<f16_t>{});
-  }
-  return int(cudaErrorInvalidValue);
-}
-
 template <class T>
 struct Launch {
   static int forward(const Swiglu& p, cudaStream_t s) {
@@ -72,11 +62,13 @@ struct Launch {
 }  // namespace
 
 int swiglu_forward(const Swiglu& p, stream_t stream) {
-  return dispatch<Launch>(p.dtype, [&](auto l) { return decltype(l)::forward(p, stream); });
+  return dispatch_x<int>(p.dtype, int(cudaErrorInvalidValue),
+                         [&](auto t) { return Launch<decltype(t)>::forward(p, stream); });
 }
 
 int swiglu_backward(const Swiglu& p, stream_t stream) {
-  return dispatch<Launch>(p.dtype, [&](auto l) { return decltype(l)::backward(p, stream); });
+  return dispatch_x<int>(p.dtype, int(cudaErrorInvalidValue),
+                         [&](auto t) { return Launch<decltype(t)>::backward(p, stream); });
 }
 
 }  // namespace cuda

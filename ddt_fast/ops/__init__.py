@@ -39,21 +39,37 @@ def _fused(name: str):
     return getattr(torch.ops.ddt_fast, name)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _kernel_takes(x: Tensor, params=(), mods=()) -> bool:
+    """Whether the fused kernels accept these dtypes/devices: x in a supported
+    dtype; weights and modulation each x's dtype or (for 16-bit x) float32,
+    the modulation tensors sharing one dtype. Anything else takes the
+    reference path, which follows PyTorch's type promotion."""
+    if x.dtype not in _KERNEL_DTYPES:
+        return False
+    ok = (x.dtype,) + ((torch.float32,) if x.dtype in (torch.float16, torch.bfloat16) else ())
+    if any(t.dtype not in ok or t.device != x.device for t in (*params, *mods)):
+        return False
+    return len({t.dtype for t in mods}) <= 1
+
+
 def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
                       eps: float = 1e-6) -> Tensor:
-    if dispatch.use_fused("rms_norm_modulate", x.device):
+    if dispatch.use_fused("rms_norm_modulate", x.device) and _kernel_takes(x, (weight,), (shift, scale)):
         return _fused("rms_norm_modulate")(x, weight, shift, scale, eps)
     return reference.rms_norm_modulate(x, weight, shift, scale, eps)
 
 
 def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    if dispatch.use_fused("layer_norm_modulate", x.device):
+    if dispatch.use_fused("layer_norm_modulate", x.device) and _kernel_takes(x, (), (shift, scale)):
         return _fused("layer_norm_modulate")(x, shift, scale, eps)
     return reference.layer_norm_modulate(x, shift, scale, eps)
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    if dispatch.use_fused("gated_residual", x.device):
+    if dispatch.use_fused("gated_residual", x.device) and _kernel_takes(x, (), (gate,)) and y.dtype == x.dtype:
         return _fused("gated_residual")(x, gate, y)
     return reference.gated_residual(x, gate, y)
 
@@ -61,13 +77,14 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Tensor,
                                      shift: Tensor, scale: Tensor,
                                      eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
-    if dispatch.use_fused("gated_residual_rms_norm_modulate", x.device):
+    if (dispatch.use_fused("gated_residual_rms_norm_modulate", x.device) and y.dtype == x.dtype
+            and _kernel_takes(x, (weight,), (gate, shift, scale))):
         return _fused("gated_residual_rms_norm_modulate")(x, gate, y, weight, shift, scale, eps)
     return reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, eps)
 
 
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
-    if dispatch.use_fused("swiglu", a.device):
+    if dispatch.use_fused("swiglu", a.device) and a.dtype == b.dtype and _kernel_takes(a, (b,)):
         return _fused("swiglu")(a, b)
     return reference.swiglu(a, b)
 
@@ -80,7 +97,8 @@ def rope_frequencies(height: int, width: int, head_dim: int, device: torch.devic
 
 def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
                  freqs_cis: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
-    if dispatch.use_fused("qk_norm_rope", qkv.device):
+    if (dispatch.use_fused("qk_norm_rope", qkv.device) and q_weight.dtype == k_weight.dtype
+            and _kernel_takes(qkv, (q_weight, k_weight))):
         return _fused("qk_norm_rope")(qkv, q_weight, k_weight, num_heads,
                                       torch.view_as_real(freqs_cis), eps)
     return reference.qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)

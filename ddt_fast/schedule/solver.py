@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import List, Tuple
@@ -15,7 +14,7 @@ from ddt_fast.ops import dispatch
 from ddt_fast.ops.verified import is_verified
 from ddt_fast.schedule import _ops  # noqa: F401  (registers the op's fake implementation)
 from ddt_fast.schedule.reference import solve_reference
-from ddt_fast.schedule.schedule import Schedule
+from ddt_fast.schedule.schedule import Schedule, _as_int
 
 _OP = "dp_schedule_solve"
 _BACKENDS = ("auto", "fused", "reference")
@@ -98,15 +97,6 @@ class DPResult:
         batch = f", batch={self.batch_size}" if self.batched else ""
         return (f"DPResult(num_steps={self.num_steps}, k_max={self.k_max}{batch}, "
                 f"device={self.cost.device})")
-
-
-def _as_int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} ({value!r})") from None
 
 
 def _as_tensor(sim) -> torch.Tensor:
