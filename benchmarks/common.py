@@ -45,6 +45,33 @@ def timed(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
+def timed_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
+                      cuda: bool = False) -> Dict[str, Dict[str, float]]:
+    """Time several implementations of one thing in rotation (A B C A B C ...),
+    so slow drifts of a shared machine hit them alike. Returns, per name, the
+    median and the minimum; on a noisy machine the minimum is the steadier
+    estimate of what the code costs."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats}
+            for name, t in times.items()}
+
+
 def machine_info(device: Optional[torch.device] = None) -> dict:
     """Where and when a result was measured (taken before the runs, so the load
     average shows other work on the machine)."""
