@@ -7,11 +7,11 @@ from ddt_fast.models.checkpoint import (
     read_state_dict,
     save_pretrained,
 )
-from ddt_fast.models.ddt import DDT, DDTBlock
+from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
 from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
 
 __all__ = [
-    "DDT", "DDTBlock", "PRESETS", "create", "match_preset", "preset_config", "preset_names",
+    "DDT", "DDTBlock", "ModulationCache", "PRESETS", "create", "match_preset", "preset_config", "preset_names",
     "CheckpointError", "load_checkpoint", "read_state_dict", "infer_config", "save_pretrained",
     "from_pretrained",
 ]

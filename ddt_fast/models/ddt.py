@@ -152,12 +152,43 @@ class DDTBlock(nn.Module):
         return ops.gated_residual(x, mods[5], y)
 
 
-def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+class ModulationCache:
+    """The decoder's per-token modulations (every decoder block's `Linear(C, 6C)(s)`
+    and the final layer's `Linear(C, 2C)(s)`), kept while a sampler reuses the
+    same self-condition `s`. Bound to one `s` tensor: passing another one
+    clears it. Costs `(6 * decoder_blocks + 2) * B * L * C` elements."""
+
+    def __init__(self):
+        self.source: Optional[Tensor] = None
+        self.blocks: dict = {}
+        self.final: Optional[Tuple[Tensor, Tensor]] = None
+
+    def bind(self, s: Tensor) -> "ModulationCache":
+        if self.source is not s:
+            self.source, self.blocks, self.final = s, {}, None
+        return self
+
+    def clear(self) -> None:
+        self.source, self.blocks, self.final = None, {}, None
+
+    def block(self, index: int, block: "DDTBlock", cond: Tensor) -> Tuple[Tensor, ...]:
+        if index not in self.blocks:
+            self.blocks[index] = block.modulation(cond)
+        return self.blocks[index]
+
+    def nbytes(self) -> int:
+        groups = list(self.blocks.values()) + ([self.final] if self.final is not None else [])
+        return sum(g[0].untyped_storage().nbytes() for g in groups)  # chunks share one storage
+
+
+def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor],
+               cache: Optional[ModulationCache] = None) -> Tensor:
     """Blocks in sequence, with each block's closing gated residual fused with
     the next block's norm+modulate (one pass over x instead of two).
 
     Equal to calling the blocks one by one (which is what happens when any
-    block has forward hooks, so hooks see every block's output).
+    block has forward hooks, so hooks see every block's output). `cache`
+    (decoder only) reuses the blocks' modulations computed from the same `cond`.
     """
     if len(blocks) == 0:
         return x
@@ -165,14 +196,18 @@ def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optiona
         for block in blocks:
             x = block(x, cond, freqs_cis, mask)
         return x
-    mods = blocks[0].modulation(cond)
+
+    def modulation(i):
+        return blocks[i].modulation(cond) if cache is None else cache.block(i, blocks[i], cond)
+
+    mods = modulation(0)
     h = blocks[0].attention_input(x, mods)
     for i, block in enumerate(blocks):
         x, y = block.body(x, h, mods, freqs_cis, mask)
         if i + 1 == len(blocks):
             return ops.gated_residual(x, mods[5], y)
         nxt = blocks[i + 1]
-        gate_mlp, mods = mods[5], nxt.modulation(cond)
+        gate_mlp, mods = mods[5], modulation(i + 1)
         x, h = ops.gated_residual_rms_norm_modulate(x, gate_mlp, y, nxt.norm1.weight, mods[0], mods[1],
                                                     nxt.norm1.eps)
     return x
@@ -187,8 +222,11 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.linear = nn.Linear(hidden_size, out_features, bias=True)
 
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
+    def modulation(self, s: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.adaLN_modulation(s).chunk(2, dim=-1)
+
+    def forward(self, x: Tensor, s: Tensor, mods: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        shift, scale = self.modulation(s) if mods is None else mods
         return self.linear(ops.layer_norm_modulate(x, shift, scale, self.eps))
 
 
@@ -303,12 +341,15 @@ class DDT(nn.Module):
         self._check_inputs(x, t, y)
         return self._encode(self.patchify(x), t, y, self.rope(*x.shape[-2:], x.device), mask)
 
-    def decode(self, x: Tensor, s: Tensor) -> Tensor:
+    def decode(self, x: Tensor, s: Tensor, cache: Optional[ModulationCache] = None) -> Tensor:
         """The velocity decoder alone, for a given self-condition `s` (the decoder
-        reads neither t nor y: they reach it only through `s`)."""
+        reads neither t nor y: they reach it only through `s`). With a
+        `ModulationCache`, the modulations computed from this `s` are kept and
+        reused by later calls with the same `s` tensor."""
         self._check_inputs(x, None, None, s)
         H, W = x.shape[-2:]
-        return self._decode(self.patchify(x), s, self.rope(H, W, x.device), H, W)
+        return self._decode(self.patchify(x), s, self.rope(H, W, x.device), H, W,
+                            cache.bind(s) if cache is not None else None)
 
     def _encode(self, patches: Tensor, t: Tensor, y: Tensor, freqs_cis: Tensor,
                 mask: Optional[Tensor]) -> Tensor:
@@ -316,9 +357,15 @@ class DDT(nn.Module):
         s = run_blocks(self.encoder_blocks, self.s_embedder(patches), c, freqs_cis, mask)
         return F.silu(temb + s)
 
-    def _decode(self, patches: Tensor, s: Tensor, freqs_cis: Tensor, height: int, width: int) -> Tensor:
-        h = run_blocks(self.decoder_blocks, self.x_embedder(patches), s, freqs_cis, None)
-        return self.unpatchify(self.final_layer(h, s), height, width)
+    def _decode(self, patches: Tensor, s: Tensor, freqs_cis: Tensor, height: int, width: int,
+                cache: Optional[ModulationCache] = None) -> Tensor:
+        h = run_blocks(self.decoder_blocks, self.x_embedder(patches), s, freqs_cis, None, cache)
+        final_mods = None
+        if cache is not None:
+            if cache.final is None:
+                cache.final = self.final_layer.modulation(s)
+            final_mods = cache.final
+        return self.unpatchify(self.final_layer(h, s, final_mods), height, width)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, s: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,19 @@
+"""Samplers, encoder-sharing schedules and their calibration."""
+from ddt_fast.sampling.calibration import Calibration, calibrate, load_schedule
+from ddt_fast.sampling.grid import adams_weights, guided, shift_time, time_grid
+from ddt_fast.sampling.samplers import (
+    AdamLMSampler,
+    AdamsSampler,
+    EulerSampler,
+    make_noise,
+    resolve_schedule,
+    sample,
+    simple_guidance,
+)
+from ddt_fast.schedule import Schedule, every_step, from_steps, uniform
+
+__all__ = [
+    "EulerSampler", "AdamsSampler", "AdamLMSampler", "sample", "make_noise", "simple_guidance",
+    "calibrate", "Calibration", "load_schedule", "resolve_schedule", "time_grid", "shift_time", "guided",
+    "adams_weights", "Schedule", "every_step", "uniform", "from_steps",
+]
