@@ -39,6 +39,7 @@ pytest: venv
 bench: build
 	$(PY) benchmarks/bench_dp.py
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_sampling.py
 	$(PY) benchmarks/summarize.py
 
 clean:

@@ -64,6 +64,20 @@ def ops_section(d: dict) -> str:
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary])
 
 
+def sampling_section(d: dict) -> str:
+    rows = ["| run | seconds | images/s | vs (a) | multiply-add ceiling | target |", "|---|---|---|---|---|---|"]
+    ceil = {"b_fast_every_step": d["ceilings"]["ceiling_b"], "c_fast_dp_ratio_0.8": d["ceilings"]["ceiling_c"]}
+    target = {"b_fast_every_step": d["targets"]["b_vs_a"], "c_fast_dp_ratio_0.8": d["targets"]["c_vs_a"]}
+    for k, r in d["results"].items():
+        rows.append(f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {r['speedup_vs_a']:.2f}x | "
+                    f"{'%.2fx' % ceil[k] if k in ceil else '-'} | {'>= %.2fx' % target[k] if k in target else '-'} |")
+    dp = d["dp"]
+    return "\n".join([f"**Sampling** ({_machine(d['machine'])}): {d['model']} (random weights), {d['steps']} Euler "
+                      f"steps, batch {d['batch']}, 32x32 latents, CFG 2.0 in (0.3, 1.0) ({d['guided_steps']} guided "
+                      f"steps); (a) published code path, (b) fast mode, (c) fast mode + DP schedule at sharing "
+                      f"ratio 0.8 (K={dp['budget']}, steps {dp['steps']}, DP cost {dp['cost']:.4f}):", "", *rows])
+
+
 def render() -> str:
     parts = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
@@ -76,6 +90,10 @@ def render() -> str:
             parts.append(dp_section(d))
         elif name.startswith("ops_"):
             parts.append(ops_section(d))
+        elif name.startswith("sampling_"):
+            parts.append(sampling_section(d))
+        else:
+            continue
         parts[-1] += f"\n\n(from `benchmarks/results/{name}`)"
     return "\n\n".join(parts) if parts else "No results yet: run `make bench`."
 
