@@ -8,7 +8,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, Optional
 
@@ -127,17 +126,8 @@ def result_path(name: str) -> str:
 
 
 def write_json(path: str, payload: dict) -> str:
-    """Write `payload` to `path` through a temporary file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `payload` to `path` (crash-safe: temporary file, then rename)."""
+    from ddt_fast._io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
     return path

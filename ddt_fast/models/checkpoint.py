@@ -20,12 +20,12 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ddt_fast._io import atomic_write, atomic_write_text
 from ddt_fast.models.ddt import DDT
 from ddt_fast.models.presets import PRESETS, match_preset
 
@@ -253,20 +253,6 @@ def load_checkpoint(path: str, ema: bool = True, num_encoder_blocks: Optional[in
 # save_pretrained / from_pretrained
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_pretrained(model: DDT, folder: str) -> None:
     """`config.json` + `model.safetensors` in `folder` (created if needed); each
     file is written to a temporary name and renamed, so a crash never leaves a
@@ -277,15 +263,11 @@ def save_pretrained(model: DDT, folder: str) -> None:
 
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(folder, WEIGHTS_NAME),
+    atomic_write(os.path.join(folder, WEIGHTS_NAME),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "library": "ddt_fast"}))
     config = dict(model.config, architecture="DDT", ddt_fast_version=__version__)
 
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-
-    _atomic_write(os.path.join(folder, CONFIG_NAME), write_config)
+    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2))
 
 
 def from_pretrained(name_or_path: str, ema: bool = True, revision: Optional[str] = None,

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
 
+from ddt_fast._io import atomic_write_text
 from ddt_fast.schedule import DPResult, Schedule, solve
 from ddt_fast.sampling.samplers import _Sampler, make_noise
 
@@ -74,17 +74,7 @@ class Calibration:
 
     def save(self, path) -> None:
         """JSON (settings, similarity, cost curve), written to a temporary file and renamed."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path) -> "Calibration":

@@ -6,9 +6,10 @@ import json
 import math
 import operator
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
+
+from ddt_fast._io import atomic_write_text
 
 KINDS = ("every", "uniform", "dp", "explicit")
 _FORMAT = "ddt_fast.schedule"
@@ -148,20 +149,7 @@ class Schedule:
     def save(self, path: "os.PathLike[str] | str") -> None:
         """Write as JSON; a temporary file is renamed over ``path``, so an
         interrupted save never leaves a half-written schedule behind."""
-        path = os.fspath(path)
-        text = self.to_json(indent=1) + "\n"
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".schedule-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json(indent=1) + "\n")
 
     @classmethod
     def load(cls, path: "os.PathLike[str] | str") -> "Schedule":
