@@ -10,8 +10,7 @@ fits the machine, 32x32 latents. Images/s of
   (b) fast mode, encoder every step;
   (c) fast mode with the calibrated DP schedule at sharing ratio 0.8 (K = N/5);
 plus the DP cost at that budget and the multiply-add ceilings of (b) and (c)
-(per token: encoder block 12 C^2 + attention, decoder block 18 C^2 since its
-modulation Linear(C, 6C) runs per token, the final layer 2 C^2 per token).
+counted from the runs fast mode actually makes (see `work_counts`).
 Writes benchmarks/results/sampling_<device>.json.
 """
 from __future__ import annotations
@@ -25,21 +24,49 @@ from common import device_tag, machine_info, result_path, timed_interleaved, wri
 from ddt_fast import models, sampling  # noqa: E402
 
 
-def flop_ceilings(model, tokens: int, steps: int, guided_steps: int, budget: int) -> dict:
-    """Multiply-adds per sample per step, and the speed-up ceilings of (b) and (c)."""
+def work_counts(sampler) -> dict:
+    """Encoder, decoder and decoder-modulation half-batch runs of fast mode,
+    replaying its rules (sampling/samplers.py) over the sampler's schedule."""
+    enc = dec = mod = 0
+    s_u = cfg = False
+    cached = set()
+    for i in range(sampler.num_steps):
+        both = sampler.is_guided(i) and sampler.guidance != 1.0
+        if sampler.schedule.recompute(i):
+            enc += 2 if both else 1
+            s_u = cfg = both
+            cached = set()
+        elif both and not cfg:
+            enc += 0 if s_u else 1
+            s_u = cfg = True
+        key = "cfg" if both else "c"
+        if key not in cached:
+            mod += 2 if both else 1
+            cached.add(key)
+        dec += 2 if both else 1
+    return {"encoder": enc, "decoder": dec, "decoder_modulation": mod}
+
+
+def flop_ceilings(model, tokens: int, samplers: dict) -> dict:
+    """Multiply-adds per token and the speed-up ceilings of (b) and (c) over (a)
+    (per token: encoder block 12 C^2 + attention; decoder block 12 C^2 +
+    attention + 6 C^2 for its per-token modulation; final layer 2 C^2)."""
     C, E, Dn = model.hidden_size, model.num_encoder_blocks, model.num_blocks - model.num_encoder_blocks
     hidden = int(2 * int(4 * C) / 3)
-    attn = 2 * tokens * C  # QK^T and AV per token
-    block_common = 4 * C * C + 3 * C * hidden + attn  # qkv, proj, SwiGLU
-    enc = E * (block_common + 6 * C * C / tokens)  # per-sample modulation, spread over the tokens
-    dec = Dn * (block_common + 6 * C * C) + 2 * C * C  # per-token modulation, final layer modulation
-    ref = steps * 2 * (enc + dec)  # both halves, every step
-    fast = guided_steps * 2 * (enc + dec) + (steps - guided_steps) * (enc + dec)
-    # (c): the decoder every step (both halves when guided), the encoder K times,
-    # the decoder's modulations only when s changes
-    dec_no_mod = dec - Dn * 6 * C * C - 2 * C * C
-    shared = (guided_steps * 2 + (steps - guided_steps)) * dec_no_mod + budget * 2 * (enc + Dn * 6 * C * C + 2 * C * C)
-    return {"ceiling_b": ref / fast, "ceiling_c": ref / shared}
+    block = 4 * C * C + 3 * C * hidden + 2 * tokens * C  # qkv + proj, SwiGLU, QK^T and AV
+    enc = E * block
+    dec = Dn * block
+    mod = Dn * 6 * C * C + 2 * C * C
+    cost = {}
+    for name, s in samplers.items():
+        if s.mode == "reference":
+            n = 2 * s.num_steps
+            cost[name] = n * (enc + dec + mod)
+        else:
+            w = work_counts(s)
+            cost[name] = w["encoder"] * enc + w["decoder"] * dec + w["decoder_modulation"] * mod
+    base = cost["a_reference_every_step"]
+    return {f"ceiling_{k[0]}": base / v for k, v in cost.items() if not k.startswith("a_")}
 
 
 def main(argv=None):
@@ -76,7 +103,7 @@ def main(argv=None):
     res = timed_interleaved({k: (lambda s=s: s(model, noise, classes, null)) for k, s in samplers.items()},
                             args.repeats, warmup=1, cuda=device.type == "cuda")
     guided_steps = sum(samplers["b_fast_every_step"].is_guided(i) for i in range(N))
-    ceil = flop_ceilings(model, 256, N, guided_steps, budget)
+    ceil = flop_ceilings(model, 256, samplers)
     rows = {}
     base = res["a_reference_every_step"]["min_s"]
     for k, r in res.items():

@@ -236,3 +236,13 @@ def test_published_constructor_arguments_accepted():
     assert s.timesteps.shape == (251,) and s.schedule.budget == 250
     a = sampling.AdamLMSampler(num_steps=10, order=2, state_refresh_rate=2)
     assert a.schedule.steps == (0, 2, 4, 6, 8)
+
+
+def test_bf16_autocast_sampling_close_to_fp32():
+    m = _tiny()
+    ref = _sample(m)
+    out = _sample(m, autocast=torch.bfloat16)
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()) < 5e-2
+    with pytest.raises(ValueError, match="autocast must be"):
+        EulerSampler(4, autocast=torch.float64)

@@ -80,6 +80,7 @@ class _Sampler:
                  state_refresh_rate: int = 1, last_step: Optional[float] = None, *,
                  mode: str = "fast", schedule=None, cache_modulation: bool = True,
                  generator: Optional[torch.Generator] = None, progress: bool = False,
+                 autocast: Optional[torch.dtype] = None,
                  guidance_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
                  scheduler=None, w_scheduler=None, step_fn=None, last_step_fn=None):
         # scheduler / w_scheduler / step_fn / last_step_fn: accepted so the
@@ -110,6 +111,9 @@ class _Sampler:
         self.cache_modulation = cache_modulation
         self.generator = generator
         self.progress = progress
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
+        self.autocast = autocast
         self.guidance_fn = guidance_fn or simple_guidance
         self.timesteps = time_grid(num_steps, self.last_step, self.timeshift)
 
@@ -145,12 +149,13 @@ class _Sampler:
         x = noise
         step = self._fast_step(net, condition, uncondition) if fast else \
             self._reference_step(net, condition, uncondition)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(noise.device.type, dtype=self.autocast or torch.bfloat16,
+                                             enabled=self.autocast is not None):
             for i in self._steps():
                 v, s = step(i, x, grid[i])
                 if on_step is not None:
                     on_step(i, s)
-                x = x + self._combine(i, v) * (grid[i + 1] - grid[i])
+                x = x + self._combine(i, v).to(x.dtype) * (grid[i + 1] - grid[i])
         return x
 
     def _steps(self):
@@ -252,7 +257,7 @@ class AdamsSampler(_Sampler):
     def _combine(self, i: int, v: Tensor) -> Tensor:
         self._history = (self._history + [v])[-self.order:]
         w = self.weights[i]
-        out = torch.zeros_like(v)
+        out = torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32))
         for wj, vj in zip(w, self._history[-len(w):]):
             out += wj.to(v.device) * vj
         return out

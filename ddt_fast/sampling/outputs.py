@@ -1,0 +1,69 @@
+"""From latents to what users keep: images through the Stable Diffusion VAE,
+PNG files, a grid, and the `.npz` the ADM evaluation suite reads for FID
+(uint8 `[N, H, W, 3]` under `arr_0`)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ddt_fast._io import atomic_write
+
+SD_VAE = "stabilityai/sd-vae-ft-ema"
+SD_VAE_SCALING = 0.18215
+
+
+def load_vae(name_or_path: str = SD_VAE, device=None, dtype: torch.dtype = torch.float32):
+    """`diffusers.AutoencoderKL` from a local folder or a model-hub id."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise ImportError("decoding latents to images needs diffusers: pip install diffusers "
+                          "(or sample latents only, with vae=None)") from e
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        where = "folder" if os.path.isdir(name_or_path) else "model-hub id"
+        raise RuntimeError(f"could not load the VAE from {where} {name_or_path!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}). Pass a local folder holding sd-vae-ft-ema, or sample "
+                           "latents only (vae=None).") from e
+    return vae.to(device).eval() if device is not None else vae.eval()
+
+
+@torch.no_grad()
+def decode_latents(latents: torch.Tensor, vae, scaling_factor: float = SD_VAE_SCALING) -> np.ndarray:
+    """uint8 images `[N, H, W, 3]` from latents `[N, 4, h, w]` (scaled by `scaling_factor`)."""
+    param = next(vae.parameters())
+    x = vae.decode(latents.to(param.device, param.dtype) / scaling_factor).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def make_grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """One uint8 image tiling `images` `[N, H, W, 3]` in rows of `nrow`."""
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+    return grid
+
+
+def save_npz(path: str, arr_0: np.ndarray, **extra) -> None:
+    """`np.savez` under `arr_0` (what the ADM FID suite reads), written crash-safe."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr_0, **extra)
+
+    atomic_write(path, write)
