@@ -16,6 +16,15 @@ namespace ddt {
 namespace cpu {
 namespace {
 
+// 1 / RMS of one head vector.
+template <class T, class A>
+A head_rinv(const T* x, int64_t D, double eps) {
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t d = 0; d < D; ++d) sq += load<A>(x[d]) * load<A>(x[d]);
+  return nm::inv_std<A>(sq / A(D), eps);
+}
+
 template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
@@ -31,9 +40,7 @@ void forward_impl(const QkNormRope& p) {
     for (int64_t h = 0; h < p.H; ++h) {
       for (int part = 0; part < 2; ++part) {
         const T* x = qkv + qk::packed(p, b, l, part, h);
-        A sq = 0;
-        for (int64_t d = 0; d < D; ++d) sq += load<A>(x[d]) * load<A>(x[d]);
-        const A rinv = nm::inv_std<A>(sq / A(D), p.eps);
+        const A rinv = head_rinv<T, A>(x, D, p.eps);
         T* out = outs[part] + qk::split(p, b, h, l);
         for (int64_t m = 0; m < half; ++m) {
           const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(weights[part][2 * m]);
@@ -87,9 +94,7 @@ void backward_impl(const QkNormRope& p) {
             continue;
           }
           const T* g = grads[part] + qk::split(p, b, h, l);
-          A sq = 0;
-          for (int64_t d = 0; d < D; ++d) sq += load<A>(x[d]) * load<A>(x[d]);
-          const A rinv = nm::inv_std<A>(sq / A(D), p.eps);
+          const A rinv = head_rinv<T, A>(x, D, p.eps);
           A dot = 0;
           for (int64_t m = 0; m < half; ++m) {
             // d/du of a rotation is the inverse rotation of the incoming gradient.
