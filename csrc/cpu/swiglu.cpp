@@ -18,7 +18,7 @@ void forward_impl(const Swiglu& p) {
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
     T* out = static_cast<T*>(p.out) + r * p.H;
 #pragma omp simd
-    for (int64_t i = 0; i < p.H; ++i) out[i] = store<T>(sg::forward<T, A>(load<A>(a[i]), load<A>(b[i])));
+    for (int64_t i = 0; i < p.H; ++i) out[i] = store<T>(sg::forward<A>(load<A>(a[i]), load<A>(b[i])));
   }
 }
 
@@ -35,7 +35,7 @@ void backward_impl(const Swiglu& p) {
 #pragma omp simd
     for (int64_t i = 0; i < p.H; ++i) {
       A da, db;
-      sg::backward<T, A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);
+      sg::backward<A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);
       ga[i] = store<T>(da);
       gb[i] = store<T>(db);
     }

@@ -20,7 +20,7 @@ __global__ void forward_kernel(Swiglu p) {
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
     T* out = static_cast<T*>(p.out) + r * p.H;
     for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.H; i += int64_t(gridDim.x) * kThreads)
-      out[i] = store<T>(sg::forward<T, A>(load<A>(a[i]), load<A>(b[i])));
+      out[i] = store<T>(sg::forward<A>(load<A>(a[i]), load<A>(b[i])));
   }
 }
 
@@ -35,7 +35,7 @@ __global__ void backward_kernel(Swiglu p) {
     T* gb = static_cast<T*>(p.grad_b) + r * p.H;
     for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.H; i += int64_t(gridDim.x) * kThreads) {
       A da, db;
-      sg::backward<T, A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);
+      sg::backward<A>(load<A>(a[i]), load<A>(b[i]), load<A>(g[i]), da, db);
       ga[i] = store<T>(da);
       gb[i] = store<T>(db);
     }
