@@ -20,7 +20,7 @@ import sys
 import torch
 import torch._dynamo
 
-from common import device_tag, machine_info, result_path, timed, timed_interleaved, write_json
+from common import device_tag, machine_info, result_path, timed_interleaved, write_json
 
 import ddt_fast  # noqa: E402
 from ddt_fast import models, ops  # noqa: E402

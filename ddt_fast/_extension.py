@@ -39,7 +39,6 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if torch.ops.ddt_fast.<op> has a kernel registered for `dispatch_key` ("CPU", "CUDA")."""
     if _C is None:
         return False
-    import torch
 
     name = f"ddt_fast::{op}"
     try:
@@ -52,7 +51,6 @@ def registered_ops() -> list:
     """Names of the ddt_fast ops the extension registered (without the namespace)."""
     if _C is None:
         return []
-    import torch
 
     names = []
     for schema in torch._C._jit_get_all_schemas():

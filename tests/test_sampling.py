@@ -1,6 +1,5 @@
 """Samplers, schedules in sampling, calibration."""
 import json
-import math
 
 import numpy as np
 import pytest

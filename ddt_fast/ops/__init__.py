@@ -122,9 +122,8 @@ def plan(device: torch.device) -> dict:
     device = torch.device(device)
     rows = {op: ("fused" if dispatch.use_fused(op, device) else "reference")
             for op in MODEL_OPS if op != "attention"}
-    probe = torch.empty(1, 1, 1, 72, device="meta", dtype=torch.bfloat16)
-    if device.type == "cuda":
-        probe = torch.empty(1, 1, 1, 72, device=device, dtype=torch.bfloat16)
+    # a bf16 head-dim-72 probe on that device (the case DDT-XL runs)
+    probe = torch.empty(1, 1, 1, 72, device=device if device.type == "cuda" else "meta", dtype=torch.bfloat16)
     rows["attention"] = dispatch.attention_backend(probe, probe, probe, None)
     return rows
 

@@ -15,6 +15,7 @@ CPU memory: `num_steps * 2 * num_samples * L * C * 2` bytes in bf16 (DDT-XL at
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ddt_fast._io import atomic_write_text
-from ddt_fast.schedule import DPResult, Schedule, solve
+from ddt_fast.schedule import DPResult, Schedule, every_step, solve
 from ddt_fast.sampling.samplers import _Sampler, make_noise
 
 _FORMAT = "ddt_fast.calibration"
@@ -139,11 +140,8 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
     labels = torch.as_tensor(classes, dtype=torch.long, device=device)
     noise = make_noise([seed * 1_000_003 + k for k in range(len(labels))],
                        (model.in_channels, latent_size, latent_size), device)
-    template = type(sampler).__new__(type(sampler))
-    template.__dict__.update(sampler.__dict__)
+    template = copy.copy(sampler)  # same settings, run as the published sampler with no sharing
     template.mode = "reference"
-    from ddt_fast.schedule import every_step
-
     template.schedule = every_step(sampler.num_steps)
     N = sampler.num_steps
     sim = np.zeros((N, N), dtype=np.float64)
