@@ -92,7 +92,8 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         gpu = torch.cuda.get_device_name(device)
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # DDT_FAST_GIT_COMMIT: for copies of the tree without .git (e.g. a GPU box)
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("DDT_FAST_GIT_COMMIT"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

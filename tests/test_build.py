@@ -37,6 +37,29 @@ def test_cuda_part_compiled_for_default_archs():
         assert {"sm_80", "sm_90a"} <= archs, archs
 
 
+@pytest.mark.skipif(not CUDA_BUILD_EXPECTED, reason="no CUDA toolkit or CPU-only PyTorch")
+def test_attention_kernels_linked_for_each_arch():
+    """The flash-attention forward, dQ and dK/dV kernels for bf16 and f16 and
+    head dims 64, 72 and 128 are in the library for every requested arch."""
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a").replace(";", " ").split()
+    by_arch = {}
+    for img in gpu_images(_extension._C.__file__):
+        if img.kind == "cubin":
+            by_arch.setdefault(img.arch, []).extend(k for k in img.kernels if "attention_cu" in k)
+    for arch in wanted:
+        sm = "sm_" + arch.replace(".", "")
+        names = by_arch.get(sm, [])
+        for kernel in ("forward_kernel", "dq_kernel", "dkdv_kernel", "delta_kernel"):
+            for dtype in ("bf16_t", "f16_t"):
+                for dim in ((64, 72, 128) if kernel != "delta_kernel" else (None,)):
+                    mangled = f"{len(dtype)}{dtype}E"  # 6bf16_tE, 5f16_tE
+                    tag = mangled if dim is None else f"{mangled}Li{dim}E"
+                    assert any(kernel in n and tag in n for n in names), (sm, kernel, dtype, dim)
+    assert {"flash_attention", "flash_attention_backward", "qkv_attention"} <= set(_extension.registered_ops())
+    for op in ("flash_attention", "flash_attention_backward", "qkv_attention"):
+        assert _extension.has_kernel(op, "CUDA") and not _extension.has_kernel(op, "CPU")
+
+
 def test_fatbin_reader_on_a_freshly_compiled_object(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

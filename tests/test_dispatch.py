@@ -37,7 +37,7 @@ def test_no_kernel_means_reference_even_when_forced(monkeypatch):
 
 def test_verified_table_rows_are_well_formed():
     for row in verified.VERIFIED:
-        assert row.op in ops.MODEL_OPS and row.gpu and row.date and len(row.commit) >= 7
+        assert row.op in ops.KERNEL_OPS and row.gpu and row.date and len(row.commit) >= 7
 
 
 def test_attention_on_cpu_is_sdpa_whatever_is_forced():
@@ -50,6 +50,7 @@ def test_attention_on_cpu_is_sdpa_whatever_is_forced():
 def test_attention_auto_order(monkeypatch):
     class FakeCuda:
         is_cuda = True
+        device = torch.device("cuda")
         dtype = torch.bfloat16
         shape = (1, 16, 256, 72)
 
@@ -64,6 +65,40 @@ def test_attention_auto_order(monkeypatch):
     monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: False)
     with ops.use_backend(attention="flash_attn"):
         assert dispatch.attention_backend(q, q, q) == "sdpa"
+
+
+def test_fused_qkv_attention_rule(monkeypatch):
+    """One kernel from qkv (norm + rotary + attention) only where both the
+    op backend and the attention backend would pick our kernels."""
+    qkv = torch.empty(2, 256, 3 * 16 * 72, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(dispatch, "_ddt_case", lambda device, dtype, head_dim, mask, op:
+                        head_dim in (64, 72, 128) and mask is None)
+    with ops.use_backend("auto", attention="auto"):
+        assert not dispatch.use_fused_qkv_attention(qkv, 16)  # not GPU-verified
+        monkeypatch.setattr(dispatch, "is_verified", lambda op: op == "qkv_attention")
+        assert dispatch.use_fused_qkv_attention(qkv, 16)
+        assert not dispatch.use_fused_qkv_attention(qkv, 16, mask=torch.ones(1))
+        assert not dispatch.use_fused_qkv_attention(qkv, 12)  # head dim 96
+    monkeypatch.setattr(dispatch, "is_verified", lambda op: False)
+    with ops.use_backend("auto", attention="ddt"):
+        assert dispatch.use_fused_qkv_attention(qkv, 16)
+    for backend, attention in (("reference", "ddt"), ("fused", "sdpa"), ("fused", "flash_attn")):
+        with ops.use_backend(backend, attention=attention):
+            assert not dispatch.use_fused_qkv_attention(qkv, 16)
+
+
+def test_qkv_attention_on_cpu_is_norm_rope_plus_sdpa():
+    from ddt_fast.ops import reference
+
+    B, H, D, grid = 2, 3, 8, (2, 3)
+    qkv = torch.randn(B, grid[0] * grid[1], 3 * H * D)
+    qw, kw = torch.randn(D), torch.randn(D)
+    freqs = ops.rope_frequencies(*grid, D, torch.device("cpu"))
+    q, k, v = reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, H * D)
+    for choice in dispatch.ATTENTION_BACKENDS:
+        with ops.use_backend("reference", attention=choice):
+            torch.testing.assert_close(ops.qkv_attention(qkv, qw, kw, H, freqs, 1e-6), want)
 
 
 def test_bad_backend_names():
@@ -122,3 +157,22 @@ def test_dtype_combinations_the_kernels_do_not_take_fall_back_to_reference():
         assert ops._kernel_takes(x, (torch.randn(8),), (sh, sc))
         assert not ops._kernel_takes(xi.float(), (w16,))
         assert not ops._kernel_takes(x.bfloat16(), (), (sh, sc.bfloat16()))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.ddt_fast, "flash_attention"), reason="extension not built")
+def test_attention_fake_shapes_and_layout():
+    """The fake (meta) kernels torch.compile traces with: shapes, dtypes, and
+    the [B, L, H, D] storage of the output that makes merging heads a view."""
+    f = torch.ops.ddt_fast
+    q = torch.empty(2, 3, 5, 72, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 3, 9, 72, dtype=torch.bfloat16, device="meta")
+    out, lse = f.flash_attention(q, k, k, 0.1)
+    assert out.shape == (2, 3, 5, 72) and out.transpose(1, 2).is_contiguous()
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+    gq, gk, gv = f.flash_attention_backward(out, q, k, k, out, lse, 0.1)
+    assert gq.shape == q.shape and gk.shape == gv.shape == k.shape
+    qkv = torch.empty(2, 16, 3 * 144, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(72, device="meta")
+    rope = torch.empty(16, 36, 2, device="meta")
+    out, lse = f.qkv_attention(qkv, w, w, 2, rope, 1e-6, 0.1)
+    assert out.shape == (2, 16, 144) and lse.shape == (2, 2, 16)

@@ -95,11 +95,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        B, L, C = x.shape
-        q, k, v = ops.qk_norm_rope(self.qkv(x), self.q_norm.weight, self.k_norm.weight,
-                                   self.num_heads, freqs_cis, self.q_norm.eps)
-        out = ops.attention(q, k, v, mask)  # [B, heads, L, D]
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        # q/k RMSNorm + 2D rotary, softmax attention, heads merged: [B, L, C]
+        out = ops.qkv_attention(self.qkv(x), self.q_norm.weight, self.k_norm.weight,
+                                self.num_heads, freqs_cis, self.q_norm.eps, mask)
+        return self.proj(out)
 
 
 class FeedForward(nn.Module):

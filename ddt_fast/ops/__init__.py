@@ -34,6 +34,11 @@ MODEL_OPS = (
     "attention",
 )
 
+# Names of the compiled kernels that can be GPU-verified (ops/verified.py): the
+# model ops' kernels, with attention as the flash kernel and its fused
+# q/k norm + rotary prologue variant.
+KERNEL_OPS = tuple(op for op in MODEL_OPS if op != "attention") + ("flash_attention", "qkv_attention")
+
 
 def _fused(name: str):
     return getattr(torch.ops.ddt_fast, name)
@@ -108,13 +113,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) ->
     """Softmax attention on `[B, H, L, D]`; backend per `dispatch.attention_backend`."""
     backend = dispatch.attention_backend(q, k, v, mask)
     if backend == "ddt":
-        return _fused("attention")(q, k, v)
+        return _fused("flash_attention")(q, k, v, q.shape[-1] ** -0.5)[0]
     if backend == "flash_attn":
         from flash_attn import flash_attn_func  # optional dependency
 
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     return reference.attention(q, k, v, mask)
+
+
+def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
+                  freqs_cis: Tensor, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
+    """The model's whole attention from the packed projection `qkv` `[B, L, 3C]`:
+    q/k RMSNorm + 2D rotary, softmax attention, heads merged -> `[B, L, C]`.
+    One CUDA kernel when `dispatch.use_fused_qkv_attention` says so, else
+    `qk_norm_rope` then `attention`."""
+    B, L, three_c = qkv.shape
+    if (dispatch.use_fused_qkv_attention(qkv, num_heads, mask) and q_weight.dtype == k_weight.dtype
+            and _kernel_takes(qkv, (q_weight, k_weight))):
+        head_dim = three_c // (3 * num_heads)
+        return _fused("qkv_attention")(qkv, q_weight, k_weight, num_heads, torch.view_as_real(freqs_cis),
+                                       eps, head_dim ** -0.5)[0]
+    q, k, v = qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
+    return attention(q, k, v, mask).transpose(1, 2).reshape(B, L, three_c // 3)
 
 
 def plan(device: torch.device) -> dict:
@@ -125,12 +146,15 @@ def plan(device: torch.device) -> dict:
     # a bf16 head-dim-72 probe on that device (the case DDT-XL runs)
     probe = torch.empty(1, 1, 1, 72, device=device if device.type == "cuda" else "meta", dtype=torch.bfloat16)
     rows["attention"] = dispatch.attention_backend(probe, probe, probe, None)
+    qkv_probe = torch.empty(1, 1, 3 * 72, device=probe.device, dtype=torch.bfloat16)
+    if dispatch.use_fused_qkv_attention(qkv_probe, 1):
+        rows["attention"] = "ddt (fused q/k norm + rotary prologue)"
     return rows
 
 
 __all__ = [
-    "MODEL_OPS", "rms_norm_modulate", "layer_norm_modulate", "gated_residual",
+    "MODEL_OPS", "KERNEL_OPS", "rms_norm_modulate", "layer_norm_modulate", "gated_residual",
     "gated_residual_rms_norm_modulate", "swiglu", "rope_frequencies", "qk_norm_rope",
-    "attention", "plan", "reference", "dispatch", "get_backend", "set_backend",
+    "attention", "qkv_attention", "plan", "reference", "dispatch", "get_backend", "set_backend",
     "get_attention_backend", "set_attention_backend", "use_backend",
 ]

@@ -109,16 +109,17 @@ def _flash_attn_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
 
 
-def _ddt_attention_supports(q: torch.Tensor, mask) -> bool:
-    return (mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in (64, 72, 128) and _has_fused("attention", "cuda"))
+def _ddt_case(device: torch.device, dtype: torch.dtype, head_dim: int, mask, op: str) -> bool:
+    """Whether our CUDA kernel `op` (flash_attention or qkv_attention) handles this case."""
+    return (mask is None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in (64, 72, 128) and _has_fused(op, "cuda"))
 
 
 def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str:
     """`ddt`, `flash_attn` or `sdpa` for this call. A forced backend that cannot
     run this case (CPU tensors, a mask, an unsupported head dim) falls back to `sdpa`."""
     choice = _state["attention"]
-    ddt_ok = _ddt_attention_supports(q, mask)
+    ddt_ok = _ddt_case(q.device, q.dtype, q.shape[-1], mask, "flash_attention")
     flash_ok = flash_attn_importable() and _flash_attn_supports(q, k, v, mask)
     if choice == "ddt":
         return "ddt" if ddt_ok else "sdpa"
@@ -126,6 +127,21 @@ def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=No
         return "flash_attn" if flash_ok else "sdpa"
     if choice == "sdpa":
         return "sdpa"
-    if ddt_ok and is_verified("attention"):
+    if ddt_ok and is_verified("flash_attention"):
         return "ddt"
     return "flash_attn" if flash_ok else "sdpa"
+
+
+def use_fused_qkv_attention(qkv: torch.Tensor, num_heads: int, mask=None) -> bool:
+    """Whether the model's attention runs as one kernel from the packed `qkv`
+    (q/k norm + rotary fused into the flash-attention prologue). It replaces
+    both the qk_norm_rope op and the attention op, so it needs the fused op
+    backend (not `reference`) and the `ddt` attention backend (forced, or
+    `auto` once GPU-verified)."""
+    choice = _state["attention"]
+    if _state["backend"] == "reference" or choice in ("sdpa", "flash_attn"):
+        return False
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if not _ddt_case(qkv.device, qkv.dtype, head_dim, mask, "qkv_attention"):
+        return False
+    return choice == "ddt" or is_verified("qkv_attention")

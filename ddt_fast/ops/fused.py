@@ -160,6 +160,64 @@ def _register_swiglu() -> None:
     torch.library.register_autograd(name, backward, setup_context=setup)
 
 
+def _register_attention() -> None:
+    lib = "ddt_fast::"
+
+    @torch.library.register_fake(lib + "flash_attention")
+    def _(q, k, v, scale):
+        B, H, Lq, D = q.shape
+        # stored [B, Lq, H, D] so that merging the heads afterwards is a view
+        return q.new_empty((B, Lq, H, D)).transpose(1, 2), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "flash_attention_backward")
+    def _(grad_out, q, k, v, out, lse, scale):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+    @torch.library.register_fake(lib + "qkv_attention")
+    def _(qkv, q_weight, k_weight, num_heads, rope, eps, scale):
+        B, L, three_c = qkv.shape
+        return qkv.new_empty((B, L, three_c // 3)), qkv.new_empty((B, num_heads, L), dtype=torch.float32)
+
+    backward_kernel = torch.ops.ddt_fast.flash_attention_backward
+
+    def setup(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        gq, gk, gv = backward_kernel(grad_out, q, k, v, out, lse, ctx.scale)
+        return gq, gk, gv, None
+
+    torch.library.register_autograd(lib + "flash_attention", backward, setup_context=setup)
+
+    # qkv_attention: the backward recomputes q, k, v (qk_norm_rope), runs the
+    # flash backward, then the qk_norm_rope backward to reach qkv and the weights.
+    def setup_qkv(ctx, inputs, output):
+        qkv, q_weight, k_weight, num_heads, rope, eps, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, q_weight, k_weight, rope, out, lse)
+        ctx.num_heads, ctx.eps, ctx.scale = num_heads, eps, scale
+
+    def backward_qkv(ctx, grad_out, grad_lse):
+        qkv, q_weight, k_weight, rope, out, lse = ctx.saved_tensors
+        B, L, C = out.shape
+        H = ctx.num_heads
+
+        def heads(t):  # [B, L, C] -> [B, H, L, D] view
+            return t.view(B, L, H, C // H).transpose(1, 2)
+
+        q, k, v = torch.ops.ddt_fast.qk_norm_rope(qkv, q_weight, k_weight, H, rope, ctx.eps)
+        gq, gk, gv = backward_kernel(heads(grad_out.contiguous()), q, k, v, heads(out), lse, ctx.scale)
+        g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(gq, gk, gv, qkv, q_weight, k_weight, H,
+                                                                     rope, ctx.eps)
+        return g_qkv, g_qw, g_kw, None, None, None, None
+
+    torch.library.register_autograd(lib + "qkv_attention", backward_qkv, setup_context=setup_qkv)
+
+
 def register() -> None:
     if not _extension.available():
         return
@@ -169,6 +227,8 @@ def register() -> None:
         _register_qk_norm_rope()
     if hasattr(torch.ops.ddt_fast, "swiglu"):
         _register_swiglu()
+    if hasattr(torch.ops.ddt_fast, "flash_attention"):
+        _register_attention()
 
 
 register()
