@@ -11,10 +11,12 @@ self-attention with L = 256 tokens (256 px) and L = 1024 (512 px), head dims
   SDPA's cuDNN backend, SDPA's memory-efficient backend, and `flash_attn`
   when it is installed;
 * the model's whole attention from the packed `qkv` projection: the fused
-  prologue kernel (`qkv_attention`: q/k RMSNorm + 2D rotary + attention +
-  head merge in one kernel) against the same work as separate kernels
-  (ddt_fast's qk_norm_rope kernel, then flash_attention) and against the
-  published path (PyTorch ops for the norms and rotary, SDPA, transpose).
+  prologue (`qkv_attention`: k normalised by a k-only pre-pass, q's RMSNorm +
+  rotary in the attention kernel's prologue, v read from the packed tensor,
+  heads merged on store), its one-kernel variant (k normalised in every query
+  tile's prologue as well), the same work as separate kernels (ddt_fast's
+  qk_norm_rope kernel, then flash_attention), and the published path (PyTorch
+  ops for the norms and rotary, SDPA, transpose).
 
 FLOPs: forward 4 * B * H * L^2 * D (two matmuls), backward 2.5x that (five
 matmuls; the convention of the FlashAttention papers, whatever recomputation
@@ -133,8 +135,11 @@ def bench_prologue(shapes, repeats):
         grad = torch.randn(B, L, H * D, device="cuda", dtype=torch.bfloat16)
         scale = D ** -0.5
 
-        def fused():
-            return f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, scale)[0]
+        def fused():  # k normalised once by a pre-pass, q in the attention prologue
+            return f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, scale, True)[0]
+
+        def one_kernel():  # q and k normalised in the prologue of every query tile
+            return f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, scale, False)[0]
 
         def separate():
             q, k, v = f.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6)
@@ -144,7 +149,8 @@ def bench_prologue(shapes, repeats):
             q, k, v = reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6)
             return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
 
-        impls = {"fused_prologue": fused, "separate_kernels": separate, "published_ops_sdpa": published}
+        impls = {"fused_prologue": fused, "fused_one_kernel": one_kernel, "separate_kernels": separate,
+                 "published_ops_sdpa": published}
 
         def fwd_only(fn):
             def run():

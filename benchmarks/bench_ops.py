@@ -157,6 +157,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one small shape per op, no torch.compile")
     p.add_argument("--full", action="store_true", help="the whole grid (B 4 and 32); slow on a CPU")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--xl-only", action="store_true",
+                   help="DDT-XL shapes only (B 32, L 256 and 1024, C 1152, bf16), no torch.compile: "
+                        "a short GPU run")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     machine = machine_info(device)  # before the runs: its load average shows competing work
@@ -166,6 +169,8 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 20)
     if args.quick:
         shapes = [(2, 256, 768, torch.float32)]
+    elif args.xl_only:
+        shapes = [(32, 256, 1152, torch.bfloat16), (32, 1024, 1152, torch.bfloat16)]
     else:
         batches = (4, 32) if args.full or device.type == "cuda" else (4,)
         shapes = list(itertools.product(batches, (256, 1024), (768, 1152), (torch.float32, torch.bfloat16)))
@@ -177,7 +182,7 @@ def main(argv=None):
              f"{'x compile':>9s} {'bwd x eager':>11s}"
     print(header)
     for (B, L, C, dtype), op in itertools.product(shapes, OPS):
-        row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=not args.quick)
+        row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=not (args.quick or args.xl_only))
         rows.append(row)
         print(f"{op:34s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
               f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
@@ -194,7 +199,8 @@ def main(argv=None):
             summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
-    path = write_json(result_path(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json"),
+    suffix = "_quick" if args.quick else "_xl" if args.xl_only else ""
+    path = write_json(result_path(f"ops_{device_tag(device)}{suffix}.json"),
                       {"machine": machine, "rows": rows, "model": model_rows,
                        "cpu_targets": TARGETS, "summary": summary})
     print("wrote", path)

@@ -136,13 +136,15 @@ def _unfused_qkv_attention(qkv, qw, kw, H, freqs, use_reference):
     return out.transpose(1, 2).reshape(B, L, three_c // 3)
 
 
+@pytest.mark.parametrize("k_prepass", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 64), (2, (3, 7), 3, 72), (2, (16, 16), 12, 64),
                                         (2, (16, 16), 16, 72), (1, (32, 32), 16, 72), (2, (16, 16), 8, 128)])
-def test_fused_prologue_matches_unfused(dtype, B, grid, H, D):
+def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass, monkeypatch):
+    monkeypatch.setattr(ops, "QKV_ATTENTION_K_PREPASS", k_prepass)
     qkv, qw, kw, freqs = _qkv_case(B, grid, H, D, dtype)
     rope = torch.view_as_real(freqs)
-    fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D ** -0.5)[0]
+    fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D ** -0.5, k_prepass)[0]
     # same kernels without the prologue: q/k differ at most by a rounding flip
     torch.testing.assert_close(fused, _unfused_qkv_attention(qkv, qw, kw, H, freqs, False), atol=2e-2, rtol=2e-2)
     # and against the reference path in float32
@@ -158,7 +160,8 @@ def test_fused_prologue_matches_unfused(dtype, B, grid, H, D):
         fn(*leaves, *args[3:]).backward(grad.to(leaves[0].dtype))
         return [t.grad for t in leaves]
 
-    ours = grads(lambda a, b, c, h, fr: ops.qkv_attention(a, b, c, h, fr, 1e-6), qkv, qw, kw, H, freqs)
+    with ops.use_backend(attention="ddt"):
+        ours = grads(lambda a, b, c, h, fr: ops.qkv_attention(a, b, c, h, fr, 1e-6), qkv, qw, kw, H, freqs)
     lowp = grads(lambda *a: _unfused_qkv_attention(*a, True), qkv, qw, kw, H, freqs)
     ref = grads(lambda *a: _unfused_qkv_attention(*a, True), *args32)
     for name, a, lo, r in zip(("grad_qkv", "grad_q_weight", "grad_k_weight"), ours, lowp, ref):
@@ -184,8 +187,9 @@ def test_opcheck():
     torch.library.opcheck(f.flash_attention, (q, k, v, 0.125))
     qkv, qw, kw, freqs = _qkv_case(2, (3, 5), 2, 72, torch.bfloat16)
     rope = torch.view_as_real(freqs).contiguous()
-    torch.library.opcheck(f.qkv_attention, (qkv.requires_grad_(True), qw.requires_grad_(True),
-                                            kw.requires_grad_(True), 2, rope, 1e-6, 72 ** -0.5))
+    for k_prepass in (True, False):
+        torch.library.opcheck(f.qkv_attention, (qkv.requires_grad_(True), qw.requires_grad_(True),
+                                                kw.requires_grad_(True), 2, rope, 1e-6, 72 ** -0.5, k_prepass))
 
 
 def test_cuda_graph_capture():

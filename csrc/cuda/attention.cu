@@ -170,28 +170,40 @@ __device__ __forceinline__ void load_row_floats(float* dst, const float* src, in
 }
 
 // The fused prologue: q/k RMSNorm + 2D rotary on a tile in shared memory,
-// arithmetic as in qk_norm_rope.cu (one warp per row, lanes over pairs).
+// with qk_norm_rope's rounding points. A quad of threads shares a row, each
+// owning D/8 consecutive rotary pairs, so 32 rows are in flight at once and
+// each thread has D/8 independent pairs (one warp per row is latency-bound).
 template <class T, int D, int kN>
 __device__ void norm_rope_tile(T* tile, int64_t row0, int64_t L, const float* weight, const float* rope,
                                double eps) {
-  constexpr int S = attention_smem_stride(D), kHalf = D / 2;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  for (int r = warp; r < kN; r += kWarps) {
+  constexpr int S = attention_smem_stride(D), kPairs = D / 8, kHalf = D / 2;
+  static_assert(kN % (kThreads / 4) == 0, "every quad takes the same number of rows (shuffles below)");
+  const int quad = threadIdx.x / 4, part = threadIdx.x % 4;
+  for (int r = quad; r < kN; r += kThreads / 4) {
     const int64_t l = row0 + r;
-    if (l >= L) break;
-    T* x = tile + r * S;
+    uint32_t* x = reinterpret_cast<uint32_t*>(tile + r * S) + part * kPairs;  // pairs as 32-bit words
+    float v[kPairs][2];
     float sq = 0.f;
-    for (int d = lane; d < D; d += kWarp) sq += load<float>(x[d]) * load<float>(x[d]);
-    const float rinv = nm::inv_std<float>(warp_sum(sq) / float(D), eps);
-    __syncwarp();  // every lane has read the row before any lane rewrites it
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const uint32_t w = x[j];
+      v[j][0] = load<float>(static_cast<T>(uint16_t(w & 0xffffu)));
+      v[j][1] = load<float>(static_cast<T>(uint16_t(w >> 16)));
+      sq += v[j][0] * v[j][0] + v[j][1] * v[j][1];
+    }
+    sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+    sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+    if (l >= L) continue;  // zero-filled row past the end: leave it
+    const float rinv = nm::inv_std<float>(sq / float(D), eps);
     const float* rot = rope + l * kHalf * 2;
-    for (int m = lane; m < kHalf; m += kWarp) {
-      const float u0 = round_to<T>(load<float>(x[2 * m]) * rinv) * weight[2 * m];
-      const float u1 = round_to<T>(load<float>(x[2 * m + 1]) * rinv) * weight[2 * m + 1];
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      const int m = part * kPairs + j;
+      const float u0 = round_to<T>(v[j][0] * rinv) * weight[2 * m];
+      const float u1 = round_to<T>(v[j][1] * rinv) * weight[2 * m + 1];
       float r0, r1;
       qk::rotate<float>(u0, u1, rot[2 * m], rot[2 * m + 1], r0, r1);
-      x[2 * m] = store<T>(r0);
-      x[2 * m + 1] = store<T>(r1);
+      x[j] = Mma<T>::pack(r0, r1);
     }
   }
 }
@@ -302,7 +314,7 @@ constexpr int forward_smem_bytes() {
   return (kRows + 4 * kTile) * attention_smem_stride(D) * int(sizeof(uint16_t));
 }
 
-template <class T, int D, bool kNormRope>
+template <class T, int D, int kNormRope>
 __global__ void __launch_bounds__(kThreads) forward_kernel(FlashAttention p) {
   constexpr int S = attention_smem_stride(D);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -339,10 +351,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(FlashAttention p) {
       cp_async_wait<0>();
     }
     __syncthreads();
-    if constexpr (kNormRope) {
+    if constexpr (kNormRope != kNormRopeNone) {
       if (j == 0) norm_rope_tile<T, D, kRows>(sq, q0, p.Lq, p.q_norm_weight, p.rope, p.eps);
-      norm_rope_tile<T, D, kTile>(skj, int64_t(j) * kTile, p.Lk, p.k_norm_weight, p.rope, p.eps);
-      __syncthreads();
+      if (kNormRope == kNormRopeQK) norm_rope_tile<T, D, kTile>(skj, int64_t(j) * kTile, p.Lk, p.k_norm_weight,
+                                                                p.rope, p.eps);
+      if (kNormRope == kNormRopeQK || j == 0) __syncthreads();
     }
     float s[kTile / 8][4];
     zero(s);
@@ -585,8 +598,11 @@ int launch(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, const F
 template <class T, int D>
 int forward(const FlashAttention& p, cudaStream_t s) {
   const int64_t blocks = p.B * p.H * ((p.Lq + kRows - 1) / kRows);
-  if (p.norm_rope) return launch(forward_kernel<T, D, true>, blocks, forward_smem_bytes<T, D>(), s, p);
-  return launch(forward_kernel<T, D, false>, blocks, forward_smem_bytes<T, D>(), s, p);
+  switch (p.norm_rope) {
+    case kNormRopeQK: return launch(forward_kernel<T, D, kNormRopeQK>, blocks, forward_smem_bytes<T, D>(), s, p);
+    case kNormRopeQ: return launch(forward_kernel<T, D, kNormRopeQ>, blocks, forward_smem_bytes<T, D>(), s, p);
+    default: return launch(forward_kernel<T, D, kNormRopeNone>, blocks, forward_smem_bytes<T, D>(), s, p);
+  }
 }
 
 template <class T, int D>
@@ -617,7 +633,7 @@ int dispatch(const FlashAttention& p, Fn&& fn) {
 }  // namespace
 
 int flash_attention_forward(const FlashAttention& p, stream_t stream) {
-  if (p.norm_rope && p.Lq != p.Lk) return int(cudaErrorInvalidValue);
+  if (p.norm_rope != kNormRopeNone && p.Lq != p.Lk) return int(cudaErrorInvalidValue);
   return dispatch(p, [&]<class T, int D>() { return forward<T, D>(p, stream); });
 }
 

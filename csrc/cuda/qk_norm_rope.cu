@@ -16,6 +16,7 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxPairsPerLane = 4;  // D <= 256
 constexpr int kBackwardWarps = 1024;
+constexpr int64_t kForwardBlocks = 16384;  // cap of the forward's grid-stride grid
 
 template <class A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -40,33 +41,39 @@ __device__ __forceinline__ HeadVec decode(const QkNormRope& p, int64_t r) {
   return v;
 }
 
+// Grid-stride over the head vectors of parts [p.parts_begin, p.parts_end):
+// a capped grid of warps that each take many vectors (one-vector blocks
+// spend more time being scheduled than computing).
 template <class T, class W>
 __global__ void forward_kernel(QkNormRope p) {
   using A = acc_t<T>;
   const int lane = threadIdx.x % kWarp;
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (r >= 3 * p.B * p.L * p.H) return;
-  const HeadVec hv = decode(p, r);
-  const T* x = static_cast<const T*>(p.qkv) + qk::packed(p, hv.b, hv.l, hv.part, hv.h);
-  const int64_t out_at = qk::split(p, hv.b, hv.h, hv.l), half = p.D / 2;
-  if (hv.part == 2) {
-    T* v = static_cast<T*>(p.v) + out_at;
-    for (int64_t d = lane; d < p.D; d += kWarp) v[d] = x[d];
-    return;
-  }
-  A sq = 0;
-  for (int64_t d = lane; d < p.D; d += kWarp) sq += load<A>(x[d]) * load<A>(x[d]);
-  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(p.D), p.eps);
-  const W* w = static_cast<const W*>(hv.part == 0 ? p.q_weight : p.k_weight);
-  T* out = static_cast<T*>(hv.part == 0 ? p.q : p.k) + out_at;
-  const float* rope = p.rope + hv.l * half * 2;
-  for (int64_t m = lane; m < half; m += kWarp) {
-    const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(w[2 * m]);
-    const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(w[2 * m + 1]);
-    A r0, r1;
-    qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
-    out[2 * m] = store<T>(r0);
-    out[2 * m + 1] = store<T>(r1);
+  const int64_t per_part = p.B * p.L * p.H, half = p.D / 2;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = p.parts_begin * per_part + int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       r < p.parts_end * per_part; r += warps) {
+    const HeadVec hv = decode(p, r);
+    const T* x = static_cast<const T*>(p.qkv) + qk::packed(p, hv.b, hv.l, hv.part, hv.h);
+    const int64_t out_at = qk::split(p, hv.b, hv.h, hv.l);
+    if (hv.part == 2) {
+      T* v = static_cast<T*>(p.v) + out_at;
+      for (int64_t d = lane; d < p.D; d += kWarp) v[d] = x[d];
+      continue;
+    }
+    A sq = 0;
+    for (int64_t d = lane; d < p.D; d += kWarp) sq += load<A>(x[d]) * load<A>(x[d]);
+    const A rinv = nm::inv_std<A>(warp_sum(sq) / A(p.D), p.eps);
+    const W* w = static_cast<const W*>(hv.part == 0 ? p.q_weight : p.k_weight);
+    T* out = static_cast<T*>(hv.part == 0 ? p.q : p.k) + out_at;
+    const float* rope = p.rope + hv.l * half * 2;
+    for (int64_t m = lane; m < half; m += kWarp) {
+      const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(w[2 * m]);
+      const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(w[2 * m + 1]);
+      A r0, r1;
+      qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
+      out[2 * m] = store<T>(r0);
+      out[2 * m + 1] = store<T>(r1);
+    }
   }
 }
 
@@ -152,8 +159,10 @@ int64_t backward_warps(const QkNormRope& p) {
 template <class T, class W>
 struct Launch {
   static int forward(const QkNormRope& p, cudaStream_t s) {
-    const int64_t rows = 3 * p.B * p.L * p.H;
-    forward_kernel<T, W><<<unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kWarpsPerBlock * kWarp, 0, s>>>(p);
+    const int64_t rows = (p.parts_end - p.parts_begin) * p.B * p.L * p.H;
+    const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    if (blocks <= 0) return 0;
+    forward_kernel<T, W><<<unsigned(blocks < kForwardBlocks ? blocks : kForwardBlocks), kWarpsPerBlock * kWarp, 0, s>>>(p);
     return int(cudaGetLastError());
   }
   static int backward(const QkNormRope& p, void* workspace, cudaStream_t s) {

@@ -5,9 +5,11 @@
 //       [B, Lq, H, D], so out.transpose(1, 2).reshape(B, Lq, H * D) is free);
 //       lse [B, H, Lq] float32.
 //   flash_attention_backward(grad_out, q, k, v, out, lse, scale) -> (grad_q, grad_k, grad_v)
-//   qkv_attention(qkv, q_weight, k_weight, num_heads, rope, eps, scale) -> (out, lse)
+//   qkv_attention(qkv, q_weight, k_weight, num_heads, rope, eps, scale, k_prepass=True) -> (out, lse)
 //       the fused prologue: qkv [B, L, 3C] as the qkv projection writes it,
 //       q/k RMSNorm + 2D rotary applied on the fly; out [B, L, C] merged.
+//       k_prepass: normalise k once with the qk_norm_rope kernel (k alone)
+//       instead of in every query tile's prologue (see ddt/attention.h).
 // The schemas exist in every build (so fake tensors and dispatch checks work);
 // the kernels only in CUDA builds.
 #include <ATen/ATen.h>
@@ -19,6 +21,7 @@
 #endif
 
 #include "ddt/attention.h"
+#include "ddt/qk_norm_rope.h"
 #include "dtype.h"
 
 namespace {
@@ -33,8 +36,11 @@ bool kernel_addressable(const at::Tensor& t) {
   return true;
 }
 
-// A [B, H, L, D] tensor the kernel can address (a contiguous copy if needed).
-at::Tensor addressable(const at::Tensor& t) { return kernel_addressable(t) ? t : t.contiguous(); }
+// A tensor the kernel can address: `t`, or a fresh (so aligned) contiguous copy.
+// (t.contiguous() would hand back a contiguous but misaligned `t` unchanged.)
+at::Tensor addressable(const at::Tensor& t) {
+  return kernel_addressable(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 ddt::Strided strided_bhld(const at::Tensor& t) {
   ddt::Strided s;
@@ -133,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
 
 std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor& qkv_in, const at::Tensor& q_weight,
                                                  const at::Tensor& k_weight, int64_t num_heads,
-                                                 const at::Tensor& rope, double eps, double scale) {
+                                                 const at::Tensor& rope, double eps, double scale, bool k_prepass) {
   TORCH_CHECK(qkv_in.dim() == 3, "ddt_fast: qkv must be [B, L, 3C], got ", qkv_in.sizes());
   TORCH_CHECK(qkv_in.is_cuda(), "ddt_fast: qkv_attention runs on CUDA tensors; qkv is on ", qkv_in.device());
   TORCH_CHECK(num_heads > 0 && qkv_in.size(2) % (3 * num_heads) == 0, "ddt_fast: qkv's last dim ", qkv_in.size(2),
@@ -148,16 +154,17 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor& qkv_in, const
                   rope.size(2) == 2 && rope.device() == qkv_in.device(),
               "ddt_fast: rope must be float32 [L, D/2, 2] = [", L, ", ", D / 2, ", 2] on qkv's device, got ",
               rope.scalar_type(), " ", rope.sizes());
-  const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) % 8 == 0 && qkv_in.stride(0) % 8 == 0 &&
-                                 reinterpret_cast<uintptr_t>(qkv_in.data_ptr()) % 16 == 0
+  // contiguous and 16-byte aligned (a fresh copy otherwise)
+  const at::Tensor qkv = qkv_in.is_contiguous() && reinterpret_cast<uintptr_t>(qkv_in.data_ptr()) % 16 == 0
                              ? qkv_in
-                             : qkv_in.contiguous();
+                             : qkv_in.clone(at::MemoryFormat::Contiguous);
   const at::Tensor qw = q_weight.to(at::kFloat).contiguous(), kw = k_weight.to(at::kFloat).contiguous();
   const at::Tensor rot = rope.contiguous();
   at::Tensor out = at::empty({B, L, C}, qkv.options());
   at::Tensor lse = at::empty({B, H, L}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const c10::cuda::CUDAGuard guard(qkv.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   ddt::FlashAttention p;
   p.B = B, p.H = H, p.Lq = L, p.Lk = L, p.D = D;
   p.dtype = ddt_fast::dtype_of(qkv, "qkv");
@@ -166,16 +173,29 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor& qkv_in, const
   for (int part = 0; part < 3; ++part) {
     ddt::Strided& s = part == 0 ? p.q : part == 1 ? p.k : p.v;
     s.ptr = static_cast<const char*>(qkv.data_ptr()) + part * C * qkv.element_size();
-    s.batch = qkv.stride(0), s.head = D, s.row = qkv.stride(1);
+    s.batch = 3 * L * C, s.head = D, s.row = 3 * C;
+  }
+  at::Tensor k_normed;
+  if (k_prepass) {  // k normalised once by the qk_norm_rope kernel (k alone), q in the prologue
+    k_normed = at::empty({B, H, L, D}, qkv.options());
+    ddt::QkNormRope n;
+    n.B = B, n.L = L, n.H = H, n.D = D, n.eps = eps;
+    n.x_dtype = p.dtype, n.w_dtype = ddt::DType::f32;
+    n.qkv = qkv.data_ptr(), n.q_weight = qw.data_ptr(), n.k_weight = kw.data_ptr();
+    n.rope = rot.data_ptr<float>();
+    n.k = k_normed.data_ptr();
+    n.parts_begin = 1, n.parts_end = 2;
+    run(ddt::cuda::qk_norm_rope_forward(n, stream), "qkv_attention (k prepass)");
+    p.k = strided_bhld(k_normed);
   }
   p.out.ptr = out.data_ptr();
   p.out.batch = L * C, p.out.head = D, p.out.row = C;
   p.lse = lse.data_ptr<float>();
-  p.norm_rope = true;
+  p.norm_rope = k_prepass ? ddt::kNormRopeQ : ddt::kNormRopeQK;
   p.q_norm_weight = qw.data_ptr<float>(), p.k_norm_weight = kw.data_ptr<float>();
   p.rope = rot.data_ptr<float>();
   p.eps = eps;
-  run(ddt::cuda::flash_attention_forward(p, c10::cuda::getCurrentCUDAStream().stream()), "qkv_attention");
+  run(ddt::cuda::flash_attention_forward(p, stream), "qkv_attention");
   return {out, lse};
 }
 
@@ -190,7 +210,7 @@ TORCH_LIBRARY_FRAGMENT(ddt_fast, m) {
       "float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "qkv_attention(Tensor qkv, Tensor q_weight, Tensor k_weight, int num_heads, Tensor rope, float eps, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, bool k_prepass=True) -> (Tensor, Tensor)");
 }
 
 #if defined(DDT_FAST_WITH_CUDA)

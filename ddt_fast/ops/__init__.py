@@ -122,6 +122,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) ->
     return reference.attention(q, k, v, mask)
 
 
+# Whether the fused qkv attention normalises k in a pre-pass (k alone, once)
+# rather than in every query tile's prologue; benchmarks/bench_attention.py
+# times both.
+QKV_ATTENTION_K_PREPASS = True
+
+
 def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
                   freqs_cis: Tensor, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
     """The model's whole attention from the packed projection `qkv` `[B, L, 3C]`:
@@ -133,7 +139,7 @@ def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: in
             and _kernel_takes(qkv, (q_weight, k_weight))):
         head_dim = three_c // (3 * num_heads)
         return _fused("qkv_attention")(qkv, q_weight, k_weight, num_heads, torch.view_as_real(freqs_cis),
-                                       eps, head_dim ** -0.5)[0]
+                                       eps, head_dim ** -0.5, QKV_ATTENTION_K_PREPASS)[0]
     q, k, v = qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
     return attention(q, k, v, mask).transpose(1, 2).reshape(B, L, three_c // 3)
 

@@ -174,7 +174,7 @@ def _register_attention() -> None:
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
     @torch.library.register_fake(lib + "qkv_attention")
-    def _(qkv, q_weight, k_weight, num_heads, rope, eps, scale):
+    def _(qkv, q_weight, k_weight, num_heads, rope, eps, scale, k_prepass=True):
         B, L, three_c = qkv.shape
         return qkv.new_empty((B, L, three_c // 3)), qkv.new_empty((B, num_heads, L), dtype=torch.float32)
 
@@ -196,7 +196,7 @@ def _register_attention() -> None:
     # qkv_attention: the backward recomputes q, k, v (qk_norm_rope), runs the
     # flash backward, then the qk_norm_rope backward to reach qkv and the weights.
     def setup_qkv(ctx, inputs, output):
-        qkv, q_weight, k_weight, num_heads, rope, eps, scale = inputs
+        qkv, q_weight, k_weight, num_heads, rope, eps, scale, *_ = inputs
         out, lse = output
         ctx.save_for_backward(qkv, q_weight, k_weight, rope, out, lse)
         ctx.num_heads, ctx.eps, ctx.scale = num_heads, eps, scale
@@ -213,7 +213,7 @@ def _register_attention() -> None:
         gq, gk, gv = backward_kernel(heads(grad_out.contiguous()), q, k, v, heads(out), lse, ctx.scale)
         g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(gq, gk, gv, qkv, q_weight, k_weight, H,
                                                                      rope, ctx.eps)
-        return g_qkv, g_qw, g_kw, None, None, None, None
+        return g_qkv, g_qw, g_kw, None, None, None, None, None
 
     torch.library.register_autograd(lib + "qkv_attention", backward_qkv, setup_context=setup_qkv)
 

@@ -11,11 +11,12 @@
 // projection, and write the output either way, [B, H, L, D] or the merged
 // [B, L, H*D] the output projection reads.
 //
-// With `norm_rope` set (the fused prologue), q and k are the raw packed
-// projections and each q/k tile gets the q/k RMSNorm and the 2D rotary
-// embedding in shared memory after it lands, with the rounding points of
-// ddt/qk_norm_rope.h, so the attention reads exactly the q/k that
-// qk_norm_rope would have written.
+// The fused prologue (`norm_rope`): q (and with kNormRopeQK also k) are the
+// raw packed projections, and each such tile gets the q/k RMSNorm and the 2D
+// rotary embedding in shared memory after it lands, with the rounding points
+// of ddt/qk_norm_rope.h. With kNormRopeQ, k was normalised beforehand (by
+// the qk_norm_rope kernel, k alone): every query tile reads every key tile,
+// so normalising keys in the prologue repeats that work L/64 times.
 //
 // Backward (deterministic, no atomics): delta = rowsum(dO * O), then one
 // kernel per query tile for dQ and one per key tile for dK and dV, each
@@ -29,6 +30,8 @@
 
 namespace ddt {
 
+enum : int { kNormRopeNone = 0, kNormRopeQK = 1, kNormRopeQ = 2 };
+
 struct Strided {
   const void* ptr = nullptr;
   int64_t batch = 0, head = 0, row = 0;  // element strides
@@ -41,8 +44,8 @@ struct FlashAttention {
   Strided q, k, v;
   Strided out;     // forward: written (ptr cast away from const); backward: read
   float* lse = nullptr;  // [B, H, Lq]: natural-log log-sum-exp of the scaled scores
-  // fused prologue (forward only)
-  bool norm_rope = false;
+  // fused prologue (forward only): kNormRopeNone | kNormRopeQK | kNormRopeQ
+  int norm_rope = 0;
   const float* q_norm_weight = nullptr;  // [D], float32
   const float* k_norm_weight = nullptr;  // [D], float32
   const float* rope = nullptr;           // [Lq, D/2, 2] (cos, sin); needs Lq == Lk

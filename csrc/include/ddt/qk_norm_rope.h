@@ -27,7 +27,9 @@ struct QkNormRope {
   const void* q_weight = nullptr;
   const void* k_weight = nullptr;
   const float* rope = nullptr;  // [L, D/2, 2]
-  // forward outputs
+  // forward: the parts written (0 q, 1 k, 2 v; CUDA kernel only — the
+  // flash-attention prologue asks for k alone); outputs of other parts may be null
+  int parts_begin = 0, parts_end = 3;
   void* q = nullptr;
   void* k = nullptr;
   void* v = nullptr;
