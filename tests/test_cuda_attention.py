@@ -104,19 +104,6 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
-def test_bad_input_errors():
-    q = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="head dims 64, 72 and 128"):
-        f.flash_attention(q, q, q, 0.1)
-    q = torch.randn(1, 2, 8, 64, device="cuda")
-    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        f.flash_attention(q, q, q, 0.1)
-    # the ops layer falls back to SDPA where the kernel does not apply
-    q80 = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.bfloat16)
-    with ops.use_backend(attention="ddt"):
-        torch.testing.assert_close(ops.attention(q80, q80, q80), F.scaled_dot_product_attention(q80, q80, q80))
-
-
 def _qkv_case(B, grid, H, D, dtype):
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, device="cuda", dtype=dtype)
@@ -140,8 +127,7 @@ def _unfused_qkv_attention(qkv, qw, kw, H, freqs, use_reference):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 64), (2, (3, 7), 3, 72), (2, (16, 16), 12, 64),
                                         (2, (16, 16), 16, 72), (1, (32, 32), 16, 72), (2, (16, 16), 8, 128)])
-def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass, monkeypatch):
-    monkeypatch.setattr(ops, "QKV_ATTENTION_K_PREPASS", k_prepass)
+def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass):
     qkv, qw, kw, freqs = _qkv_case(B, grid, H, D, dtype)
     rope = torch.view_as_real(freqs)
     fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D ** -0.5, k_prepass)[0]
@@ -160,8 +146,8 @@ def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass, monkeyp
         fn(*leaves, *args[3:]).backward(grad.to(leaves[0].dtype))
         return [t.grad for t in leaves]
 
-    with ops.use_backend(attention="ddt"):
-        ours = grads(lambda a, b, c, h, fr: ops.qkv_attention(a, b, c, h, fr, 1e-6), qkv, qw, kw, H, freqs)
+    ours = grads(lambda a, b, c, h, fr: f.qkv_attention(a, b, c, h, torch.view_as_real(fr), 1e-6, D ** -0.5,
+                                                        k_prepass)[0], qkv, qw, kw, H, freqs)
     lowp = grads(lambda *a: _unfused_qkv_attention(*a, True), qkv, qw, kw, H, freqs)
     ref = grads(lambda *a: _unfused_qkv_attention(*a, True), *args32)
     for name, a, lo, r in zip(("grad_qkv", "grad_q_weight", "grad_k_weight"), ours, lowp, ref):
@@ -174,9 +160,15 @@ def ddt_attention():
         yield
 
 
-def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(ddt_attention):
-    qkv, qw, kw, freqs = _qkv_case(1, (4, 4), 2, 64, torch.bfloat16)
+@pytest.mark.parametrize("k_prepass", [True, False])
+def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(ddt_attention, monkeypatch, k_prepass):
+    monkeypatch.setattr(ops, "QKV_ATTENTION_K_PREPASS", k_prepass)
+    qkv, qw, kw, freqs = _qkv_case(2, (8, 8), 2, 64, torch.bfloat16)
     assert ops.dispatch.use_fused_qkv_attention(qkv, 2)
+    with torch.no_grad():
+        out = ops.qkv_attention(qkv, qw, kw, 2, freqs, 1e-6)
+    want = f.qkv_attention(qkv, qw, kw, 2, torch.view_as_real(freqs), 1e-6, 64 ** -0.5, k_prepass)[0]
+    assert torch.equal(out, want)
     with ops.use_backend("reference"):
         assert not ops.dispatch.use_fused_qkv_attention(qkv, 2)
 
@@ -240,3 +232,16 @@ def test_model_ddt_attention_vs_sdpa(overrides):
     assert rel_err(vd, vs) < 2e-2
     for name in gd:
         assert rel_err(gd[name], gs[name]) < 5e-2, name
+
+
+def test_bad_input_errors():
+    q = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dims 64, 72 and 128"):
+        f.flash_attention(q, q, q, 0.1)
+    q = torch.randn(1, 2, 8, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        f.flash_attention(q, q, q, 0.1)
+    # the ops layer falls back to SDPA where the kernel does not apply
+    q80 = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.bfloat16)
+    with ops.use_backend(attention="ddt"):
+        torch.testing.assert_close(ops.attention(q80, q80, q80), F.scaled_dot_product_attention(q80, q80, q80))

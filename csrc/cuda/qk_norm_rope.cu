@@ -15,7 +15,9 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxPairsPerLane = 4;  // D <= 256
-constexpr int kBackwardWarps = 1024;
+// Warps of the backward's fixed grid: enough to fill a large GPU (each keeps
+// its own partial weight-gradient rows; the finish kernel sums them).
+constexpr int kBackwardWarps = 16384;
 constexpr int64_t kForwardBlocks = 16384;  // cap of the forward's grid-stride grid
 
 template <class A>
@@ -140,14 +142,26 @@ __global__ void backward_kernel(QkNormRope p, float* partial) {
     }
 }
 
+// One block per weight entry: its threads sum the warps' partials in a fixed
+// strided order, then a fixed shared-memory tree (deterministic).
+constexpr int kFinishThreads = 256;
+
 template <class W>
 __global__ void backward_finish_kernel(QkNormRope p, const float* partial, int64_t warps) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // part * D + d
-  if (i >= 2 * p.D) return;
+  __shared__ float sums[kFinishThreads];
+  const int64_t i = blockIdx.x;  // part * D + d
   float s = 0.f;
-  for (int64_t w = 0; w < warps; ++w) s += partial[w * 2 * p.D + i];
-  W* out = static_cast<W*>(i < p.D ? p.grad_q_weight : p.grad_k_weight);
-  out[i % p.D] = store<W>(s);
+  for (int64_t w = threadIdx.x; w < warps; w += kFinishThreads) s += partial[w * 2 * p.D + i];
+  sums[threadIdx.x] = s;
+  __syncthreads();
+  for (int n = kFinishThreads / 2; n > 0; n /= 2) {
+    if (threadIdx.x < n) sums[threadIdx.x] += sums[threadIdx.x + n];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    W* out = static_cast<W*>(i < p.D ? p.grad_q_weight : p.grad_k_weight);
+    out[i % p.D] = store<W>(sums[0]);
+  }
 }
 
 int64_t backward_warps(const QkNormRope& p) {
@@ -169,7 +183,7 @@ struct Launch {
     const int64_t warps = backward_warps(p);
     float* partial = static_cast<float*>(workspace);
     backward_kernel<T, W><<<unsigned(warps / kWarpsPerBlock), kWarpsPerBlock * kWarp, 0, s>>>(p, partial);
-    backward_finish_kernel<W><<<unsigned((2 * p.D + 127) / 128), 128, 0, s>>>(p, partial, warps);
+    backward_finish_kernel<W><<<unsigned(2 * p.D), kFinishThreads, 0, s>>>(p, partial, warps);
     return int(cudaGetLastError());
   }
 };

@@ -132,11 +132,17 @@ def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: in
                   freqs_cis: Tensor, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
     """The model's whole attention from the packed projection `qkv` `[B, L, 3C]`:
     q/k RMSNorm + 2D rotary, softmax attention, heads merged -> `[B, L, C]`.
-    One CUDA kernel when `dispatch.use_fused_qkv_attention` says so, else
-    `qk_norm_rope` then `attention`."""
+    Without autograd (sampling) the fused kernel when
+    `dispatch.use_fused_qkv_attention` says so; else `qk_norm_rope` then
+    `attention`."""
     B, L, three_c = qkv.shape
-    if (dispatch.use_fused_qkv_attention(qkv, num_heads, mask) and q_weight.dtype == k_weight.dtype
-            and _kernel_takes(qkv, (q_weight, k_weight))):
+    # Training takes the separate kernels: their forward saves q, k, v for the
+    # backward, which the fused forward would have to recompute (measured
+    # slower for forward + backward in benchmarks/bench_attention.py).
+    training = torch.is_grad_enabled() and (qkv.requires_grad or q_weight.requires_grad
+                                            or k_weight.requires_grad)
+    if (not training and dispatch.use_fused_qkv_attention(qkv, num_heads, mask)
+            and q_weight.dtype == k_weight.dtype and _kernel_takes(qkv, (q_weight, k_weight))):
         head_dim = three_c // (3 * num_heads)
         return _fused("qkv_attention")(qkv, q_weight, k_weight, num_heads, torch.view_as_real(freqs_cis),
                                        eps, head_dim ** -0.5, QKV_ATTENTION_K_PREPASS)[0]
