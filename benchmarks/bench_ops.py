@@ -9,7 +9,7 @@ with per-token modulation (the decoder's case). Same inputs, same process.
 On a GPU also reports achieved bandwidth against the device's HBM peak (L2
 flushed before each timed run). Also times a whole DDT-B/2 forward with the
 fused backend against the reference backend. Writes
-benchmarks/results/ops_<device>.json.
+benchmarks/results/ops_<device>.json (or --out).
 """
 from __future__ import annotations
 
@@ -157,6 +157,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one small shape per op, no torch.compile")
     p.add_argument("--full", action="store_true", help="the whole grid (B 4 and 32); slow on a CPU")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default=None, help="output path (default benchmarks/results/ops_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     machine = machine_info(device)  # before the runs: its load average shows competing work
@@ -194,7 +195,7 @@ def main(argv=None):
             summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
-    path = write_json(result_path(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json"),
+    path = write_json(args.out or result_path(f"ops_{device_tag(device)}{'_quick' if args.quick else ''}.json"),
                       {"machine": machine, "rows": rows, "model": model_rows,
                        "cpu_targets": TARGETS, "summary": summary})
     print("wrote", path)
