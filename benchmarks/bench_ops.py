@@ -9,7 +9,7 @@ with per-token modulation (the decoder's case). Same inputs, same process.
 On a GPU also reports achieved bandwidth against the device's HBM peak (L2
 flushed before each timed run). Also times a whole DDT-B/2 forward with the
 fused backend against the reference backend. Writes
-benchmarks/results/ops_<device>.json.
+benchmarks/results/ops_<device>.json (or --out).
 """
 from __future__ import annotations
 
@@ -160,6 +160,7 @@ def main(argv=None):
     p.add_argument("--xl-only", action="store_true",
                    help="DDT-XL shapes only (B 32, L 256 and 1024, C 1152, bf16), no torch.compile: "
                         "a short GPU run")
+    p.add_argument("--out", default=None, help="output path (default benchmarks/results/ops_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     machine = machine_info(device)  # before the runs: its load average shows competing work
@@ -200,7 +201,7 @@ def main(argv=None):
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
     suffix = "_quick" if args.quick else "_xl" if args.xl_only else ""
-    path = write_json(result_path(f"ops_{device_tag(device)}{suffix}.json"),
+    path = write_json(args.out or result_path(f"ops_{device_tag(device)}{suffix}.json"),
                       {"machine": machine, "rows": rows, "model": model_rows,
                        "cpu_targets": TARGETS, "summary": summary})
     print("wrote", path)

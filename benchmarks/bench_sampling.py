@@ -10,8 +10,10 @@ fits the machine, 32x32 latents. Images/s of
   (b) fast mode, encoder every step;
   (c) fast mode with the calibrated DP schedule at sharing ratio 0.8 (K = N/5);
 plus the DP cost at that budget and the multiply-add ceilings of (b) and (c)
-counted from the runs fast mode actually makes (see `work_counts`).
-Writes benchmarks/results/sampling_<device>.json.
+counted from the runs fast mode actually makes (see `work_counts`). On a GPU
+also (b) and (c) with `cuda_graph=True` (each step's model calls replayed
+from CUDA graphs), and the model in bf16 with bf16 autocast by default.
+Writes benchmarks/results/sampling_<device>.json (or --out).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ import argparse
 
 import torch
 
-from common import device_tag, machine_info, result_path, timed_interleaved, write_json
+from common import device_tag, machine_info, random_model, result_path, timed_interleaved, write_json
 
-from ddt_fast import models, sampling  # noqa: E402
+from ddt_fast import sampling  # noqa: E402
 
 
 def work_counts(sampler) -> dict:
@@ -76,19 +78,19 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--autocast", choices=["auto", "none", "bf16"], default="auto",
+                   help="bf16: model in bf16 and the loop under bf16 autocast (auto: bf16 on a GPU)")
     p.add_argument("--quick", action="store_true", help="DDT-tiny, a smoke run")
+    p.add_argument("--out", default=None, help="output path (default benchmarks/results/sampling_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     machine = machine_info(device)
     name = "DDT-tiny/2" if args.quick else args.model
-    torch.manual_seed(0)
-    model = models.create(name).to(device).eval()
-    with torch.no_grad():  # a random model, but not the zero-initialised final layer
-        for prm in model.parameters():
-            prm.add_(torch.randn_like(prm) * 0.02)
+    bf16 = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
+    model = random_model(name, device, torch.bfloat16 if bf16 else torch.float32)
     N = args.steps
     settings = dict(num_steps=N, guidance=2.0, timeshift=1.0, guidance_interval_min=0.3,
-                    guidance_interval_max=1.0, last_step=0.04)
+                    guidance_interval_max=1.0, last_step=0.04, autocast=torch.bfloat16 if bf16 else None)
     calib = sampling.calibrate(model, sampling.EulerSampler(**settings), num_samples=2, latent_size=32)
     budget = max(1, round(N / 5))
     dp_schedule = calib.schedule(budget)
@@ -97,13 +99,18 @@ def main(argv=None):
         "b_fast_every_step": sampling.EulerSampler(**settings, mode="fast"),
         "c_fast_dp_ratio_0.8": sampling.EulerSampler(**settings, mode="fast", schedule=dp_schedule),
     }
+    ceil = flop_ceilings(model, 256, samplers)
+    if device.type == "cuda":
+        for k in ("b_fast_every_step", "c_fast_dp_ratio_0.8"):
+            s = samplers[k]
+            samplers[f"{k}_cuda_graph"] = sampling.EulerSampler(**settings, mode="fast", schedule=s.schedule,
+                                                                cuda_graph=True)
     classes = torch.arange(args.batch, device=device) % model.num_classes
     noise = sampling.make_noise(range(args.batch), (model.in_channels, 32, 32), device)
     null = torch.full_like(classes, model.num_classes)
     res = timed_interleaved({k: (lambda s=s: s(model, noise, classes, null)) for k, s in samplers.items()},
                             args.repeats, warmup=1, cuda=device.type == "cuda")
     guided_steps = sum(samplers["b_fast_every_step"].is_guided(i) for i in range(N))
-    ceil = flop_ceilings(model, 256, samplers)
     rows = {}
     base = res["a_reference_every_step"]["min_s"]
     for k, r in res.items():
@@ -113,9 +120,14 @@ def main(argv=None):
           f"DP budget {budget} (cost {dp_schedule.cost:.4f}, steps {list(dp_schedule.steps)})")
     for k, r in rows.items():
         print(f"  {k:26s} {r['seconds']:8.2f} s  {r['images_per_s']:7.3f} img/s  x{r['speedup_vs_a']:.2f}")
+    graph_vs_eager = {k: rows[k]["speedup_vs_a"] / rows[k[: -len("_cuda_graph")]]["speedup_vs_a"]
+                      for k in rows if k.endswith("_cuda_graph")}
+    for k, r in graph_vs_eager.items():
+        print(f"  {k}: x{r:.2f} vs the same run without CUDA graphs")
     print(f"  multiply-add ceilings: (b) x{ceil['ceiling_b']:.2f}, (c) x{ceil['ceiling_c']:.2f}")
-    path = write_json(result_path(f"sampling_{device_tag(device)}{'_quick' if args.quick else ''}.json"), {
+    path = write_json(args.out or result_path(f"sampling_{device_tag(device)}{'_quick' if args.quick else ''}.json"), {
         "machine": machine, "model": name, "steps": N, "batch": args.batch, "guided_steps": guided_steps,
+        "dtype": "bfloat16 (autocast)" if bf16 else "float32", "graph_vs_eager": graph_vs_eager,
         "dp": {"budget": budget, "cost": dp_schedule.cost, "steps": list(dp_schedule.steps)},
         "results": rows, "ceilings": ceil, "targets": {"b_vs_a": 1.15, "c_vs_a": 2.5}})
     print("wrote", path)

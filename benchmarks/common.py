@@ -108,6 +108,19 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
     }
 
 
+def random_model(name: str, device, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised DDT preset in eval mode, every parameter perturbed
+    (so the zero-initialised final layer is not zero and the outputs move)."""
+    from ddt_fast import models
+
+    torch.manual_seed(seed)
+    model = models.create(name)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(torch.randn_like(prm) * 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def device_tag(device: torch.device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "_").lower()

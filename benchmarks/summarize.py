@@ -1,8 +1,11 @@
-"""Render benchmarks/results/*.json as markdown and write it into README.md
+"""Render benchmark result JSON as markdown and write it into README.md
 between the `<!-- results -->` markers (numbers are never typed by hand).
 
     python benchmarks/summarize.py [--check]
 
+Reads benchmarks/results/*.json and benchmarks/results/<device>/*.json (what
+run_all.py and gpu_suite.sh write), skipping quick runs; for each device and
+benchmark the newest result is shown, grouped by device.
 --check exits non-zero if README.md is not up to date with the JSON files.
 """
 from __future__ import annotations
@@ -73,29 +76,144 @@ def sampling_section(d: dict) -> str:
                     f"{'%.2fx' % ceil[k] if k in ceil else '-'} | {'>= %.2fx' % target[k] if k in target else '-'} |")
     dp = d["dp"]
     return "\n".join([f"**Sampling** ({_machine(d['machine'])}): {d['model']} (random weights), {d['steps']} Euler "
-                      f"steps, batch {d['batch']}, 32x32 latents, CFG 2.0 in (0.3, 1.0) ({d['guided_steps']} guided "
+                      f"steps, batch {d['batch']}, {d.get('dtype', 'float32')}, 32x32 latents, CFG 2.0 in (0.3, 1.0) ({d['guided_steps']} guided "
                       f"steps); (a) published code path, (b) fast mode, (c) fast mode + DP schedule at sharing "
                       f"ratio 0.8 (K={dp['budget']}, steps {dp['steps']}, DP cost {dp['cost']:.4f}):", "", *rows])
 
 
-def render() -> str:
-    parts = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
-        if path.endswith("_quick.json"):
-            continue
+def _x(v, digits=2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _ms(r) -> str:
+    return "-" if r is None else f"{r['seconds'] * 1e3:.1f}"
+
+
+def model_section(d: dict) -> str:
+    gpu = bool(d["machine"].get("gpu"))
+    out = [f"**Whole model and sampling** ({_machine(d['machine'])}; fastest of interleaved repeats, "
+           "same process; x = speed-up, > 1 means faster):"]
+    if gpu and d.get("peak"):
+        pk = d["peak"]
+        out.append(f"Peak dense bf16: {pk['table_bf16_tflops'] or '?'} TFLOP/s (published), "
+                   f"{pk['matmul_bf16_tflops']:.0f} TFLOP/s (8192^3 matmul, measured); MFU against the published peak.")
+    if d.get("forward"):
+        head = "| model | part | dtype | batch | eager ref ms | compiled ref ms | ddt_fast ms | vs eager | vs compiled " \
+               "| decode, cached modulation, vs eager |" + (" ddt_fast TFLOP/s | MFU |" if gpu else "")
+        out += ["", head, "|" + "---|" * (head.count("|") - 1)]
+        for r in d["forward"]:
+            i = r["impls"]
+            f = i["ddt_fast"]
+            cached = i.get("ddt_fast_cached_modulation")
+            line = (f"| {r['model']} | {r['part']} | {r['dtype']} | {r['batch']} | {_ms(i['reference_eager'])} | "
+                    f"{_ms(i.get('reference_compiled'))} | {_ms(f)} | {_x(f['speedup_vs_reference_eager'])} | "
+                    f"{_x(r.get('ddt_fast_vs_reference_compiled'))} | "
+                    f"{_x(cached['speedup_vs_reference_eager']) if cached else '-'} |")
+            if gpu:
+                mfu = f.get("mfu_table_peak")
+                line += f" {f['tflops']:.0f} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} |"
+            out.append(line)
+        skipped = sorted({f"{r['model']} {r['part']} ({r['dtype']}): {r['compile']['skipped']}"
+                          for r in d["forward"] if "skipped" in r["compile"]})
+        if skipped:
+            out += ["", "torch.compile baseline missing: " + "; ".join(skipped)]
+    sm = d.get("sampling")
+    if sm and "results" in sm:
+        dp = ", ".join(f"{v['ratio']}: K={v['budget']} (DP cost {v['cost']:.4f})" for v in sm["dp"].values())
+        out += ["", f"Sampling: {sm['model']} (random weights), batch {sm['batch']}, {sm['steps']} Euler steps, "
+                    f"{sm['dtype']}, CFG 2.0 in (0.3, 1.0) ({sm['guided_steps']} guided steps), DP schedules at "
+                    f"sharing ratios {dp}:", "",
+                "| run | seconds | images/s | vs published eager | vs published compiled | FLOP ceiling |"
+                + (" TFLOP/s |" if gpu else ""),
+                "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        for k, r in sm["results"].items():
+            out.append(f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {_x(r['speedup_vs_published_eager'])} "
+                       f"| {_x(r.get('speedup_vs_published_compiled'))} | {_x(r['flop_ceiling_vs_published'])} |"
+                       + (f" {r['tflops']:.0f} |" if gpu else ""))
+        if "skipped" in sm.get("compile", {}):
+            out += ["", f"torch.compile of the published path: {sm['compile']['skipped']}"]
+    elif sm:
+        out += ["", f"Sampling: {sm.get('error', 'no result')}"]
+    if gpu:
+        out += ["", "Targets (H100, DDT-XL/2, batch >= 64): " + ", ".join(
+            f"{k.replace('_', ' ')} >= {v}" for k, v in d.get("targets_gpu", {}).items())]
+    if d.get("training"):
+        out += ["", generic_section("Training step", {"machine": d["training"].get("machine") or d["machine"],
+                                                      "results": d["training"]["results"]})]
+    return "\n".join(out)
+
+
+def _scalar(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def generic_section(title: str, d: dict) -> str:
+    """A table of the scalar fields of `rows` (a list) or `results` (a dict of dicts),
+    for benchmarks without a renderer of their own."""
+    rows = d.get("rows")
+    if rows is None and isinstance(d.get("results"), dict):
+        res = d["results"]
+        rows = [dict(run=k, **v) if isinstance(v, dict) else {"run": k, "value": v} for k, v in res.items()]
+    rows = [r for r in (rows or []) if isinstance(r, dict)]
+    cols = [c for c in dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list)))]
+    head = f"**{title}** ({_machine(d.get('machine') or {})}):"
+    if not rows or not cols:
+        return head + " no table fields"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_scalar(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join([head, "", *lines])
+
+
+SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, "model": model_section,
+            "train": lambda d: generic_section("Training step", d),
+            "attention": lambda d: generic_section("Attention", d)}
+
+
+def kind_of(path: str) -> str:
+    """`dp_cpu.json`, `dp.json` -> `dp`."""
+    return os.path.basename(path)[: -len(".json")].split("_", 1)[0]
+
+
+def device_of(d: dict) -> str:
+    m = d.get("machine") or {}
+    return m.get("gpu") or f"CPU: {m.get('cpu', '?')}"
+
+
+def result_files(root: str = RESULTS) -> list:
+    """Full (not quick) result files under `root` and its device folders."""
+    paths = sorted(glob.glob(os.path.join(root, "*.json")) + glob.glob(os.path.join(root, "*", "*.json")))
+    return [p for p in paths if "_quick" not in p and kind_of(p) in SECTIONS]
+
+
+def render_files(paths, base: str = ROOT, include_quick: bool = False) -> str:
+    """Markdown for result files: per device (CPUs first), the newest result of each benchmark
+    (quick-mode results only with `include_quick`)."""
+    newest = {}
+    for path in paths:
         with open(path) as f:
             d = json.load(f)
-        name = os.path.basename(path)
-        if name.startswith("dp_"):
-            parts.append(dp_section(d))
-        elif name.startswith("ops_"):
-            parts.append(ops_section(d))
-        elif name.startswith("sampling_"):
-            parts.append(sampling_section(d))
-        else:
+        if d.get("quick") and not include_quick:
             continue
-        parts[-1] += f"\n\n(from `benchmarks/results/{name}`)"
-    return "\n\n".join(parts) if parts else "No results yet: run `make bench`."
+        key = (device_of(d), kind_of(path))
+        date = (d.get("machine") or {}).get("date_utc", "")
+        if key not in newest or date > newest[key][0]:
+            newest[key] = (date, path, d)
+    devices = sorted({k[0] for k in newest}, key=lambda dev: (not dev.startswith("CPU"), dev))
+    parts = []
+    for dev in devices:
+        if len(devices) > 1:
+            parts.append(f"### {dev}")
+        for kind in SECTIONS:
+            if (dev, kind) in newest:
+                _, path, d = newest[(dev, kind)]
+                parts.append(f"{SECTIONS[kind](d)}\n\n(from `{os.path.relpath(path, base)}`)")
+    return "\n\n".join(parts)
+
+
+def render() -> str:
+    return render_files(result_files()) or "No results yet: run `make bench`."
 
 
 def main(argv=None) -> int:

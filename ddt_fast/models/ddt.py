@@ -175,6 +175,15 @@ class ModulationCache:
             self.blocks[index] = block.modulation(cond)
         return self.blocks[index]
 
+    def fill(self, model: "DDT", s: Tensor) -> "ModulationCache":
+        """Bind to `s` and compute now every modulation the decoder would compute on first use."""
+        self.bind(s)
+        for i, block in enumerate(model.decoder_blocks):
+            self.block(i, block, s)
+        if self.final is None:
+            self.final = model.final_layer.modulation(s)
+        return self
+
     def nbytes(self) -> int:
         groups = list(self.blocks.values()) + ([self.final] if self.final is not None else [])
         return sum(g[0].untyped_storage().nbytes() for g in groups)  # chunks share one storage

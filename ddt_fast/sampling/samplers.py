@@ -21,11 +21,16 @@ Two modes:
     (`cache_modulation=True`).
   With guidance on at every step and the encoder at every step, fast mode
   gives the reference's numbers exactly.
+
+`cuda_graph=True` (CUDA tensors, either mode) captures each distinct per-step
+model call in a CUDA graph and replays it (see `graphs.py`); the numbers are
+those of the eager loop. On other devices it warns and runs eagerly.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -80,7 +85,7 @@ class _Sampler:
                  state_refresh_rate: int = 1, last_step: Optional[float] = None, *,
                  mode: str = "fast", schedule=None, cache_modulation: bool = True,
                  generator: Optional[torch.Generator] = None, progress: bool = False,
-                 autocast: Optional[torch.dtype] = None,
+                 autocast: Optional[torch.dtype] = None, cuda_graph: bool = False,
                  guidance_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
                  scheduler=None, w_scheduler=None, step_fn=None, last_step_fn=None):
         # scheduler / w_scheduler / step_fn / last_step_fn: accepted so the
@@ -114,6 +119,10 @@ class _Sampler:
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast}")
         self.autocast = autocast
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self._graphs = None  # StepGraphs of the last model sampled with cuda_graph=True
         self.guidance_fn = guidance_fn or simple_guidance
         self.timesteps = time_grid(num_steps, self.last_step, self.timeshift)
 
@@ -147,10 +156,12 @@ class _Sampler:
         self._reset()
         grid = self.timesteps.to(noise.device)
         x = noise
-        step = self._fast_step(net, condition, uncondition) if fast else \
-            self._reference_step(net, condition, uncondition)
+        graphs = self._step_graphs(net, noise)
+        step = self._fast_step(net, condition, uncondition, graphs) if fast else \
+            self._reference_step(net, condition, uncondition, graphs)
         with torch.no_grad(), torch.autocast(noise.device.type, dtype=self.autocast or torch.bfloat16,
-                                             enabled=self.autocast is not None):
+                                             enabled=self.autocast is not None,
+                                             cache_enabled=False if graphs is not None else None):
             for i in self._steps():
                 v, s = step(i, x, grid[i])
                 if on_step is not None:
@@ -169,21 +180,41 @@ class _Sampler:
                 pass
         return steps
 
-    def _reference_step(self, net, cond: Tensor, uncond: Tensor):
+    def _step_graphs(self, net, noise: Tensor):
+        """The StepGraphs to run `net` through, or None for eager calls."""
+        if not self.cuda_graph:
+            return None
+        if noise.device.type != "cuda":
+            warnings.warn(f"cuda_graph=True needs CUDA tensors; sampling on {noise.device.type} runs eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        if self._graphs is None or not self._graphs.matches(net):
+            from ddt_fast.sampling.graphs import StepGraphs
+
+            self._graphs = StepGraphs(net)
+        return self._graphs
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs (and the model reference) kept for later calls."""
+        self._graphs = None
+
+    def _reference_step(self, net, cond: Tensor, uncond: Tensor, graphs=None):
         labels = torch.cat([uncond, cond], dim=0)
         state = {"s": None}
+        forward = net if graphs is None else graphs.forward
 
         def step(i, x, t):
             if self.schedule.recompute(i):
                 state["s"] = None
-            out, state["s"] = net(torch.cat([x, x], dim=0), t.repeat(2 * x.shape[0]), labels, state["s"])
+            out, state["s"] = forward(torch.cat([x, x], dim=0), t.repeat(2 * x.shape[0]), labels, state["s"])
             return self.guidance_fn(out, self.guidance if self.is_guided(i) else 1.0), state["s"]
 
         return step
 
-    def _fast_step(self, net, cond: Tensor, uncond: Tensor):
+    def _fast_step(self, net, cond: Tensor, uncond: Tensor, graphs=None):
         from ddt_fast.models.ddt import ModulationCache
 
+        encode, decode = (net.encode, net.decode) if graphs is None else (graphs.encode, graphs.decode)
         labels = torch.cat([uncond, cond], dim=0)
         st = {"s_c": None, "s_u": None, "s_cfg": None}
         caches = (ModulationCache(), ModulationCache()) if self.cache_modulation else (None, None)
@@ -196,18 +227,18 @@ class _Sampler:
                     if c is not None:
                         c.clear()
                 if both:
-                    st["s_cfg"] = net.encode(torch.cat([x, x], dim=0), t.repeat(2 * B), labels)
+                    st["s_cfg"] = encode(torch.cat([x, x], dim=0), t.repeat(2 * B), labels)
                     st["s_u"], st["s_c"] = st["s_cfg"].chunk(2, dim=0)
                 else:
-                    st["s_c"], st["s_u"], st["s_cfg"] = net.encode(x, t.repeat(B), cond), None, None
+                    st["s_c"], st["s_u"], st["s_cfg"] = encode(x, t.repeat(B), cond), None, None
             elif both and st["s_cfg"] is None:
                 if st["s_u"] is None:  # its recompute step was unguided: compute it now
-                    st["s_u"] = net.encode(x, t.repeat(B), uncond)
+                    st["s_u"] = encode(x, t.repeat(B), uncond)
                 st["s_cfg"] = torch.cat([st["s_u"], st["s_c"]], dim=0)
             if both:
-                out = net.decode(torch.cat([x, x], dim=0), st["s_cfg"], caches[1])
+                out = decode(torch.cat([x, x], dim=0), st["s_cfg"], caches[1])
                 return self.guidance_fn(out, self.guidance), st["s_cfg"]
-            return net.decode(x, st["s_c"], caches[0]), st["s_c"]
+            return decode(x, st["s_c"], caches[0]), st["s_c"]
 
         return step
 
