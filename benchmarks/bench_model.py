@@ -13,7 +13,8 @@ Baselines, each time:
   compiled reference  `torch.compile` of that (default mode; a failure or a compile
                     longer than --compile-timeout is recorded with its reason, not fatal);
   ddt_fast          the default dispatch (fused kernels where built and, on CUDA, GPU-verified);
-                    on a GPU also `ddt_fast_fused` (every built kernel) when that differs.
+                    on a GPU also `ddt_fast_fused` (every built kernel, our attention included)
+                    when that differs.
 
 1. Forward latency and throughput (images/s) of the full model `model(x, t, y)`
    and of the decoder-only step `model.decode(x, s)` (the step that reuses a
@@ -179,7 +180,7 @@ def ddt_fast_backend():
 
 
 def fused_backend():
-    return ops.use_backend("fused", attention="auto")
+    return ops.use_backend("fused", attention="ddt")
 
 
 def _in(ctx_factory, fn):
