@@ -93,7 +93,7 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # DDT_FAST_GIT_COMMIT: for copies of the tree without .git (e.g. a GPU box)
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("DDT_FAST_GIT_COMMIT"),
+        "git_commit": os.environ.get("DDT_FAST_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -49,9 +49,10 @@ def info() -> Dict[str, Any]:
     report["backend"] = {"ops": _dispatch_state(), "cpu_plan": plan(torch.device("cpu"))}
     if torch.cuda.is_available():
         report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
-    from ddt_fast.ops.verified import VERIFIED
+    from ddt_fast.ops.verified import SLOWER_ON_GPU, VERIFIED
 
     report["gpu_verified"] = [row._asdict() for row in VERIFIED]
+    report["gpu_auto_off"] = dict(SLOWER_ON_GPU)  # verified, but measured slower: forced use only
     report["cuda_devices"] = [
         torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
     ] if torch.cuda.is_available() else []

@@ -21,8 +21,9 @@ def test_cuda_auto_requires_gpu_verification(monkeypatch):
     cuda = torch.device("cuda")
     with ops.use_backend("auto"):
         assert dispatch.use_fused("swiglu", torch.device("cpu"))  # CPU kernels need no GPU run
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)
         assert not dispatch.use_fused("swiglu", cuda)
-        monkeypatch.setattr(dispatch, "is_verified", lambda op: op == "swiglu")
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: op == "swiglu")
         assert dispatch.use_fused("swiglu", cuda)
         assert not dispatch.use_fused("rms_norm_modulate", cuda)
     with ops.use_backend("fused"):
@@ -33,6 +34,13 @@ def test_no_kernel_means_reference_even_when_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: False)
     with ops.use_backend("fused"):
         assert not dispatch.use_fused("swiglu", torch.device("cpu"))
+
+
+def test_auto_on_gpu_is_verified_minus_measured_slower():
+    for op in ops.KERNEL_OPS:
+        assert verified.auto_on_gpu(op) == (verified.is_verified(op) and op not in verified.SLOWER_ON_GPU)
+    assert set(verified.SLOWER_ON_GPU) <= set(ops.KERNEL_OPS)
+    assert all(isinstance(why, str) and why for why in verified.SLOWER_ON_GPU.values())
 
 
 def test_verified_table_rows_are_well_formed():
@@ -58,8 +66,9 @@ def test_attention_auto_order(monkeypatch):
     monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
     monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: True)
     with ops.use_backend(attention="auto"):
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)
         assert dispatch.attention_backend(q, q, q) == "flash_attn"  # ddt kernel not verified
-        monkeypatch.setattr(dispatch, "is_verified", lambda op: True)
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: True)
         assert dispatch.attention_backend(q, q, q) == "ddt"
         assert dispatch.attention_backend(q, q, q, mask=torch.ones(1)) == "sdpa"
     monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: False)
@@ -74,12 +83,13 @@ def test_fused_qkv_attention_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_ddt_case", lambda device, dtype, head_dim, mask, op:
                         head_dim in (64, 72, 128) and mask is None)
     with ops.use_backend("auto", attention="auto"):
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)
         assert not dispatch.use_fused_qkv_attention(qkv, 16)  # not GPU-verified
-        monkeypatch.setattr(dispatch, "is_verified", lambda op: op == "qkv_attention")
+        monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: op == "qkv_attention")
         assert dispatch.use_fused_qkv_attention(qkv, 16)
         assert not dispatch.use_fused_qkv_attention(qkv, 16, mask=torch.ones(1))
         assert not dispatch.use_fused_qkv_attention(qkv, 12)  # head dim 96
-    monkeypatch.setattr(dispatch, "is_verified", lambda op: False)
+    monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)
     with ops.use_backend("auto", attention="ddt"):
         assert dispatch.use_fused_qkv_attention(qkv, 16)
     for backend, attention in (("reference", "ddt"), ("fused", "sdpa"), ("fused", "flash_attn")):

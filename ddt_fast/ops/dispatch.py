@@ -2,7 +2,8 @@
 
 Elementwise/norm ops: the fused kernel if the extension is loaded and has an
 implementation for the tensor's device, else the reference. On CUDA, `auto`
-additionally requires the op to be GPU-verified (ops/verified.py).
+additionally requires the op to be GPU-verified and not measured slower than
+the reference there (ops/verified.py).
 `DDT_FAST_BACKEND=auto|fused|reference` (or `set_backend`) overrides.
 
 Attention: `ddt` (our kernel) | `flash_attn` (if importable and the case is
@@ -19,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from ddt_fast import _extension
-from ddt_fast.ops.verified import is_verified
+from ddt_fast.ops.verified import auto_on_gpu
 
 BACKENDS = ("auto", "fused", "reference")
 ATTENTION_BACKENDS = ("auto", "ddt", "flash_attn", "sdpa")
@@ -94,7 +95,7 @@ def use_fused(op: str, device: torch.device) -> bool:
         return False
     if backend == "fused" or device.type != "cuda":
         return True
-    return is_verified(op)
+    return auto_on_gpu(op)
 
 
 _FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -127,7 +128,7 @@ def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=No
         return "flash_attn" if flash_ok else "sdpa"
     if choice == "sdpa":
         return "sdpa"
-    if ddt_ok and is_verified("flash_attention"):
+    if ddt_ok and auto_on_gpu("flash_attention"):
         return "ddt"
     return "flash_attn" if flash_ok else "sdpa"
 
@@ -144,4 +145,4 @@ def use_fused_qkv_attention(qkv: torch.Tensor, num_heads: int, mask=None) -> boo
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if not _ddt_case(qkv.device, qkv.dtype, head_dim, mask, "qkv_attention"):
         return False
-    return choice == "ddt" or is_verified("qkv_attention")
+    return choice == "ddt" or auto_on_gpu("qkv_attention")
