@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # PyTorch with CUDA 13 (matches the nvcc 13 toolkit); override to try others.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm
+DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm scikit-learn
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: test build venv cpp-test pytest bench clean
