@@ -40,6 +40,7 @@ bench: build
 	$(PY) benchmarks/bench_dp.py
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/summarize.py
 
 clean:

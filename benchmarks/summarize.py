@@ -78,6 +78,24 @@ def sampling_section(d: dict) -> str:
                       f"ratio 0.8 (K={dp['budget']}, steps {dp['steps']}, DP cost {dp['cost']:.4f}):", "", *rows])
 
 
+def training_section(d: dict) -> str:
+    rows = ["| run | seconds / step (fastest) | median | images/s | vs reference |", "|---|---|---|---|---|"]
+    for k, r in d["results"].items():
+        rows.append(f"| {k} | {r['seconds']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
+                    f"{r['speedup_vs_reference']:.2f}x |")
+    load = d["machine"].get("loadavg_1_5_15min")
+    notes = [f"- load average before the runs: {load[0]:.1f} (other work shared the machine: compare the fastest "
+             "runs, the medians are noisy)"] if load else []
+    if d.get("compile_seconds") is not None:
+        notes.append(f"- first compiled step (compilation included): {d['compile_seconds']:.0f} s")
+    t = d["targets_gpu"]
+    notes.append(f"- GPU targets (not measured here): fused >= {t['fused_vs_reference']}x the reference backend "
+                 f"and >= {t['fused_vs_compiled']}x its compiled form")
+    return "\n".join([f"**Training step** ({_machine(d['machine'])}): {d['model']} (random weights), batch "
+                      f"{d['batch']}, {d['tokens']} tokens, {d['precision']}; forward, backward, AdamW and EMA "
+                      "through `Trainer.train_step`, same process, same batch:", "", *rows, "", *notes])
+
+
 def render() -> str:
     parts = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
@@ -92,6 +110,8 @@ def render() -> str:
             parts.append(ops_section(d))
         elif name.startswith("sampling_"):
             parts.append(sampling_section(d))
+        elif name.startswith("training_"):
+            parts.append(training_section(d))
         else:
             continue
         parts[-1] += f"\n\n(from `benchmarks/results/{name}`)"
