@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # PyTorch with CUDA 13 (matches the nvcc 13 toolkit); override to try others.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm matplotlib
+DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm matplotlib scikit-learn
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: test build venv cpp-test pytest bench clean
@@ -40,6 +40,7 @@ bench: build
 	$(PY) benchmarks/bench_dp.py
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/summarize.py
 
 clean:

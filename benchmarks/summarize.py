@@ -52,7 +52,7 @@ def ops_section(d: dict) -> str:
     for r in d["rows"]:
         rows.append(f"| {r['op']} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
                     f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
-                    f"{r.get('fwd_vs_compile', float('nan')):.2f}x | {r['fwdbwd_vs_eager']:.2f}x | "
+                    f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
                     f"{r['bwd_vs_eager']:.2f}x |")
     model = [f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
              f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"
@@ -166,9 +166,43 @@ def generic_section(title: str, d: dict) -> str:
     return "\n".join([head, "", *lines])
 
 
+def training_section(d: dict) -> str:
+    rows = ["| run | seconds / step (fastest) | median | images/s | vs reference |", "|---|---|---|---|---|"]
+    for k, r in d["results"].items():
+        rows.append(f"| {k} | {r['seconds']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
+                    f"{r['speedup_vs_reference']:.2f}x |")
+    load = d["machine"].get("loadavg_1_5_15min")
+    notes = [f"- load average before the runs: {load[0]:.1f} (other work shared the machine: compare the fastest "
+             "runs, the medians are noisy)"] if load else []
+    if d.get("compile_seconds") is not None:
+        notes.append(f"- first compiled step (compilation included): {d['compile_seconds']:.0f} s")
+    t = d["targets_gpu"]
+    notes.append(f"- GPU targets (not measured here): fused >= {t['fused_vs_reference']}x the reference backend "
+                 f"and >= {t['fused_vs_compiled']}x its compiled form")
+    return "\n".join([f"**Training step** ({_machine(d['machine'])}): {d['model']} (random weights), batch "
+                      f"{d['batch']}, {d['tokens']} tokens, {d['precision']}; forward, backward, AdamW and EMA "
+                      "through `Trainer.train_step`, same process, same batch:", "", *rows, "", *notes])
+
+
+def attention_section(d: dict) -> str:
+    out = [f"**Flash attention** ({_machine(d['machine'])}; {d['dtype']}, median of {d['repeats']}; "
+           "TFLOP/s, forward and forward+backward):", "",
+           "| shape | B | heads | L | D | " + " | ".join(d["attention"][0]["impls"]) + " |",
+           "|---|---|---|---|---|" + "---|" * len(d["attention"][0]["impls"])]
+    for r in d["attention"]:
+        out.append(f"| {r['shape']} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | " + " | ".join(
+            f"{i['fwd_tflops']:.0f} / {i['fwd_bwd_tflops']:.0f}" for i in r["impls"].values()) + " |")
+    names = list(d["prologue"][0]["impls"])
+    out += ["", "The model's attention from the packed qkv projection (ms, forward / forward+backward):", "",
+            "| shape | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in d["prologue"]:
+        out.append(f"| {r['shape']} | " + " | ".join(
+            f"{i['fwd_ms']:.3f} / {i['fwd_bwd_ms']:.3f}" for i in r["impls"].values()) + " |")
+    return "\n".join(out)
+
+
 SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, "model": model_section,
-            "train": lambda d: generic_section("Training step", d),
-            "attention": lambda d: generic_section("Attention", d)}
+            "training": training_section, "attention": attention_section}
 
 
 def kind_of(path: str) -> str:

@@ -32,17 +32,10 @@ class CliError(Exception):
 def _init_distributed(args) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1):
     nccl with one GPU per local rank, gloo on the CPU."""
-    import os
+    from ddt_fast._distributed import init_from_env, launched_by_torchrun
 
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return
-    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if launched_by_torchrun():
+        args.device = str(init_from_env(args.device))
 
 
 def _load_model(args):

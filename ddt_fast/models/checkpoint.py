@@ -140,9 +140,14 @@ def read_state_dict(path: str, ema: bool = True, allow_pickle: bool = False
     state_dict, source = split_state_dict(raw, ema=ema)
     if not state_dict:
         raise CheckpointError(f"{path} contains no tensors")
-    split = _find_key(obj.get("hyper_parameters"), "num_encoder_blocks")
+    hparams = obj.get("hyper_parameters")
+    split = _find_key(hparams, "num_encoder_blocks")
     if isinstance(split, int) and "num_encoder_blocks" not in config:
         config["num_encoder_blocks"] = split
+    # ddt_fast's training checkpoints store the whole DDT config (patch layout included)
+    ours = hparams.get("model_config") if isinstance(hparams, Mapping) else None
+    if isinstance(ours, Mapping):
+        config.update({k: v for k, v in ours.items() if k in ("in_channels", "patch_size") and k not in config})
     return state_dict, {"source": source, "config": config, "path": path}
 
 

@@ -18,16 +18,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ddt_fast._distributed import barrier_fn, rank_world
 from ddt_fast._io import atomic_write_text
+from ddt_fast._progress import progress_bar
 from ddt_fast.sampling.outputs import decode_latents, make_grid, save_npz, save_png
 from ddt_fast.sampling.samplers import make_noise
 
 
 def _dist():
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size(), d.barrier
-    return 0, 1, (lambda: None)
+    rank, world = rank_world()
+    return rank, world, barrier_fn()
 
 
 def _shard_path(out_dir: str, k: int) -> str:
@@ -60,14 +60,8 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
     batches = [range(i, min(i + batch_size, len(classes))) for i in range(0, len(classes), batch_size)]
     mine = [k for k in range(len(batches)) if k % world == rank]
     todo = [k for k in mine if not _valid_shard(_shard_path(out_dir, k), len(batches[k]))]
-    bar = None
-    if progress and rank == 0:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sampling", unit="batch")
-        except ImportError:
-            pass
+    bar = progress_bar(progress and rank == 0, total=len(mine), initial=len(mine) - len(todo), desc="sampling",
+                       unit="batch")
     for k in todo:
         idx = batches[k]
         y = torch.tensor([classes[i] for i in idx], device=device)
