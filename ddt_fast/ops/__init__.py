@@ -36,8 +36,9 @@ MODEL_OPS = (
 
 # Names of the compiled kernels that can be GPU-verified (ops/verified.py): the
 # model ops' kernels, with attention as the flash kernel and its fused
-# q/k norm + rotary prologue variant.
-KERNEL_OPS = tuple(op for op in MODEL_OPS if op != "attention") + ("flash_attention", "qkv_attention")
+# q/k norm + rotary prologue variant, and the DP schedule solver.
+KERNEL_OPS = tuple(op for op in MODEL_OPS if op != "attention") + ("flash_attention", "qkv_attention",
+                                                                   "dp_schedule_solve")
 
 
 def _fused(name: str):

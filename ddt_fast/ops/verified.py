@@ -32,6 +32,7 @@ VERIFIED: Tuple[Verified, ...] = (
     Verified("qk_norm_rope", "NVIDIA H200", "2026-11-26", "3c73b2d"),
     Verified("flash_attention", "NVIDIA H200", "2026-11-26", "3c73b2d"),
     Verified("qkv_attention", "NVIDIA H200", "2026-11-26", "3c73b2d"),
+    Verified("dp_schedule_solve", "NVIDIA H200", "2026-11-26", "272d009"),
 )
 
 # Verified kernels that `auto` still leaves off on CUDA because the GPU
