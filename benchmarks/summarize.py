@@ -172,8 +172,9 @@ SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, 
 
 
 def kind_of(path: str) -> str:
-    """`dp_cpu.json`, `dp.json` -> `dp`."""
-    return os.path.basename(path)[: -len(".json")].split("_", 1)[0]
+    """`dp_cpu.json`, `dp.json` -> `dp` (`training_*` -> `train`)."""
+    kind = os.path.basename(path)[: -len(".json")].split("_", 1)[0]
+    return {"training": "train"}.get(kind, kind)
 
 
 def device_of(d: dict) -> str:
