@@ -2,7 +2,7 @@
 #   make test      fresh machine -> venv, deps, extension (CPU + CUDA when a toolkit
 #                  exists), C++ tests (ctest), pytest. The one test command.
 #   make build     (re)build ddt_fast/_C*.so in place
-#   make bench     CPU benchmarks, results under benchmarks/results/
+#   make bench     CPU benchmarks, results under benchmarks/results/ (GPU: benchmarks/gpu_suite.sh)
 #   make clean
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -41,6 +41,7 @@ bench: build
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_sampling.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/summarize.py
 
 clean:

@@ -10,8 +10,10 @@ interleaved repeats (ratios from them), medians are recorded too.
 
 Baselines, each time:
   eager reference   the PyTorch reference of every op (`DDT_FAST_BACKEND=reference`, SDPA attention);
-  compiled reference  `torch.compile` of that (default mode; a failure or a compile
-                    longer than --compile-timeout is recorded with its reason, not fatal);
+  compiled reference  `torch.compile` of that (default mode; for the forward benchmark one
+                    compile with a dynamic batch size, --compile-static for one per batch
+                    size; a failure or a compile longer than --compile-timeout is recorded
+                    with its reason, not fatal);
   ddt_fast          the default dispatch (fused kernels where built and, on CUDA, GPU-verified);
                     on a GPU also `ddt_fast_fused` (every built kernel, our attention included)
                     when that differs.
@@ -22,8 +24,9 @@ Baselines, each time:
    (what the fast sampler runs while `s` is reused). float32 and bfloat16
    weights on the CPU, bfloat16 on a GPU.
 2. Sampling throughput (images/s) at the published ImageNet-256 settings
-   (Euler, CFG 2.0 inside (0.3, 1.0), shift 1, last step 0.04) at a step count
-   that fits the device (250 on a GPU; fewer on a CPU):
+   (Euler, CFG 2.0 inside (0.3, 1.0), shift 1, last step 0.04)
+   at a step count that fits the device (--steps; default 100 on a GPU, 10 on a CPU;
+   the published runs use 250, which changes no per-step cost and hardly the ratios):
      published_eager     reference backend, reference mode (both CFG halves every
                          step), encoder every step: the published code path;
      published_compiled  the same through `torch.compile(model)`;
@@ -34,7 +37,7 @@ Baselines, each time:
      *_cuda_graph        (GPU) the same with each step's model calls replayed from CUDA graphs.
    On a GPU the model is in bf16 and the loop runs under bf16 autocast.
 3. Training step throughput: summarised from the training benchmark's JSON
-   (benchmarks/results/train_<device>.json) when it exists.
+   (benchmarks/results/train_<device>.json or training_<device>.json) when it exists.
 
 FLOPs (GPU: achieved TFLOP/s and model FLOP utilisation, MFU = achieved /
 peak dense bf16). Counted analytically as 2 x multiply-adds of the matrix
@@ -144,7 +147,7 @@ def time_limit(seconds: float):
         return
 
     def on_alarm(signum, frame):
-        raise CompileTimeout(f"compiling took longer than {seconds:.0f} s")
+        raise CompileTimeout(f"compiling took longer than {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     # after the deadline the alarm repeats: code that swallows one exception gets another
@@ -193,17 +196,20 @@ def _in(ctx_factory, fn):
 # -- 1. forward -------------------------------------------------------------------------
 
 
-def bench_forward(name, device, dtype, batches, repeats, compile_timeout, with_fused):
+def bench_forward(name, device, dtype, batches, repeats, compile_timeout, with_fused, compile_static,
+                  no_compile_reason="--no-compile"):
     """Rows for the full forward and the decoder-only step at each batch size."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = random_model(name, device, dtype)
     tokens = (LATENT // model.patch_size) ** 2
     rows = []
-    # compiled once per part (lazily, per shape: a second batch size recompiles with a dynamic batch)
-    compiled = {"forward": torch.compile(model), "decode": torch.compile(model.decode)} \
-        if compile_timeout is not None else {"forward": None, "decode": None}
-    compile_info = {part: ({"compile_s_by_batch": {}} if c is not None else {"skipped": "--no-compile"})
+    # compiled once per part with a dynamic batch size (static: once per batch size)
+    compiled = {"forward": None, "decode": None}
+    if compile_timeout is not None:
+        compiled = {"forward": torch.compile(model, dynamic=not compile_static),
+                    "decode": torch.compile(model.decode, dynamic=not compile_static)}
+    compile_info = {part: ({"compile_s_by_batch": {}} if c is not None else {"skipped": no_compile_reason})
                     for part, c in compiled.items()}
     for B in batches:
         x = torch.randn(B, model.in_channels, LATENT, LATENT, device=device, dtype=dtype)
@@ -319,7 +325,8 @@ def bench_sampling(name, device, batch, steps, repeats, compile_timeout):
 
 def training_summary(tag: str):
     """The training benchmark's result for this device, if one has been written."""
-    paths = sorted(glob.glob(os.path.join(RESULTS, f"train_{tag}.json")))
+    paths = [p for name in (f"train_{tag}.json", f"training_{tag}.json")
+             for p in glob.glob(os.path.join(RESULTS, name))]
     if not paths:
         return None
     with open(paths[0]) as f:
@@ -335,18 +342,21 @@ def _ints(text):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="a smoke run: small model, few steps, one repeat")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small model, few steps, no torch.compile")
     p.add_argument("--models", default=None, help="comma-separated presets for the forward benchmark")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes for the forward benchmark")
-    p.add_argument("--bf16-batches", default=None, help="CPU: batch sizes for the bf16 forward (slow on a CPU)")
+    p.add_argument("--bf16-batches", default=None,
+                   help="CPU: batch sizes for the bf16 forward (slow on a CPU; no compiled baseline unless --compile)")
     p.add_argument("--sample-model", default=None)
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (published: 250)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--parts", default="forward,sampling", help="forward, sampling (comma-separated)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="time torch.compile of the reference (default: on, off with --quick on a CPU)")
+                   help="time torch.compile of the reference (default: on, except --quick and the CPU's bf16 forward)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-static", action="store_true",
+                   help="compile the forward benchmark per batch size (default: once, dynamic batch size)")
     p.add_argument("--compile-timeout", type=float, default=None,
                    help="seconds a compile may take before that baseline is skipped (default 600, quick 120)")
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/model_<device>.json)")
@@ -361,12 +371,12 @@ def main(argv=None) -> int:
     if cuda:
         d = dict(models="DDT-B/2" if q else "DDT-B/2,DDT-L/2,DDT-XL/2", batches="16,64" if q else "16,64,128",
                  bf16="", sample_model="DDT-B/2" if q else "DDT-XL/2", sample_batch=16 if q else 64,
-                 steps=20 if q else 250, repeats=2 if q else 3)
+                 steps=20 if q else 100, repeats=2)
     else:
-        d = dict(models="DDT-tiny/2" if q else "DDT-B/2", batches="1,2" if q else "1,2,4", bf16="1",
+        d = dict(models="DDT-tiny/2" if q else "DDT-B/2", batches="1,2" if q else "2,4", bf16="1" if q else "2",
                  sample_model="DDT-tiny/2" if q else "DDT-B/2", sample_batch=2, steps=4 if q else 10,
                  repeats=1 if q else 2)
-    use_compile = args.compile if args.compile is not None else not (q and not cuda)
+    use_compile = args.compile if args.compile is not None else not q
     compile_timeout = (args.compile_timeout or (120.0 if q else 600.0)) if use_compile else None
     repeats = args.repeats or d["repeats"]
     parts = set(args.parts.split(","))
@@ -389,8 +399,13 @@ def main(argv=None) -> int:
                  (torch.bfloat16, _ints(args.bf16_batches if args.bf16_batches is not None else d["bf16"]))]
             for dtype, batches in dtypes:
                 if batches:
-                    rows += bench_forward(name, device, dtype, batches, repeats, compile_timeout,
-                                          with_fused=cuda and out.get("plan_fused") != out["plan"])
+                    # on a CPU the compiled baseline of the forward is timed in float32 only (compile time)
+                    cpu_bf16 = not cuda and dtype != torch.float32 and not args.compile
+                    rows += bench_forward(name, device, dtype, batches, repeats, None if cpu_bf16 else compile_timeout,
+                                          with_fused=cuda and out.get("plan_fused") != out["plan"],
+                                          compile_static=args.compile_static,
+                                          no_compile_reason="not timed for bf16 on a CPU by default (compile time; "
+                                          "--compile times it)" if cpu_bf16 and use_compile else "--no-compile")
         if cuda:
             for row in rows:
                 for r in row["impls"].values():

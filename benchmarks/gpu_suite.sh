@@ -6,7 +6,8 @@
 #   benchmarks/gpu_suite.sh [OUT_DIR]      (default benchmarks/results/<device>[_quick])
 #
 # Environment:
-#   PYTHON                 interpreter (default: .venv/bin/python if it has CUDA PyTorch, else python3)
+#   PYTHON                 interpreter (default: .venv/bin/python if it has CUDA PyTorch, else python3,
+#                          else .venv/bin/python)
 #   BUDGET_S               total seconds (default 1500; QUICK=1: 300). A stage gets what is
 #                          left, capped by its own limit; a stage that no longer fits is not
 #                          started and the suite says where it stopped.
@@ -14,9 +15,10 @@
 #   TORCH_CUDA_ARCH_LIST   default: the local GPU's arch (e.g. 9.0a on an H100)
 #   MAX_JOBS               default: nproc
 #   CUDA_HOME              default: the toolkit of the nvcc on PATH
+#   TEST_PATHS             test files or folders for the cuda-marked tests (default tests)
 #   DRY_RUN=1              no GPU needed: every stage's command runs on the CPU in quick mode
 #                          (build skipped when the extension already imports), to check the
-#                          script itself
+#                          script itself (DRY_RUN_ONLY: its benchmark stages, default dp,sampling,model)
 # Nothing is installed and nothing is fetched: PyTorch, pytest and (for plots) matplotlib
 # must already be there.
 set -u -o pipefail
@@ -28,9 +30,12 @@ DRY_RUN=${DRY_RUN:-0}
 if [[ $QUICK == 1 || $DRY_RUN == 1 ]]; then BUDGET_S=${BUDGET_S:-300}; else BUDGET_S=${BUDGET_S:-1500}; fi
 
 if [[ -z ${PYTHON:-} ]]; then
-    PYTHON=python3
-    if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-        PYTHON=.venv/bin/python
+    PYTHON=python3  # .venv's when it has CUDA PyTorch, or when python3 has no PyTorch at all
+    if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch" 2>/dev/null; then
+        if .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||
+            ! python3 -c "import torch" 2>/dev/null; then
+            PYTHON=.venv/bin/python
+        fi
     fi
 fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -119,7 +124,7 @@ fi
 TEST_LIMIT=900
 [[ $QUICK == 1 || $DRY_RUN == 1 ]] && TEST_LIMIT=240
 stage cuda_tests "$TEST_LIMIT" "$PYTHON" -m pytest -m cuda -p no:cacheprovider -q -rs \
-    --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" tests
+    --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" ${TEST_PATHS:-tests}
 grep -E "passed|failed|error|skipped|no tests ran" "$OUT/cuda_tests.log" | tail -n 1 | sed 's/^/   /'
 
 # -- 3. benchmarks ------------------------------------------------------------------------------
@@ -129,7 +134,7 @@ if [[ $DRY_RUN == 1 ]]; then
 elif [[ $QUICK == 1 ]]; then
     BENCH_ARGS+=(--quick --stage-timeout 150)
 else
-    BENCH_ARGS+=(--stage-timeout 480)
+    BENCH_ARGS+=(--stage-timeout 600)
 fi
 LEFT=$((BUDGET_S - $(elapsed) - 20))
 stage benchmarks "$LEFT" "$PYTHON" benchmarks/run_all.py "${BENCH_ARGS[@]}" --budget "$((LEFT - 15))"

@@ -6,11 +6,11 @@
 Stages (each a separate process, so one failing or running out of time does
 not stop the rest), in order:
   dp         bench_dp.py        DP schedule solver
-  ops        bench_ops.py       fused block ops
-  attention  bench_attention.py (GPU only; when the script exists)
-  sampling   bench_sampling.py  sampling: published path vs fast mode vs DP sharing
   model      bench_model.py     whole model and sampling vs eager / compiled reference
-  train      bench_train.py     training step (when the script exists)
+  sampling   bench_sampling.py  sampling: published path vs fast mode vs DP sharing
+  attention  bench_attention.py (GPU only; when the script exists)
+  train      bench_train.py or bench_training.py: training step (when the script exists)
+  ops        bench_ops.py       fused block ops (the longest: last)
 Writes into DIR (default benchmarks/results/<device>/, or <device>_quick with
 --quick): <stage>.json, <stage>.log, summary.json (exit status and seconds per
 stage), summary.md (the tables) and, with matplotlib, speedup_vs_batch.png
@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,14 +37,15 @@ from common import RESULTS, ROOT, device_tag, machine_info, write_json
 from summarize import device_of, render_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (stage, script, needs a GPU, extra arguments on a GPU)
+# (stage, script(s) (the first that exists), needs a GPU, extra arguments on a GPU)
+# Most telling first, the long op grid last, so a run cut short by its budget keeps the whole-model numbers.
 STAGES = [
     ("dp", "bench_dp.py", False, []),
-    ("ops", "bench_ops.py", False, []),
-    ("attention", "bench_attention.py", True, []),
-    ("sampling", "bench_sampling.py", False, ["--model", "DDT-XL/2", "--batch", "64", "--steps", "50"]),
     ("model", "bench_model.py", False, []),
-    ("train", "bench_train.py", False, []),
+    ("sampling", "bench_sampling.py", False, ["--model", "DDT-XL/2", "--batch", "64", "--steps", "50"]),
+    ("attention", "bench_attention.py", True, []),
+    ("train", ("bench_train.py", "bench_training.py"), False, []),
+    ("ops", "bench_ops.py", False, []),
 ]
 QUICK_GPU_ARGS = {"sampling": ["--model", "DDT-B/2", "--batch", "16", "--steps", "10"]}
 
@@ -75,10 +77,11 @@ def run_stage(name, script, args, out_dir, quick, timeout_s, device) -> dict:
     except subprocess.TimeoutExpired:
         rc = "timeout"
     seconds = time.time() - t0
-    if "--out" not in options:  # a script without --out writes under benchmarks/results: take its newest file
-        fresh = [p for p in glob.glob(os.path.join(RESULTS, f"{name}_*.json")) if os.path.getmtime(p) >= t0]
+    if "--out" not in options:  # a script without --out writes under benchmarks/results: copy its newest file
+        prefix = os.path.basename(script)[len("bench_"):-len(".py")]
+        fresh = [p for p in glob.glob(os.path.join(RESULTS, f"{prefix}_*.json")) if os.path.getmtime(p) >= t0]
         if fresh:
-            os.replace(max(fresh, key=os.path.getmtime), json_out)
+            shutil.copyfile(max(fresh, key=os.path.getmtime), json_out)
     result = {"rc": rc, "seconds": round(seconds, 1), "log": os.path.basename(log),
               "json": os.path.basename(json_out) if os.path.exists(json_out) else None}
     print(f"   {name}: rc {rc}, {seconds:.0f} s" + ("" if rc == 0 else f" (see {log})"), flush=True)
@@ -185,12 +188,14 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     summary = {"machine": machine_info(device), "quick": args.quick, "stages": {}}
     start = time.time()
-    for name, script, needs_gpu, gpu_args in STAGES:
+    for name, scripts, needs_gpu, gpu_args in STAGES:
         if only is not None and name not in only:
             continue
         why = None
-        if not os.path.exists(os.path.join(HERE, script)):
-            why = f"{script} does not exist"
+        scripts = (scripts,) if isinstance(scripts, str) else scripts
+        script = next((s for s in scripts if os.path.exists(os.path.join(HERE, s))), None)
+        if script is None:
+            why = f"{' / '.join(scripts)} does not exist"
         elif needs_gpu and not gpu:
             why = "needs a GPU"
         timeout = args.stage_timeout

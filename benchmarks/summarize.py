@@ -135,12 +135,39 @@ def model_section(d: dict) -> str:
     elif sm:
         out += ["", f"Sampling: {sm.get('error', 'no result')}"]
     if gpu:
-        out += ["", "Targets (H100, DDT-XL/2, batch >= 64): " + ", ".join(
-            f"{k.replace('_', ' ')} >= {v}" for k, v in d.get("targets_gpu", {}).items())]
+        out += ["", gpu_targets(d)]
     if d.get("training"):
         out += ["", generic_section("Training step", {"machine": d["training"].get("machine") or d["machine"],
                                                       "results": d["training"]["results"]})]
     return "\n".join(out)
+
+
+def gpu_targets(d: dict) -> str:
+    """The GPU targets (set for an H100, DDT-XL/2, batch >= 64) against what this run measured."""
+    t, sm = d.get("targets_gpu", {}), d.get("sampling", {})
+    res = sm.get("results", {})
+
+    def best(*names, key="speedup_vs_published_eager"):
+        vals = [res[n][key] for n in names if n in res and key in res[n]]
+        return max(vals) if vals else None
+
+    mfu = [r["impls"]["ddt_fast"].get("mfu_table_peak") for r in d.get("forward", [])
+           if r["part"] == "forward" and r["model"] == "DDT-XL/2" and r["batch"] >= 64]
+    mfu = [m for m in mfu if m is not None]
+    measured = {
+        "fast_every_step_vs_published_eager": best("fast_every_step", "fast_every_step_cuda_graph"),
+        "fast_every_step_vs_published_compiled": best("fast_every_step", "fast_every_step_cuda_graph",
+                                                      key="speedup_vs_published_compiled"),
+        "fast_dp_0.8_vs_published_eager": best("fast_dp_0.8", "fast_dp_0.8_cuda_graph"),
+        "forward_mfu": max(mfu) if mfu else None,
+    }
+    items = []
+    for k, target in t.items():
+        v = measured.get(k)
+        got = "not measured" if v is None else f"{v:.2f} ({'met' if v >= target else 'not met'})"
+        items.append(f"{k.replace('_', ' ')} >= {target}: {got}")
+    return (f"Targets (set for an H100, DDT-XL/2, batch >= 64; this run: sampling {sm.get('model', '?')} batch "
+            f"{sm.get('batch', '?')}): " + "; ".join(items))
 
 
 def _scalar(v) -> str:
@@ -206,8 +233,9 @@ SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, 
 
 
 def kind_of(path: str) -> str:
-    """`dp_cpu.json`, `dp.json` -> `dp`."""
-    return os.path.basename(path)[: -len(".json")].split("_", 1)[0]
+    """`dp_cpu.json`, `dp.json` -> `dp` (`training_*` -> `train`)."""
+    kind = os.path.basename(path)[: -len(".json")].split("_", 1)[0]
+    return {"training": "train"}.get(kind, kind)
 
 
 def device_of(d: dict) -> str:

@@ -1,0 +1,143 @@
+"""The benchmark scripts: the analytic FLOP count against PyTorch's FLOP counter,
+the compile time limit, and smoke runs of run_all.py and gpu_suite.sh (quick
+modes, into a temporary folder)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddt_fast import models, ops, sampling
+from ddt_fast.models.ddt import ModulationCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import bench_model  # noqa: E402
+import summarize  # noqa: E402
+
+# One thread: the smoke runs are about the plumbing, and a shared 2-core machine
+# makes two-thread runs of tiny ops erratic.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.parametrize("name", ["DDT-tiny/2", "DDT-tiny-d72/2"])
+def test_flop_formula_equals_torch_flop_counter(name):
+    m = models.create(name).eval()
+    B, side = 3, 16
+    x, t, y = torch.randn(B, 4, side, side), torch.rand(B), torch.tensor([1, 2, 3])
+    expected = bench_model.flop_counts(m, B, (side // 2) ** 2)
+    with torch.no_grad(), ops.use_backend("reference", attention="sdpa"), sdpa_kernel(SDPBackend.MATH):
+        s = m.encode(x, t, y)
+        cache = ModulationCache().fill(m, s)
+        for part, fn in (("forward", lambda: m(x, t, y)), ("decode", lambda: m.decode(x, s)),
+                         ("decode_cached_modulation", lambda: m.decode(x, s, cache))):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            assert counter.get_total_flops() == expected[part], part
+
+
+def test_sampling_flops_reference_counts_two_halves_every_step():
+    m = models.create("DDT-tiny/2")
+    settings = dict(num_steps=6, guidance=2.0, guidance_interval_min=0.3, guidance_interval_max=1.0, last_step=0.04)
+    f = bench_model.flop_counts(m, 2, 256)
+    ref = bench_model.sampling_flops(m, sampling.EulerSampler(**settings, mode="reference"), 2, 256)
+    assert ref == 2 * 6 * f["forward"]
+    every = bench_model.sampling_flops(m, sampling.EulerSampler(**settings), 2, 256)
+    shared = bench_model.sampling_flops(m, sampling.EulerSampler(**settings, schedule=[0, 3]), 2, 256)
+    assert shared < every < ref
+
+
+def test_compile_time_limit_gives_up_with_a_reason():
+    t0 = time.perf_counter()
+    ok, why = bench_model.first_compiled_call(lambda: time.sleep(3), 0.3, lambda: None)
+    assert not ok and why == "compiling took longer than 0.3 s"
+    assert time.perf_counter() - t0 < 2.5
+
+    def broken():
+        raise RuntimeError("inductor: unsupported\nmore")
+
+    ok, why = bench_model.first_compiled_call(broken, 5, lambda: None)
+    assert not ok and why == "torch.compile failed: RuntimeError: inductor: unsupported"
+
+
+def test_run_all_quick_writes_results_summary_and_plots(tmp_path):
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--quick", "--only",
+                        "sampling,model,train", "--out", str(out)], capture_output=True, text=True, env=ENV,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["sampling"]["rc"] == 0 and summary["stages"]["model"]["rc"] == 0
+    if not any(os.path.exists(os.path.join(BENCH, f)) for f in ("bench_train.py", "bench_training.py")):
+        assert summary["stages"]["train"]["skipped"] == "bench_train.py / bench_training.py does not exist"
+    model = json.loads((out / "model.json").read_text())
+    assert model["quick"] and {r["part"] for r in model["forward"]} == {"forward", "decode"}
+    for row in model["forward"]:
+        assert {"reference_eager", "ddt_fast"} <= set(row["impls"])
+        assert row["compile"] == {"skipped": "--no-compile"}  # quick mode on a CPU
+    runs = model["sampling"]["results"]
+    assert {"published_eager", "fast_every_step", "fast_dp_0.5", "fast_dp_0.8", "fast_dp_0.87"} <= set(runs)
+    assert runs["published_eager"]["speedup_vs_published_eager"] == 1.0
+    assert runs["fast_dp_0.8"]["flop_ceiling_vs_published"] > runs["fast_every_step"]["flop_ceiling_vs_published"] > 1
+    md = (out / "summary.md").read_text()
+    assert "Whole model and sampling" in md and "fast_dp_0.87" in md and "| sampling | 0 |" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert sorted(summary["plots"]) == ["dp_budget.png", "speedup_vs_batch.png"]
+    for png in summary["plots"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
+    out = tmp_path / "suite"
+    env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="240")
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["stopped_at"] is None
+    assert suite["stages"]["cuda_tests"]["rc"] == 0 and suite["stages"]["benchmarks"]["rc"] == 0
+    assert suite["benchmarks"]["dp"]["rc"] == 0 and (out / "dp.json").exists()
+    assert "skipped" in (out / "cuda_tests.log").read_text()  # the cuda tests skip on a CPU
+    assert "gpu_suite summary" in r.stdout and "failed or unfinished: none" in r.stdout
+
+
+def test_gpu_suite_reports_where_it_stopped(tmp_path):
+    out = tmp_path / "suite"
+    env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="20")
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 1
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["stopped_at"] == "cuda_tests" and suite["stages"]["benchmarks"]["rc"] == "not-run"
+    assert "STOPPED EARLY at stage: cuda_tests" in r.stdout
+
+
+def test_summarize_renders_newest_result_per_device_and_kind(tmp_path):
+    def result(date, gpu=None):
+        return {"machine": {"date_utc": date, "gpu": gpu, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
+                "rows": [{"step": "fwd", "seconds": 1.5}]}
+
+    (tmp_path / "dev").mkdir()
+    for path, d in ((tmp_path / "train_cpu.json", result("2026-01-01")),
+                    (tmp_path / "dev" / "train.json", result("2026-02-01")),
+                    (tmp_path / "dev" / "attention.json", result("2026-02-01", gpu="NVIDIA H100 80GB HBM3")),
+                    (tmp_path / "train_cpu_quick.json", result("2026-03-01"))):
+        path.write_text(json.dumps(d))
+    md = summarize.render_files(summarize.result_files(str(tmp_path)), base=str(tmp_path))
+    assert "(from `dev/train.json`)" in md and "train_cpu.json" not in md and "quick" not in md
+    assert md.index("### CPU: X") < md.index("### NVIDIA H100 80GB HBM3")
+    assert "| fwd | 1.5 |" in md
+
+
+def test_readme_results_are_generated_from_the_json():
+    assert summarize.main(["--check"]) == 0, "README.md results are stale: run python benchmarks/summarize.py"
