@@ -229,7 +229,15 @@ def attention_section(d: dict) -> str:
 
 
 SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, "model": model_section,
-            "training": training_section, "attention": attention_section}
+            "training": training_section, "train": training_section, "attention": attention_section}
+
+
+def render_one(kind: str, d: dict) -> str:
+    """The benchmark's own table; a result file in another (older) layout gets the generic table."""
+    try:
+        return SECTIONS[kind](d)
+    except (KeyError, IndexError, TypeError):
+        return generic_section(kind.capitalize(), d)
 
 
 def kind_of(path: str) -> str:
@@ -270,7 +278,7 @@ def render_files(paths, base: str = ROOT, include_quick: bool = False) -> str:
         for kind in SECTIONS:
             if (dev, kind) in newest:
                 _, path, d = newest[(dev, kind)]
-                parts.append(f"{SECTIONS[kind](d)}\n\n(from `{os.path.relpath(path, base)}`)")
+                parts.append(f"{render_one(kind, d)}\n\n(from `{os.path.relpath(path, base)}`)")
     return "\n\n".join(parts)
 
 
