@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every step and uniform / DP schedules at K = N/2, N/4, N/5, N/8, and scores "
                                    "them with a digits classifier (accuracy, Frechet distance). Writes OUT/ "
                                    "and prints a table.")
-    p.add_argument("--out", default=None, help="output folder (default demo_out)")
+    p.add_argument("--out", default=None, help="output folder (default demo_out, quick: demo_out_quick)")
     p.add_argument("--quick", action="store_true", help="a one-minute version (few training steps, few samples)")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 2000, quick 150)")
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 1200, quick 250)")
     p.add_argument("--per-class", type=int, default=None, help="samples per class and schedule (default 50)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="default cpu")
