@@ -1,4 +1,6 @@
 # ddt_fast developer entry points.
+#   make demo      fresh machine -> venv, deps, extension, then `ddt-fast demo`: trains a digits DDT on
+#                  the CPU, calibrates the DP schedule, compares schedules (demo_out/). The main job.
 #   make test      fresh machine -> venv, deps, extension (CPU + CUDA when a toolkit
 #                  exists), C++ tests (ctest), pytest. The one test command.
 #   make build     (re)build ddt_fast/_C*.so in place
@@ -10,12 +12,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # PyTorch with CUDA 13 (matches the nvcc 13 toolkit); override to try others.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm matplotlib scikit-learn
+DEPS := numpy safetensors pytest hypothesis ninja cmake setuptools wheel huggingface_hub diffusers pillow tqdm matplotlib scikit-learn pyyaml
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test build venv cpp-test pytest bench clean
+.PHONY: demo test build venv cpp-test pytest bench clean
 
 test: build cpp-test pytest
+
+demo: build
+	$(PY) -m ddt_fast demo $(DEMO_ARGS)
 
 $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,11 +1,12 @@
 """From latents to what users keep: images through the Stable Diffusion VAE,
-PNG files, a grid, and the `.npz` the ADM evaluation suite reads for FID
-(uint8 `[N, H, W, 3]` under `arr_0`)."""
+PNG files, a grid, the `.npz` the ADM evaluation suite reads for FID
+(uint8 `[N, H, W, 3]` under `arr_0`), and the plot of a calibration's
+cost-vs-budget curve."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -67,3 +68,34 @@ def save_npz(path: str, arr_0: np.ndarray, **extra) -> None:
             np.savez(f, arr_0=arr_0, **extra)
 
     atomic_write(path, write)
+
+
+def plot_cost_curve(curve: Sequence[Tuple[int, float]], path: str,
+                    points: Optional[Dict[str, List[Tuple[int, float]]]] = None,
+                    title: Optional[str] = None) -> None:
+    """The DP cost-vs-budget curve (log scale) as a PNG, with optional labelled
+    points (e.g. the uniform schedules' costs under the same statistic)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting the cost curve needs matplotlib: pip install matplotlib") from e
+    def positive(pts):  # a log axis: leave out zero costs (K = N)
+        return [k for k, c in pts if c > 0], [c for k, c in pts if c > 0]
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(*positive(curve), label="DP (optimal)")
+    for (label, pts), marker in zip((points or {}).items(), "os^v"):
+        ax.plot(*positive(pts), marker, label=label)
+    ax.set_xlabel("encoder runs (budget K)")
+    ax.set_ylabel("schedule cost (sum of 1 - similarity)")
+    ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if points:
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -5,7 +5,12 @@ under torchrun, the built-in digits, latent shard datasets and their extraction.
     Trainer(TrainConfig(model="DDT-tiny/2", model_args={"in_channels": 1}, data="digits",
                         global_batch=64, steps=500, out_dir="runs/digits")).fit()
 """
-from ddt_fast.training.checkpointing import export_lightning, list_checkpoints, load_training_checkpoint
+from ddt_fast.training.checkpointing import (
+    export_lightning,
+    list_checkpoints,
+    load_training_checkpoint,
+    save_lightning,
+)
 from ddt_fast.training.config import TrainConfig
 from ddt_fast.training.data import (
     DatasetError,
@@ -34,5 +39,5 @@ __all__ = [
     "StepDraws", "interpolate", "sample_time", "Projector", "RepaHook", "cosine_alignment_loss",
     "resize_features", "load_feature_encoder", "DINOv2Features", "DigitsDataset", "LatentDataset",
     "ImageFolderDataset", "SampleOrder", "open_dataset", "DatasetError", "extract_latents", "export_lightning",
-    "list_checkpoints", "load_training_checkpoint", "init_distributed",
+    "save_lightning", "list_checkpoints", "load_training_checkpoint", "init_distributed",
 ]

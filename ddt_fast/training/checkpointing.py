@@ -136,18 +136,23 @@ def split_weights(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Dict, Dict
     return part(MODEL_PREFIX), part(EMA_PREFIX), part(PROJ_PREFIX + "proj.")
 
 
+def save_lightning(path: str, model: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
+                   proj: Optional[Dict[str, torch.Tensor]] = None, *, global_step: int = 0,
+                   hyper_parameters: Optional[Dict[str, Any]] = None, **extra) -> str:
+    """Write weights as a published-style Lightning checkpoint (`state_dict`
+    with `denoiser.`, `ema_denoiser.`, `diffusion_trainer.proj.`, plus
+    `global_step`, `epoch` and `hyper_parameters`), crash-safe."""
+    payload = {"state_dict": lightning_state_dict(model, ema, proj), "global_step": int(global_step), "epoch": 0,
+               "hyper_parameters": hyper_parameters or {}, **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
 def export_lightning(checkpoint: str, out_path: str) -> str:
     """Write the weights of a training checkpoint as a published-style
-    Lightning checkpoint (`state_dict` with `denoiser.`, `ema_denoiser.`,
-    `diffusion_trainer.proj.`, plus `global_step`, `epoch` and
-    `hyper_parameters`), for tools written for the published code."""
+    Lightning checkpoint (see `save_lightning`), for tools written for the
+    published code."""
     ckpt = load_training_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    payload = {
-        "state_dict": ckpt["state_dict"],
-        "global_step": int(ckpt["step"]),
-        "epoch": 0,
-        "hyper_parameters": ckpt.get("hyper_parameters", {}),
-        "ddt_fast_config": ckpt["config"],
-    }
-    atomic_write(out_path, lambda tmp: torch.save(payload, tmp))
-    return out_path
+    model, ema, proj = split_weights(ckpt["state_dict"])
+    return save_lightning(out_path, model, ema, proj, global_step=ckpt["step"],
+                          hyper_parameters=ckpt.get("hyper_parameters", {}), ddt_fast_config=ckpt["config"])
