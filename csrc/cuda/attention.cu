@@ -163,12 +163,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
   }
 }
 
-// A float per row of [row0, row0 + kN) into shared memory; `fill` past L.
-template <int kN>
-__device__ __forceinline__ void load_row_floats(float* dst, const float* src, int64_t row0, int64_t L, float fill) {
-  for (int i = threadIdx.x; i < kN; i += kThreads) dst[i] = row0 + i < L ? src[row0 + i] : fill;
-}
-
 // The fused prologue: q/k RMSNorm + 2D rotary on a tile in shared memory,
 // with qk_norm_rope's rounding points. A quad of threads shares a row, each
 // owning D/8 consecutive rotary pairs, so 32 rows are in flight at once and
