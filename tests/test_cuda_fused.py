@@ -91,6 +91,53 @@ def test_swiglu_cuda(dtype):
         close(x.cpu(), y, dtype, 2.0)
 
 
+def _offset_view(t, offset):
+    """t's values in storage shifted by `offset` elements (offset 1: rows no longer 16-byte aligned)."""
+    if offset == 0:
+        return t
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [12, 1152, 2056, 4096])
+def test_norm_forward_packed_and_scalar_paths_cuda(dtype, C):
+    """The packed kernel (aligned rows that fit in registers) and the scalar one
+    (misaligned rows, C not a multiple of the pack, rows too long) both match
+    the reference, per token and per sample, with and without the residual."""
+    B, L = 2, 33
+    x, y = torch.randn(B, L, C, dtype=dtype, device="cuda") * 2, torch.randn(B, L, C, dtype=dtype, device="cuda")
+    w = (1 + 0.1 * torch.randn(C, device="cuda")).to(dtype)
+    for per_token in (False, True):
+        sh, sc, gate = (torch.randn(B, L if per_token else 1, 3 * C, dtype=dtype, device="cuda") * 0.5).chunk(3, -1)
+        expected = (reference.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6),
+                    *reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6))
+        for offset in (0, 1):
+            xs, ys = _offset_view(x, offset), _offset_view(y, offset)
+            got = (f.rms_norm_modulate(xs, w, sh, sc, 1e-6), f.layer_norm_modulate(xs, sh, sc, 1e-6),
+                   *f.gated_residual_rms_norm_modulate(xs, gate, ys, w, sh, sc, 1e-6))
+            for a, e in zip(got, expected):
+                close(a, e, dtype, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,offset", [(3072, 0), (3072, 1), (36, 0), (4, 0)])
+def test_swiglu_packed_and_scalar_paths_cuda(dtype, H, offset):
+    a, b = (torch.randn(5, 7, H, dtype=dtype, device="cuda") * 3 for _ in range(2))
+    a_s, b_s = _offset_view(a, offset), _offset_view(b, offset)
+    close(f.swiglu(a_s, b_s), reference.swiglu(a, b), dtype)
+    g = torch.randn_like(a)
+    cpu = f.swiglu_backward(g.cpu(), a.cpu(), b.cpu())
+    for x, y in zip(f.swiglu_backward(_offset_view(g, offset), a_s, b_s), cpu):
+        close(x.cpu(), y, dtype, 2.0)
+    # the halves of one packed [R, 2H] projection (row stride 2H), as the model's MLP makes them
+    ab = torch.randn(4, 2 * H, dtype=dtype, device="cuda")
+    a2, b2 = ab.chunk(2, -1)
+    close(f.swiglu(a2, b2), reference.swiglu(a2, b2), dtype)
+
+
 def test_opcheck_cuda():
     B, L, C, H, D = 2, 6, 16, 2, 8
     x, y = (torch.randn(B, L, C, device="cuda", requires_grad=True) for _ in range(2))

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "ddt/attention.h"
@@ -204,72 +205,108 @@ __device__ void norm_rope_tile(T* tile, int64_t row0, int64_t L, const float* we
 
 // ---------------------------------------------------------------- warp matmuls
 
-// acc[16 x kN] += A[16 x D] * B[kN x D]^T. A: this warp's 16 rows, B: kN rows,
-// both row-major in shared memory with stride S.
-template <class T, int D, int kN>
-__device__ __forceinline__ void rows_x_rows(float (&acc)[kN / 8][4], const T* a, const T* b) {
+// acc[kM][16 x kN] += A[kM * 16 x D] * B[kN x D]^T. A: this warp's kM * 16
+// rows, B: kN rows, both row-major in shared memory with stride S. Each B
+// fragment is loaded once and used for all kM row tiles: with kM = 2 a warp
+// reads half as much shared memory per multiply-add as with kM = 1.
+template <class T, int D, int kN, int kM>
+__device__ __forceinline__ void rows_x_rows_m(float (&acc)[kM][kN / 8][4], const T* a, const T* b) {
   constexpr int S = attention_smem_stride(D), kK16 = D / 16;
   const int lane = threadIdx.x % kWarp;
 #pragma unroll
   for (int kc = 0; kc < kK16; ++kc) {
-    uint32_t af[4];
+    uint32_t af[kM][4];
     // matrices: rows 0-7 | 8-15 x cols +0 | +8 -> a0..a3
-    ldmatrix_x4(af, a + (lane % 16) * S + kc * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) ldmatrix_x4(af[mi], a + (mi * 16 + lane % 16) * S + kc * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int np = 0; np < kN / 16; ++np) {
       uint32_t bf[4];
       // matrices: (rows +0, cols +0) (rows +0, cols +8) (rows +8, cols +0) (rows +8, cols +8)
       ldmatrix_x4(bf, b + (np * 16 + (lane / 16) * 8 + lane % 8) * S + kc * 16 + ((lane / 8) % 2) * 8);
-      Mma<T>::k16(acc[2 * np], af, bf[0], bf[1]);
-      Mma<T>::k16(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        Mma<T>::k16(acc[mi][2 * np], af[mi], bf[0], bf[1]);
+        Mma<T>::k16(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
+      }
     }
   }
   if constexpr (D % 16 == 8) {  // the last 8 of the head dim (D = 72)
     constexpr int c0 = kK16 * 16;
-    uint32_t af[2];
-    ldmatrix_x2(af, a + (lane % 16) * S + c0);
+    uint32_t af[kM][2];
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) ldmatrix_x2(af[mi], a + (mi * 16 + lane % 16) * S + c0);
 #pragma unroll
     for (int nq = 0; nq < kN / 32; ++nq) {
       uint32_t bf[4];  // four n-tiles, one b register each
       ldmatrix_x4(bf, b + (nq * 32 + lane) * S + c0);
 #pragma unroll
-      for (int m = 0; m < 4; ++m) Mma<T>::k8(acc[nq * 4 + m], af, bf[m]);
+      for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) Mma<T>::k8(acc[mi][nq * 4 + m], af[mi], bf[m]);
     }
     if constexpr (kN % 32 == 16) {
       uint32_t bf[2];
       ldmatrix_x2(bf, b + ((kN / 32) * 32 + lane % 16) * S + c0);
-      Mma<T>::k8(acc[kN / 8 - 2], af, bf[0]);
-      Mma<T>::k8(acc[kN / 8 - 1], af, bf[1]);
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        Mma<T>::k8(acc[mi][kN / 8 - 2], af[mi], bf[0]);
+        Mma<T>::k8(acc[mi][kN / 8 - 1], af[mi], bf[1]);
+      }
     }
   }
 }
 
-// acc[16 x D] += P[16 x kK] * X[kK x D]. P in registers (accumulator layout,
-// rounded to T here), X row-major in shared memory with stride S.
-template <class T, int D, int kK>
-__device__ __forceinline__ void probs_x_rows(float (&acc)[D / 8][4], const float (&p)[kK / 8][4], const T* x) {
+// One 16-row tile: acc[16 x kN] += A[16 x D] * B[kN x D]^T.
+template <class T, int D, int kN>
+__device__ __forceinline__ void rows_x_rows(float (&acc)[kN / 8][4], const T* a, const T* b) {
+  rows_x_rows_m<T, D, kN, 1>(reinterpret_cast<float(&)[1][kN / 8][4]>(acc), a, b);
+}
+
+// acc[kM][16 x D] += P[kM][16 x kK] * X[kK x D]. P in registers (accumulator
+// layout, rounded to T here), X row-major in shared memory with stride S,
+// each X fragment loaded once for all kM row tiles.
+template <class T, int D, int kK, int kM>
+__device__ __forceinline__ void probs_x_rows_m(float (&acc)[kM][D / 8][4], const float (&p)[kM][kK / 8][4],
+                                               const T* x) {
   constexpr int S = attention_smem_stride(D);
   const int lane = threadIdx.x % kWarp;
 #pragma unroll
   for (int kc = 0; kc < kK / 16; ++kc) {
-    const uint32_t pf[4] = {Mma<T>::pack(p[2 * kc][0], p[2 * kc][1]), Mma<T>::pack(p[2 * kc][2], p[2 * kc][3]),
-                            Mma<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
-                            Mma<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+    uint32_t pf[kM][4];
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) {
+      pf[mi][0] = Mma<T>::pack(p[mi][2 * kc][0], p[mi][2 * kc][1]);
+      pf[mi][1] = Mma<T>::pack(p[mi][2 * kc][2], p[mi][2 * kc][3]);
+      pf[mi][2] = Mma<T>::pack(p[mi][2 * kc + 1][0], p[mi][2 * kc + 1][1]);
+      pf[mi][3] = Mma<T>::pack(p[mi][2 * kc + 1][2], p[mi][2 * kc + 1][3]);
+    }
     const T* rows = x + (kc * 16 + ((lane / 8) % 2) * 8 + lane % 8) * S;
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t bf[4];
       // transposed matrices: (rows +0, cols +0) (rows +8, cols +0) (rows +0, cols +8) (rows +8, cols +8)
       ldmatrix_x4_trans(bf, rows + dp * 16 + (lane / 16) * 8);
-      Mma<T>::k16(acc[2 * dp], pf, bf[0], bf[1]);
-      Mma<T>::k16(acc[2 * dp + 1], pf, bf[2], bf[3]);
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        Mma<T>::k16(acc[mi][2 * dp], pf[mi], bf[0], bf[1]);
+        Mma<T>::k16(acc[mi][2 * dp + 1], pf[mi], bf[2], bf[3]);
+      }
     }
     if constexpr (D % 16 == 8) {
       uint32_t bf[2];
       ldmatrix_x2_trans(bf, rows + (D / 16) * 16);
-      Mma<T>::k16(acc[D / 8 - 1], pf, bf[0], bf[1]);
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) Mma<T>::k16(acc[mi][D / 8 - 1], pf[mi], bf[0], bf[1]);
     }
   }
+}
+
+// One 16-row tile: acc[16 x D] += P[16 x kK] * X[kK x D].
+template <class T, int D, int kK>
+__device__ __forceinline__ void probs_x_rows(float (&acc)[D / 8][4], const float (&p)[kK / 8][4], const T* x) {
+  probs_x_rows_m<T, D, kK, 1>(reinterpret_cast<float(&)[1][D / 8][4]>(acc),
+                              reinterpret_cast<const float(&)[1][kK / 8][4]>(p), x);
 }
 
 // Store a warp's 16 x D accumulator rows (times `mul`) to a strided matrix;
@@ -303,35 +340,49 @@ __device__ __forceinline__ T* head_mut(const Strided& s, int64_t b, int64_t h) {
 
 // ---------------------------------------------------------------- forward
 
-template <class T, int D>
-constexpr int forward_smem_bytes() {
-  return (kRows + 4 * kTile) * attention_smem_stride(D) * int(sizeof(uint16_t));
+// Query rows per CTA of the forward: kM 16-row tiles per warp.
+template <int kM>
+constexpr int forward_rows() {
+  return 16 * kM * kWarps;
 }
 
-template <class T, int D, int kNormRope>
+template <class T, int D, int kM>
+constexpr int forward_smem_bytes() {
+  return (forward_rows<kM>() + 4 * kTile) * attention_smem_stride(D) * int(sizeof(uint16_t));
+}
+
+// kM: 16-row query tiles per warp (2 halves the shared-memory reads per
+// multiply-add; 1 leaves registers for D = 128).
+template <class T, int D, int kNormRope, int kM>
 __global__ void __launch_bounds__(kThreads) forward_kernel(FlashAttention p) {
-  constexpr int S = attention_smem_stride(D);
+  constexpr int S = attention_smem_stride(D), kQRows = forward_rows<kM>();
   extern __shared__ __align__(16) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sk = sq + kRows * S;     // [2][kTile][S]
+  T* sk = sq + kQRows * S;     // [2][kTile][S]
   T* sv = sk + 2 * kTile * S;  // [2][kTile][S]
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, t = lane % 4;
-  const int64_t q_tiles = (p.Lq + kRows - 1) / kRows;
-  const int64_t bh = blockIdx.x / q_tiles, q0 = (blockIdx.x % q_tiles) * kRows;
+  const int64_t q_tiles = (p.Lq + kQRows - 1) / kQRows;
+  const int64_t bh = blockIdx.x / q_tiles, q0 = (blockIdx.x % q_tiles) * kQRows;
   const int64_t b = bh / p.H, h = bh % p.H;
   const T* q = head<T>(p.q, b, h);
   const T* k = head<T>(p.k, b, h);
   const T* v = head<T>(p.v, b, h);
   const int n_tiles = int((p.Lk + kTile - 1) / kTile);
 
-  load_tile<T, D, kRows>(sq, q, p.q.row, q0, p.Lq);
+  load_tile<T, D, kQRows>(sq, q, p.q.row, q0, p.Lq);
   load_tile<T, D, kTile>(sk, k, p.k.row, 0, p.Lk);
   load_tile<T, D, kTile>(sv, v, p.v.row, 0, p.Lk);
   cp_async_commit();
 
   const float scale_log2 = p.scale * kLog2e;
-  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  zero(o);
+  // per row tile mi: output, running max and sum of the rows g and g + 8
+  float o[kM][D / 8][4], m[kM][2], l[kM][2];
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+    zero(o[mi]);
+    m[mi][0] = m[mi][1] = -INFINITY;
+    l[mi][0] = l[mi][1] = 0.f;
+  }
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % 2;
     T* skj = sk + stage * kTile * S;
@@ -346,59 +397,66 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(FlashAttention p) {
     }
     __syncthreads();
     if constexpr (kNormRope != kNormRopeNone) {
-      if (j == 0) norm_rope_tile<T, D, kRows>(sq, q0, p.Lq, p.q_norm_weight, p.rope, p.eps);
+      if (j == 0) norm_rope_tile<T, D, kQRows>(sq, q0, p.Lq, p.q_norm_weight, p.rope, p.eps);
       if (kNormRope == kNormRopeQK) norm_rope_tile<T, D, kTile>(skj, int64_t(j) * kTile, p.Lk, p.k_norm_weight,
                                                                 p.rope, p.eps);
       if (kNormRope == kNormRopeQK || j == 0) __syncthreads();
     }
-    float s[kTile / 8][4];
-    zero(s);
-    rows_x_rows<T, D, kTile>(s, sq + warp * 16 * S, skj);
+    float s[kM][kTile / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) zero(s[mi]);
+    rows_x_rows_m<T, D, kTile, kM>(s, sq + warp * 16 * kM * S, skj);
     const int64_t key0 = int64_t(j) * kTile;
     const bool tail = key0 + kTile > p.Lk;
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
+    for (int mi = 0; mi < kM; ++mi) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = !tail || key0 + nt * 8 + 2 * t + (e & 1) < p.Lk;
-        s[nt][e] = valid ? s[nt][e] * scale_log2 : -INFINITY;
+      for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool valid = !tail || key0 + nt * 8 + 2 * t + (e & 1) < p.Lk;
+          s[mi][nt][e] = valid ? s[mi][nt][e] * scale_log2 : -INFINITY;
+        }
+      float mx[2] = {m[mi][0], m[mi][1]};
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mi][nt][0], s[mi][nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mi][nt][2], s[mi][nt][3]));
       }
-    float mx[2] = {m[0], m[1]};
+      float alpha[2];
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = quad_max(mx[r]);  // finite: every tile holds at least one key
-      alpha[r] = exp2f(m[r] - mx[r]);
-      m[r] = mx[r];
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m[e / 2]);
-        l[e / 2] += s[nt][e];
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = quad_max(mx[r]);  // finite: every tile holds at least one key
+        alpha[r] = exp2f(m[mi][r] - mx[r]);
+        m[mi][r] = mx[r];
+        l[mi][r] *= alpha[r];
       }
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
+      for (int nt = 0; nt < kTile / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
-    probs_x_rows<T, D, kTile>(o, s, svj);
+        for (int e = 0; e < 4; ++e) {
+          s[mi][nt][e] = exp2f(s[mi][nt][e] - m[mi][e / 2]);
+          l[mi][e / 2] += s[mi][nt][e];
+        }
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mi][nt][e] *= alpha[e / 2];
+    }
+    probs_x_rows_m<T, D, kTile, kM>(o, s, svj);
     __syncthreads();  // this stage is refilled next iteration
   }
-  const int64_t row0 = q0 + warp * 16;
-  for (int r = 0; r < 2; ++r) l[r] = quad_sum(l[r]);
-  store_rows<T, D>(head_mut<T>(p.out, b, h), p.out.row, row0, p.Lq, o, 1.f / l[0], 1.f / l[1]);
-  if (t == 0) {
-    const int g = lane / 4;
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + g + 8 * r;
-      if (row < p.Lq) p.lse[bh * p.Lq + row] = (m[r] + log2f(l[r])) * kLn2;
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+    const int64_t row0 = q0 + (warp * kM + mi) * 16;
+    for (int r = 0; r < 2; ++r) l[mi][r] = quad_sum(l[mi][r]);
+    store_rows<T, D>(head_mut<T>(p.out, b, h), p.out.row, row0, p.Lq, o[mi], 1.f / l[mi][0], 1.f / l[mi][1]);
+    if (t == 0) {
+      const int g = lane / 4;
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = row0 + g + 8 * r;
+        if (row < p.Lq) p.lse[bh * p.Lq + row] = (m[mi][r] + log2f(l[mi][r])) * kLn2;
+      }
     }
   }
 }
@@ -577,6 +635,16 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashAttention p) {
 
 // ---------------------------------------------------------------- launch
 
+// 16-row query tiles per warp in the forward for D <= 72: 2, or what
+// DDT_FAST_ATTENTION_WARP_ROWS (16 or 32 rows) says (for benchmarking both).
+int forward_row_tiles_per_warp() {
+  static const int tiles = [] {
+    const char* env = std::getenv("DDT_FAST_ATTENTION_WARP_ROWS");
+    return env != nullptr && std::atoi(env) == 16 ? 1 : 2;
+  }();
+  return tiles;
+}
+
 template <class Kernel>
 int launch(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, const FlashAttention& p) {
   if (blocks <= 0) return 0;
@@ -589,14 +657,23 @@ int launch(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, const F
   return int(cudaGetLastError());
 }
 
+template <class T, int D, int kM>
+int forward_m(const FlashAttention& p, cudaStream_t s) {
+  const int64_t blocks = p.B * p.H * ((p.Lq + forward_rows<kM>() - 1) / forward_rows<kM>());
+  constexpr int smem = forward_smem_bytes<T, D, kM>();
+  switch (p.norm_rope) {
+    case kNormRopeQK: return launch(forward_kernel<T, D, kNormRopeQK, kM>, blocks, smem, s, p);
+    case kNormRopeQ: return launch(forward_kernel<T, D, kNormRopeQ, kM>, blocks, smem, s, p);
+    default: return launch(forward_kernel<T, D, kNormRopeNone, kM>, blocks, smem, s, p);
+  }
+}
+
 template <class T, int D>
 int forward(const FlashAttention& p, cudaStream_t s) {
-  const int64_t blocks = p.B * p.H * ((p.Lq + kRows - 1) / kRows);
-  switch (p.norm_rope) {
-    case kNormRopeQK: return launch(forward_kernel<T, D, kNormRopeQK>, blocks, forward_smem_bytes<T, D>(), s, p);
-    case kNormRopeQ: return launch(forward_kernel<T, D, kNormRopeQ>, blocks, forward_smem_bytes<T, D>(), s, p);
-    default: return launch(forward_kernel<T, D, kNormRopeNone>, blocks, forward_smem_bytes<T, D>(), s, p);
+  if constexpr (D <= 72) {  // D = 128 with two row tiles per warp would spill
+    if (forward_row_tiles_per_warp() == 2) return forward_m<T, D, 2>(p, s);
   }
+  return forward_m<T, D, 1>(p, s);
 }
 
 template <class T, int D>

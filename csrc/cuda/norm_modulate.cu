@@ -1,7 +1,10 @@
 // CUDA kernels for the fused norm + modulate family (see ddt/norm_modulate.h).
 //
-// Forward: one warp per row; the row is read twice (statistics, then output),
-// the second read mostly from L1/L2.
+// Forward: one warp per row. When every operand allows 16-byte packs and the
+// row fits in registers (the model's case), forward_packed_kernel reads each
+// element from memory once, with packed loads issued before any reduction;
+// otherwise forward_kernel reads the row twice (statistics, then output), the
+// second read mostly from L1/L2. Both compute the same values.
 // Backward: (1) a warp per row computes grad_x / grad_y and every per-token
 // gradient, and saves each row's mean and 1/std; (2) a column kernel sums the
 // row-reduced gradients (weight; per-sample shift/scale/gate) over chunks of
@@ -9,8 +12,11 @@
 // order. No atomics: results are deterministic.
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "ddt/dtype_dispatch.h"
 #include "ddt/norm_modulate.h"
+#include "pack.cuh"
 
 namespace ddt {
 namespace cuda {
@@ -82,6 +88,108 @@ __global__ void forward_kernel(NormModulateForward p) {
     const A w = has_weight ? load<A>(weight[c]) : A(1);
     out[c] = store<T>(nm::modulate<A>(n, w, load<A>(sh[c]), load<A>(sc[c])));
   }
+}
+
+// G elements per pack (16 bytes of x), V packs per lane: a row of up to
+// 32 * V * G elements lives in registers.
+template <class T, class W, class M, int V>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(NormModulateForward p) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= p.B * p.L) return;
+  const int64_t b = r / p.L, l = r % p.L, C = p.C;
+  A xr[V][G];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = (int64_t(v) * kWarp + lane) * G;
+    if (c < C) load_pack<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
+  }
+  if (p.residual) {
+    T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = (int64_t(v) * kWarp + lane) * G;
+      if (c >= C) continue;
+      A y[G], g[G];
+      load_pack<G>(row_ptr<T>(p.y, b, l) + c, y);
+      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
+#pragma unroll
+      for (int j = 0; j < G; ++j) xr[v][j] = round_to<T>(nm::residual<A>(xr[v][j], g[j], y[j]));
+      store_pack<G>(xo + c, xr[v]);  // exact: xr is already rounded to T
+    }
+  }
+  if (p.kind == NormKind::none) return;
+  A mean = 0;
+  if (p.kind == NormKind::layer) {
+    A s = 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if ((int64_t(v) * kWarp + lane) * G < C)
+#pragma unroll
+        for (int j = 0; j < G; ++j) s += xr[v][j];
+    mean = warp_sum(s) / A(C);
+  }
+  A sq = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if ((int64_t(v) * kWarp + lane) * G < C)
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const A d = xr[v][j] - mean;
+        sq += d * d;
+      }
+  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
+  const W* weight = static_cast<const W*>(p.weight);
+  T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = (int64_t(v) * kWarp + lane) * G;
+    if (c >= C) continue;
+    A sh[G], sc[G], w[G];
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
+    if (weight) {
+      load_pack<G>(weight + c, w);
+    } else {
+#pragma unroll
+      for (int j = 0; j < G; ++j) w[j] = A(1);
+    }
+    A o[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) o[j] = nm::modulate<A>(round_to<T>((xr[v][j] - mean) * rinv), w[j], sh[j], sc[j]);
+    store_pack<G>(out + c, o);
+  }
+}
+
+template <class T, int N, class R>
+bool rows_packable(const R& r) {
+  return r.ptr == nullptr || (pack_aligned<T, N>(r.ptr, r.stride_b) && pack_aligned<T, N>(r.ptr, r.stride_l));
+}
+
+// The packed forward keeps at most this many elements of a row per lane in
+// registers (more would spill); longer rows take the scalar kernel.
+constexpr int kMaxRegistersPerLane = 64;
+
+// Packs per lane (template V) of the packed forward: exact for the model's
+// widths (768 and 1152 in 16-bit: 3 and 5), rounded up otherwise.
+constexpr int kPackCounts[] = {2, 3, 5, 8, 16};
+
+// Packs per lane the packed forward needs for p (0: use the scalar kernel).
+template <class T, class W, class M>
+int forward_packs_per_lane(const NormModulateForward& p) {
+  constexpr int G = 16 / int(sizeof(T));
+  if (p.C % G != 0) return 0;
+  const bool aligned = rows_packable<T, G>(p.x) && rows_packable<T, G>(p.y) && rows_packable<M, G>(p.gate) &&
+                       rows_packable<M, G>(p.shift) && rows_packable<M, G>(p.scale) &&
+                       rows_packable<T, G>(p.out) && rows_packable<T, G>(p.x_out) &&
+                       (p.weight == nullptr || pack_aligned<W, G>(p.weight));
+  if (!aligned) return 0;
+  const int64_t per_lane = (p.C / G + kWarp - 1) / kWarp;
+  for (int v : kPackCounts)
+    if (per_lane <= v && v * G <= kMaxRegistersPerLane) return v;
+  return 0;
 }
 
 struct Workspace {
@@ -220,7 +328,21 @@ struct Launch {
   static int forward(const NormModulateForward& p, cudaStream_t s) {
     const int64_t rows = p.B * p.L;
     const unsigned blocks = unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    forward_kernel<T, W, M><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(p);
+    constexpr unsigned kThreads = kRowsPerBlock * kWarp;
+    // float64 (tests, gradcheck) always takes the scalar kernel
+    const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
+    if constexpr (!std::is_same_v<T, double>) {
+      constexpr int G = 16 / int(sizeof(T));
+      if (packs == 2) forward_packed_kernel<T, W, M, 2><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 3) forward_packed_kernel<T, W, M, 3><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 5) forward_packed_kernel<T, W, M, 5><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 8) forward_packed_kernel<T, W, M, 8><<<blocks, kThreads, 0, s>>>(p);
+      if constexpr (16 * G <= kMaxRegistersPerLane) {
+        if (packs == 16) forward_packed_kernel<T, W, M, 16><<<blocks, kThreads, 0, s>>>(p);
+      }
+      static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
+    }
+    if (packs == 0) forward_kernel<T, W, M><<<blocks, kThreads, 0, s>>>(p);
     return int(cudaGetLastError());
   }
   static int backward(const NormModulateBackward& p, void* workspace, cudaStream_t s) {

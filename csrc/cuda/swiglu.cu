@@ -1,10 +1,15 @@
 // CUDA kernels for the SwiGLU gate (see ddt/swiglu.h): a 2D grid, rows x
 // column tiles (rows grid-strided past 65535), so strided row views need no
-// index division per element.
+// index division per element. When every row start is 16-byte aligned and H
+// a multiple of the pack width (the model's case), each thread moves 16-byte
+// packs (packed_*_kernel); otherwise one element at a time.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "ddt/dtype_dispatch.h"
 #include "ddt/swiglu.h"
+#include "pack.cuh"
 
 namespace ddt {
 namespace cuda {
@@ -42,19 +47,85 @@ __global__ void backward_kernel(Swiglu p) {
   }
 }
 
-dim3 grid(const Swiglu& p) {
-  const int64_t tiles = (p.H + kThreads - 1) / kThreads;
+// Packed variants: G = 16 bytes of T per thread and step.
+template <class T>
+__global__ void packed_forward_kernel(Swiglu p) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  for (int64_t r = blockIdx.y; r < p.R; r += gridDim.y) {
+    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
+    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
+    T* out = static_cast<T*>(p.out) + r * p.H;
+    for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * G; i < p.H;
+         i += int64_t(gridDim.x) * kThreads * G) {
+      A av[G], bv[G], o[G];
+      load_pack<G>(a + i, av);
+      load_pack<G>(b + i, bv);
+#pragma unroll
+      for (int j = 0; j < G; ++j) o[j] = sg::forward<A>(av[j], bv[j]);
+      store_pack<G>(out + i, o);
+    }
+  }
+}
+
+template <class T>
+__global__ void packed_backward_kernel(Swiglu p) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  for (int64_t r = blockIdx.y; r < p.R; r += gridDim.y) {
+    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
+    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
+    const T* g = static_cast<const T*>(p.grad_out) + r * p.H;
+    T* ga = static_cast<T*>(p.grad_a) + r * p.H;
+    T* gb = static_cast<T*>(p.grad_b) + r * p.H;
+    for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * G; i < p.H;
+         i += int64_t(gridDim.x) * kThreads * G) {
+      A av[G], bv[G], gv[G], da[G], db[G];
+      load_pack<G>(a + i, av);
+      load_pack<G>(b + i, bv);
+      load_pack<G>(g + i, gv);
+#pragma unroll
+      for (int j = 0; j < G; ++j) sg::backward<A>(av[j], bv[j], gv[j], da[j], db[j]);
+      store_pack<G>(ga + i, da);
+      store_pack<G>(gb + i, db);
+    }
+  }
+}
+
+// Elements one thread handles per step (1 for the scalar kernels).
+dim3 grid(const Swiglu& p, int per_thread) {
+  const int64_t tiles = (p.H + int64_t(kThreads) * per_thread - 1) / (int64_t(kThreads) * per_thread);
   return dim3(unsigned(tiles < 8 ? tiles : 8), unsigned(p.R < 65535 ? p.R : 65535));
 }
 
 template <class T>
+bool packable(const Swiglu& p, bool backward) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;  // float64 (tests, gradcheck) takes the scalar kernels
+  } else {
+    constexpr int G = 16 / int(sizeof(T));
+    const bool rows = p.H % G == 0 && pack_aligned<T, G>(p.a, p.a_stride) && pack_aligned<T, G>(p.b, p.b_stride);
+    if (backward) return rows && pack_aligned<T, G>(p.grad_out) && pack_aligned<T, G>(p.grad_a) &&
+                         pack_aligned<T, G>(p.grad_b);
+    return rows && pack_aligned<T, G>(p.out);
+  }
+}
+
+template <class T>
 struct Launch {
+  static constexpr int G = 16 / int(sizeof(T));
   static int forward(const Swiglu& p, cudaStream_t s) {
-    forward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
+    if (packable<T>(p, false))
+      packed_forward_kernel<T><<<grid(p, G), kThreads, 0, s>>>(p);
+    else
+      forward_kernel<T><<<grid(p, 1), kThreads, 0, s>>>(p);
     return int(cudaGetLastError());
   }
   static int backward(const Swiglu& p, cudaStream_t s) {
-    backward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
+    if (packable<T>(p, true))
+      packed_backward_kernel<T><<<grid(p, G), kThreads, 0, s>>>(p);
+    else
+      backward_kernel<T><<<grid(p, 1), kThreads, 0, s>>>(p);
     return int(cudaGetLastError());
   }
 };

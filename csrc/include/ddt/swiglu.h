@@ -53,7 +53,15 @@ DDT_HD float exp_f32(float x) {
 #endif
 }
 
-DDT_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+DDT_HD float sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  // the hardware exp2 and reciprocal (a few ulp): the accurate expf and IEEE
+  // division would make the 16-bit kernel compute-bound on an H100/H200
+  return __fdividef(1.0f, 1.0f + __expf(-x));
+#else
+  return 1.0f / (1.0f + exp_f32(-x));
+#endif
+}
 DDT_HD double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 template <class A>

@@ -1,0 +1,86 @@
+// Packed (vector) loads and stores for the memory-bound CUDA kernels: N
+// consecutive elements moved with 16-byte (or, for N * sizeof(T) < 16,
+// 8- or 4-byte) transactions and widened to / narrowed from the accumulation
+// type with the same load<A>/store<T> conversions the scalar kernels use, so
+// packed and scalar paths compute identical values.
+//
+// Callers guarantee the alignment: ptr 16-byte aligned (the launchers check
+// base pointers and strides before choosing a packed kernel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ddt/dtypes.h"
+
+namespace ddt {
+namespace cuda {
+
+template <int Bytes>
+struct RawChunk;
+template <>
+struct RawChunk<16> {
+  using type = uint4;
+};
+template <>
+struct RawChunk<8> {
+  using type = uint2;
+};
+template <>
+struct RawChunk<4> {
+  using type = uint32_t;
+};
+
+// Bytes per transaction for N elements of T: 16, or the whole pack when smaller.
+template <class T, int N>
+constexpr int chunk_bytes() {
+  return int(sizeof(T)) * N < 16 ? int(sizeof(T)) * N : 16;
+}
+
+template <int N, class A, class T>
+__device__ __forceinline__ void load_pack(const T* ptr, A (&out)[N]) {
+  constexpr int kBytes = chunk_bytes<T, N>();
+  constexpr int kPer = kBytes / int(sizeof(T));
+  static_assert(kPer * int(sizeof(T)) == kBytes && N % kPer == 0, "pack must split into whole chunks");
+  using Raw = typename RawChunk<kBytes>::type;
+#pragma unroll
+  for (int i = 0; i < N; i += kPer) {
+    union {
+      Raw raw;
+      T v[kPer];
+    } u;
+    u.raw = *reinterpret_cast<const Raw*>(ptr + i);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) out[i + j] = load<A>(u.v[j]);
+  }
+}
+
+template <int N, class T, class A>
+__device__ __forceinline__ void store_pack(T* ptr, const A (&in)[N]) {
+  constexpr int kBytes = chunk_bytes<T, N>();
+  constexpr int kPer = kBytes / int(sizeof(T));
+  static_assert(kPer * int(sizeof(T)) == kBytes && N % kPer == 0, "pack must split into whole chunks");
+  using Raw = typename RawChunk<kBytes>::type;
+#pragma unroll
+  for (int i = 0; i < N; i += kPer) {
+    union {
+      Raw raw;
+      T v[kPer];
+    } u;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) u.v[j] = store<T>(in[i + j]);
+    *reinterpret_cast<Raw*>(ptr + i) = u.raw;
+  }
+}
+
+// Host side: can `elements`-wide packs of T start at ptr + k * stride for
+// every k? (pointer and stride in elements of T, pack bytes as chunk_bytes.)
+template <class T, int N>
+inline bool pack_aligned(const void* ptr, int64_t stride = 0) {
+  constexpr int kBytes = chunk_bytes<T, N>();
+  return reinterpret_cast<uintptr_t>(ptr) % kBytes == 0 && (stride * int64_t(sizeof(T))) % kBytes == 0;
+}
+
+}  // namespace cuda
+}  // namespace ddt
