@@ -12,6 +12,7 @@
 // order. No atomics: results are deterministic.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "ddt/dtype_dispatch.h"
@@ -92,7 +93,10 @@ __global__ void forward_kernel(NormModulateForward p) {
 
 // G elements per pack (16 bytes of x), V packs per lane: a row of up to
 // 32 * V * G elements lives in registers.
-template <class T, class W, class M, int V>
+// kPrefetch: issue the shift/scale loads before the row reduction (kept
+// packed in registers) instead of after it, so no warp waits on them
+// after its reduction; costs registers (fewer resident warps).
+template <class T, class W, class M, int V, bool kPrefetch>
 __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(NormModulateForward p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
@@ -121,6 +125,16 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
     }
   }
   if (p.kind == NormKind::none) return;
+  RawPack<M, G> sh_raw[kPrefetch ? V : 1], sc_raw[kPrefetch ? V : 1];
+  if constexpr (kPrefetch) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = (int64_t(v) * kWarp + lane) * G;
+      if (c >= C) continue;
+      load_raw<G>(row_ptr<M>(p.shift, b, l) + c, sh_raw[v]);
+      load_raw<G>(row_ptr<M>(p.scale, b, l) + c, sc_raw[v]);
+    }
+  }
   A mean = 0;
   if (p.kind == NormKind::layer) {
     A s = 0;
@@ -148,8 +162,13 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
     const int64_t c = (int64_t(v) * kWarp + lane) * G;
     if (c >= C) continue;
     A sh[G], sc[G], w[G];
-    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
-    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
+    if constexpr (kPrefetch) {
+      unpack<G>(sh_raw[v], sh);
+      unpack<G>(sc_raw[v], sc);
+    } else {
+      load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+      load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
+    }
     if (weight) {
       load_pack<G>(weight + c, w);
     } else {
@@ -323,6 +342,16 @@ __global__ void backward_finish_kernel(NormModulateBackward p, Workspace ws) {
   if (p.residual && !p.gate.per_token()) static_cast<M*>(p.grad_gate)[b * p.C + c] = store<M>(sums[2]);
 }
 
+// Prefetch shift/scale in the packed forward (rows of up to 5 packs per
+// lane)? Off unless DDT_FAST_NORM_PREFETCH=1 (a tuning switch for benchmarks).
+bool forward_prefetch_modulation() {
+  static const bool on = [] {
+    const char* env = std::getenv("DDT_FAST_NORM_PREFETCH");
+    return env != nullptr && env[0] == '1';
+  }();
+  return on;
+}
+
 template <class T, class W, class M>
 struct Launch {
   static int forward(const NormModulateForward& p, cudaStream_t s) {
@@ -333,12 +362,19 @@ struct Launch {
     const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      if (packs == 2) forward_packed_kernel<T, W, M, 2><<<blocks, kThreads, 0, s>>>(p);
-      if (packs == 3) forward_packed_kernel<T, W, M, 3><<<blocks, kThreads, 0, s>>>(p);
-      if (packs == 5) forward_packed_kernel<T, W, M, 5><<<blocks, kThreads, 0, s>>>(p);
-      if (packs == 8) forward_packed_kernel<T, W, M, 8><<<blocks, kThreads, 0, s>>>(p);
-      if constexpr (16 * G <= kMaxRegistersPerLane) {
-        if (packs == 16) forward_packed_kernel<T, W, M, 16><<<blocks, kThreads, 0, s>>>(p);
+      if (forward_prefetch_modulation()) {
+        if (packs == 2) forward_packed_kernel<T, W, M, 2, true><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 3) forward_packed_kernel<T, W, M, 3, true><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 5) forward_packed_kernel<T, W, M, 5, true><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 8 || packs == 16) forward_kernel<T, W, M><<<blocks, kThreads, 0, s>>>(p);
+      } else {
+        if (packs == 2) forward_packed_kernel<T, W, M, 2, false><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 3) forward_packed_kernel<T, W, M, 3, false><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 5) forward_packed_kernel<T, W, M, 5, false><<<blocks, kThreads, 0, s>>>(p);
+        if (packs == 8) forward_packed_kernel<T, W, M, 8, false><<<blocks, kThreads, 0, s>>>(p);
+        if constexpr (16 * G <= kMaxRegistersPerLane) {
+          if (packs == 16) forward_packed_kernel<T, W, M, 16, false><<<blocks, kThreads, 0, s>>>(p);
+        }
       }
       static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
     }

@@ -38,22 +38,43 @@ constexpr int chunk_bytes() {
   return int(sizeof(T)) * N < 16 ? int(sizeof(T)) * N : 16;
 }
 
-template <int N, class A, class T>
-__device__ __forceinline__ void load_pack(const T* ptr, A (&out)[N]) {
-  constexpr int kBytes = chunk_bytes<T, N>();
-  constexpr int kPer = kBytes / int(sizeof(T));
+// N elements of T as loaded, before widening (16-bit values stay packed two
+// per register, so a prefetched pack costs half the registers of a widened one).
+template <class T, int N>
+struct RawPack {
+  static constexpr int kBytes = chunk_bytes<T, N>();
+  static constexpr int kPer = kBytes / int(sizeof(T));
   static_assert(kPer * int(sizeof(T)) == kBytes && N % kPer == 0, "pack must split into whole chunks");
-  using Raw = typename RawChunk<kBytes>::type;
+  typename RawChunk<kBytes>::type chunk[N / kPer];
+};
+
+template <int N, class T>
+__device__ __forceinline__ void load_raw(const T* ptr, RawPack<T, N>& p) {
+  using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
 #pragma unroll
-  for (int i = 0; i < N; i += kPer) {
+  for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) p.chunk[i] = reinterpret_cast<const Raw*>(ptr)[i];
+}
+
+template <int N, class A, class T>
+__device__ __forceinline__ void unpack(const RawPack<T, N>& p, A (&out)[N]) {
+  constexpr int kPer = RawPack<T, N>::kPer;
+#pragma unroll
+  for (int i = 0; i < N / kPer; ++i) {
     union {
-      Raw raw;
+      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
       T v[kPer];
     } u;
-    u.raw = *reinterpret_cast<const Raw*>(ptr + i);
+    u.raw = p.chunk[i];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) out[i + j] = load<A>(u.v[j]);
+    for (int j = 0; j < kPer; ++j) out[i * kPer + j] = load<A>(u.v[j]);
   }
+}
+
+template <int N, class A, class T>
+__device__ __forceinline__ void load_pack(const T* ptr, A (&out)[N]) {
+  RawPack<T, N> p;
+  load_raw<N>(ptr, p);
+  unpack<N>(p, out);
 }
 
 template <int N, class T, class A>

@@ -2,7 +2,7 @@
 // column tiles (rows grid-strided past 65535), so strided row views need no
 // index division per element. When every row start is 16-byte aligned and H
 // a multiple of the pack width (the model's case), each thread moves 16-byte
-// packs (packed_*_kernel); otherwise one element at a time.
+// packs over a flat grid (packed_*_kernel); otherwise one element at a time.
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -47,55 +47,60 @@ __global__ void backward_kernel(Swiglu p) {
   }
 }
 
-// Packed variants: G = 16 bytes of T per thread and step.
-template <class T>
+// Packed variants: G = 16 bytes of T per thread and step, a flat 1D grid
+// over all R * H / G packs (a row of the model's H = 3072 bf16 is only 384
+// packs: one block per row would leave threads idle). I: the index type
+// (32-bit division when the pack count fits).
+template <class T, class I>
 __global__ void packed_forward_kernel(Swiglu p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
-  for (int64_t r = blockIdx.y; r < p.R; r += gridDim.y) {
-    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
-    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
-    T* out = static_cast<T*>(p.out) + r * p.H;
-    for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * G; i < p.H;
-         i += int64_t(gridDim.x) * kThreads * G) {
-      A av[G], bv[G], o[G];
-      load_pack<G>(a + i, av);
-      load_pack<G>(b + i, bv);
+  const I per_row = I(p.H / G), total = I(p.R) * per_row;
+  for (I idx = I(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += I(gridDim.x) * kThreads) {
+    const I r = idx / per_row, i = (idx - r * per_row) * G;
+    A av[G], bv[G], o[G];
+    load_pack<G>(static_cast<const T*>(p.a) + int64_t(r) * p.a_stride + i, av);
+    load_pack<G>(static_cast<const T*>(p.b) + int64_t(r) * p.b_stride + i, bv);
 #pragma unroll
-      for (int j = 0; j < G; ++j) o[j] = sg::forward<A>(av[j], bv[j]);
-      store_pack<G>(out + i, o);
-    }
+    for (int j = 0; j < G; ++j) o[j] = sg::forward<A>(av[j], bv[j]);
+    store_pack<G>(static_cast<T*>(p.out) + int64_t(r) * p.H + i, o);
   }
 }
 
-template <class T>
+template <class T, class I>
 __global__ void packed_backward_kernel(Swiglu p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
-  for (int64_t r = blockIdx.y; r < p.R; r += gridDim.y) {
-    const T* a = static_cast<const T*>(p.a) + r * p.a_stride;
-    const T* b = static_cast<const T*>(p.b) + r * p.b_stride;
-    const T* g = static_cast<const T*>(p.grad_out) + r * p.H;
-    T* ga = static_cast<T*>(p.grad_a) + r * p.H;
-    T* gb = static_cast<T*>(p.grad_b) + r * p.H;
-    for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * G; i < p.H;
-         i += int64_t(gridDim.x) * kThreads * G) {
-      A av[G], bv[G], gv[G], da[G], db[G];
-      load_pack<G>(a + i, av);
-      load_pack<G>(b + i, bv);
-      load_pack<G>(g + i, gv);
+  const I per_row = I(p.H / G), total = I(p.R) * per_row;
+  for (I idx = I(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += I(gridDim.x) * kThreads) {
+    const I r = idx / per_row, i = (idx - r * per_row) * G;
+    const int64_t row = int64_t(r) * p.H + i;
+    A av[G], bv[G], gv[G], da[G], db[G];
+    load_pack<G>(static_cast<const T*>(p.a) + int64_t(r) * p.a_stride + i, av);
+    load_pack<G>(static_cast<const T*>(p.b) + int64_t(r) * p.b_stride + i, bv);
+    load_pack<G>(static_cast<const T*>(p.grad_out) + row, gv);
 #pragma unroll
-      for (int j = 0; j < G; ++j) sg::backward<A>(av[j], bv[j], gv[j], da[j], db[j]);
-      store_pack<G>(ga + i, da);
-      store_pack<G>(gb + i, db);
-    }
+    for (int j = 0; j < G; ++j) sg::backward<A>(av[j], bv[j], gv[j], da[j], db[j]);
+    store_pack<G>(static_cast<T*>(p.grad_a) + row, da);
+    store_pack<G>(static_cast<T*>(p.grad_b) + row, db);
   }
 }
 
-// Elements one thread handles per step (1 for the scalar kernels).
-dim3 grid(const Swiglu& p, int per_thread) {
-  const int64_t tiles = (p.H + int64_t(kThreads) * per_thread - 1) / (int64_t(kThreads) * per_thread);
+// Blocks of the flat packed grid (grid-stride past the cap).
+unsigned packed_blocks(const Swiglu& p, int G) {
+  const int64_t total = p.R * (p.H / G), blocks = (total + kThreads - 1) / kThreads;
+  return unsigned(blocks < (int64_t(1) << 24) ? blocks : (int64_t(1) << 24));
+}
+
+// The scalar kernels' grid: column tiles x rows.
+dim3 grid(const Swiglu& p) {
+  const int64_t tiles = (p.H + kThreads - 1) / kThreads;
   return dim3(unsigned(tiles < 8 ? tiles : 8), unsigned(p.R < 65535 ? p.R : 65535));
+}
+
+// Does the flat packed grid index fit 32 bits?
+bool packed_index_fits_32(const Swiglu& p, int G, unsigned blocks) {
+  return p.R * (p.H / G) + int64_t(blocks) * kThreads < (int64_t(1) << 32);
 }
 
 template <class T>
@@ -113,19 +118,36 @@ bool packable(const Swiglu& p, bool backward) {
 
 template <class T>
 struct Launch {
-  static constexpr int G = 16 / int(sizeof(T));
   static int forward(const Swiglu& p, cudaStream_t s) {
-    if (packable<T>(p, false))
-      packed_forward_kernel<T><<<grid(p, G), kThreads, 0, s>>>(p);
-    else
-      forward_kernel<T><<<grid(p, 1), kThreads, 0, s>>>(p);
+    if constexpr (!std::is_same_v<T, double>) {
+      constexpr int G = 16 / int(sizeof(T));
+      if (packable<T>(p, false)) {
+        const unsigned blocks = packed_blocks(p, G);
+        if (blocks == 0) return 0;
+        if (packed_index_fits_32(p, G, blocks))
+          packed_forward_kernel<T, uint32_t><<<blocks, kThreads, 0, s>>>(p);
+        else
+          packed_forward_kernel<T, int64_t><<<blocks, kThreads, 0, s>>>(p);
+        return int(cudaGetLastError());
+      }
+    }
+    forward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
     return int(cudaGetLastError());
   }
   static int backward(const Swiglu& p, cudaStream_t s) {
-    if (packable<T>(p, true))
-      packed_backward_kernel<T><<<grid(p, G), kThreads, 0, s>>>(p);
-    else
-      backward_kernel<T><<<grid(p, 1), kThreads, 0, s>>>(p);
+    if constexpr (!std::is_same_v<T, double>) {
+      constexpr int G = 16 / int(sizeof(T));
+      if (packable<T>(p, true)) {
+        const unsigned blocks = packed_blocks(p, G);
+        if (blocks == 0) return 0;
+        if (packed_index_fits_32(p, G, blocks))
+          packed_backward_kernel<T, uint32_t><<<blocks, kThreads, 0, s>>>(p);
+        else
+          packed_backward_kernel<T, int64_t><<<blocks, kThreads, 0, s>>>(p);
+        return int(cudaGetLastError());
+      }
+    }
+    backward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
     return int(cudaGetLastError());
   }
 };
