@@ -47,13 +47,20 @@ def dp_section(d: dict) -> str:
 
 
 def ops_section(d: dict) -> str:
-    rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    bandwidth = any("fused_fwd_pct_peak" in r for r in d["rows"])
+    rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
+            + (" fwd GB/s: fused / compiled (% of HBM peak) |" if bandwidth else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bandwidth else "")]
     for r in d["rows"]:
-        rows.append(f"| {r['op']} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
-                    f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
-                    f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
-                    f"{r['bwd_vs_eager']:.2f}x |")
+        line = (f"| {r['op']} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
+                f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
+                f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
+                f"{r['bwd_vs_eager']:.2f}x |")
+        if bandwidth:
+            gbs = [f"{r[f'{n}_fwd_GBs']:.0f} ({r[f'{n}_fwd_pct_peak']:.0f}%)" if f"{n}_fwd_pct_peak" in r else "-"
+                   for n in ("fused", "compile")]
+            line += f" {gbs[0]} / {gbs[1]} |"
+        rows.append(line)
     model = [f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
              f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"
              for m in d.get("model", [])]
@@ -63,8 +70,9 @@ def ops_section(d: dict) -> str:
                        f"{s['fwd_vs_compile']:.2f}x compiled, backward {s['bwd_vs_eager']:.2f}x eager "
                        f"(targets {d['cpu_targets']['fwd_vs_eager']:.0f}x / {d['cpu_targets']['fwd_vs_compile']}x / "
                        f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})")
+    note = [f"- {d['note']}"] if d.get("note") else []
     return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; medians, same process, "
-                      "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary])
+                      "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])
 
 
 def sampling_section(d: dict) -> str:
