@@ -116,52 +116,37 @@ bool packable(const Swiglu& p, bool backward) {
   }
 }
 
+// One launcher for both directions: the packed kernel (32- or 64-bit index)
+// when the operands allow it, else the scalar one.
 template <class T>
-struct Launch {
-  static int forward(const Swiglu& p, cudaStream_t s) {
-    if constexpr (!std::is_same_v<T, double>) {
-      constexpr int G = 16 / int(sizeof(T));
-      if (packable<T>(p, false)) {
-        const unsigned blocks = packed_blocks(p, G);
-        if (blocks == 0) return 0;
-        if (packed_index_fits_32(p, G, blocks))
-          packed_forward_kernel<T, uint32_t><<<blocks, kThreads, 0, s>>>(p);
-        else
-          packed_forward_kernel<T, int64_t><<<blocks, kThreads, 0, s>>>(p);
-        return int(cudaGetLastError());
-      }
+int launch(const Swiglu& p, cudaStream_t s, bool backward) {
+  if constexpr (!std::is_same_v<T, double>) {
+    constexpr int G = 16 / int(sizeof(T));
+    if (packable<T>(p, backward)) {
+      const unsigned blocks = packed_blocks(p, G);
+      if (blocks == 0) return 0;
+      const bool i32 = packed_index_fits_32(p, G, blocks);
+      void (*kernel)(Swiglu) = backward
+                                   ? (i32 ? packed_backward_kernel<T, uint32_t> : packed_backward_kernel<T, int64_t>)
+                                   : (i32 ? packed_forward_kernel<T, uint32_t> : packed_forward_kernel<T, int64_t>);
+      kernel<<<blocks, kThreads, 0, s>>>(p);
+      return int(cudaGetLastError());
     }
-    forward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
-    return int(cudaGetLastError());
   }
-  static int backward(const Swiglu& p, cudaStream_t s) {
-    if constexpr (!std::is_same_v<T, double>) {
-      constexpr int G = 16 / int(sizeof(T));
-      if (packable<T>(p, true)) {
-        const unsigned blocks = packed_blocks(p, G);
-        if (blocks == 0) return 0;
-        if (packed_index_fits_32(p, G, blocks))
-          packed_backward_kernel<T, uint32_t><<<blocks, kThreads, 0, s>>>(p);
-        else
-          packed_backward_kernel<T, int64_t><<<blocks, kThreads, 0, s>>>(p);
-        return int(cudaGetLastError());
-      }
-    }
-    backward_kernel<T><<<grid(p), kThreads, 0, s>>>(p);
-    return int(cudaGetLastError());
-  }
-};
+  (backward ? backward_kernel<T> : forward_kernel<T>)<<<grid(p), kThreads, 0, s>>>(p);
+  return int(cudaGetLastError());
+}
 
 }  // namespace
 
 int swiglu_forward(const Swiglu& p, stream_t stream) {
   return dispatch_x<int>(p.dtype, int(cudaErrorInvalidValue),
-                         [&](auto t) { return Launch<decltype(t)>::forward(p, stream); });
+                         [&](auto t) { return launch<decltype(t)>(p, stream, false); });
 }
 
 int swiglu_backward(const Swiglu& p, stream_t stream) {
   return dispatch_x<int>(p.dtype, int(cudaErrorInvalidValue),
-                         [&](auto t) { return Launch<decltype(t)>::backward(p, stream); });
+                         [&](auto t) { return launch<decltype(t)>(p, stream, true); });
 }
 
 }  // namespace cuda
