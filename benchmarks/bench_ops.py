@@ -10,7 +10,11 @@ On a GPU also reports achieved bandwidth against the device's HBM peak:
 the bytes one forward must move (every input read once, every output written
 once) over the time per call of 20 back-to-back calls that alternate between
 two copies of the inputs, each larger than L2, so no call finds its inputs in
-L2 and launch gaps between calls do not count. Also times a whole DDT-B/2 forward with the
+L2: once as back-to-back stream launches (`*_GBs`, which include the host's
+launch cost when a call is shorter than it) and once replayed from a CUDA
+graph (`*_graph_GBs`, GPU time alone). The same for the fused backward op of
+the norm family and SwiGLU (`fused_bwd_*`), and for a plain device copy of the
+same number of bytes (`copy_*`, the practical ceiling). Also times a whole DDT-B/2 forward with the
 fused backend against the reference backend. Writes
 benchmarks/results/ops_<device>.json (or --out).
 """
@@ -129,10 +133,94 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref):
         peak = next((v for k, v in HBM_PEAK_GBS.items() if k in torch.cuda.get_device_name(device).lower()), None)
         copies = (inputs, tuple(t.clone() for t in inputs))
         for name, fn in impls.items():
-            row[f"{name}_fwd_GBs"] = nbytes / back_to_back_seconds(fn, copies) / 1e9
-            if peak:
-                row[f"{name}_fwd_pct_peak"] = 100 * row[f"{name}_fwd_GBs"] / peak
+            bandwidth_columns(row, f"{name}_fwd", nbytes, fn, copies, peak)
+        bwd = backward_case(op, inputs, B, L, C, dtype)
+        if bwd is not None:
+            bwd_fn, bwd_inputs, bwd_bytes = bwd
+            bandwidth_columns(row, "fused_bwd", bwd_bytes, bwd_fn,
+                              (bwd_inputs, tuple(t.clone() for t in bwd_inputs)), peak)
+        # the practical ceiling: a device-to-device copy moving the same bytes (half read, half written)
+        src = [torch.empty(nbytes // 2, dtype=torch.uint8, device=device) for _ in range(2)]
+        dst = torch.empty_like(src[0])
+        bandwidth_columns(row, "copy", nbytes, lambda s: dst.copy_(s), ((src[0],), (src[1],)), peak)
+        del src, dst
     return row
+
+
+def backward_case(op, inputs, B, L, C, dtype):
+    """(fused backward op call, bytes it must move) for the ops whose backward
+    is one ddt_fast op; None for the others. Per-token modulation as in
+    make_case: the column sums are only the norm weight's."""
+    e = torch.finfo(dtype).bits // 8
+    f = torch.ops.ddt_fast
+    n = B * L * C * e
+    go = torch.randn(B, L, C, device=inputs[0].device, dtype=dtype)
+    if op == "rms_norm_modulate":
+        x, w, sh, sc = inputs
+        # reads grad_out, x, scale; writes grad_x, grad_shift, grad_scale
+        return (lambda go, x, w, sh, sc: f.norm_modulate_backward(go, None, x, None, None, w, sh, sc, 1e-6, 1, False),
+                (go, x, w, sh, sc), 6 * n)
+    if op == "layer_norm_modulate":
+        x, sh, sc = inputs
+        return (lambda go, x, sh, sc: f.norm_modulate_backward(go, None, x, None, None, None, sh, sc, 1e-6, 2, False),
+                (go, x, sh, sc), 6 * n)
+    if op == "gated_residual_rms_norm_modulate":
+        x, gate, y, w, sh, sc = inputs
+        gxo = torch.randn_like(go)
+        # reads grad_out, grad_x', x', y, gate, scale; writes grad_x, grad_y, grad_gate, grad_shift, grad_scale
+        return (lambda go, gxo, x, gate, y, w, sh, sc: f.norm_modulate_backward(go, gxo, x, gate, y, w, sh, sc,
+                                                                                1e-6, 1, True),
+                (go, gxo, x, gate, y, w, sh, sc), 11 * n)
+    if op == "swiglu":
+        a, b = inputs
+        g = torch.randn_like(a)
+        return (lambda g, a, b: f.swiglu_backward(g, a, b), (g, a, b), 5 * a.numel() * e)
+    return None
+
+
+def graph_seconds(fn, copies, calls=20):
+    """Seconds per call of `calls` calls (alternating between the input copies)
+    replayed from one CUDA graph: the GPU time alone, with no host launch
+    cost between calls. None if the calls cannot be captured."""
+    try:
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for inputs in copies:
+                    fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(calls):
+                    fn(*copies[i % len(copies)])
+            graph.replay()
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / 1e3 / calls)
+        del graph
+        return best
+    except Exception as e:  # a capture failure is a result (the stream timing still stands)
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def bandwidth_columns(row, prefix, nbytes, fn, copies, peak):
+    """row[prefix_GBs] from back-to-back stream launches, row[prefix_graph_GBs]
+    from a CUDA graph of the same calls, each with its % of the HBM peak."""
+    for suffix, seconds in (("", back_to_back_seconds(fn, copies)), ("_graph", graph_seconds(fn, copies))):
+        if seconds is None:
+            continue
+        row[f"{prefix}{suffix}_GBs"] = nbytes / seconds / 1e9
+        if peak:
+            row[f"{prefix}{suffix}_pct_peak"] = 100 * row[f"{prefix}{suffix}_GBs"] / peak
 
 
 def back_to_back_seconds(fn, copies, calls=20):
@@ -233,11 +321,21 @@ def main(argv=None):
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
     if device.type == "cuda":
+        print("GB/s (% of HBM peak), stream launches | CUDA graph:")
         for r in rows:
-            print(f"{r['op']:34s} L={r['L']:5d} forward GB/s: " + ", ".join(
-                f"{name} {r[f'{name}_fwd_GBs']:.0f}" + (f" ({r[f'{name}_fwd_pct_peak']:.0f}% of peak)"
-                                                       if f"{name}_fwd_pct_peak" in r else "")
-                for name in ("fused", "eager", "compile") if f"{name}_fwd_GBs" in r))
+            cols = []
+            for name in ("fused_fwd", "compile_fwd", "eager_fwd", "fused_bwd", "copy"):
+                if f"{name}_GBs" not in r:
+                    continue
+                cell = f"{name} {r[f'{name}_GBs']:.0f}"
+                if f"{name}_pct_peak" in r:
+                    cell += f" ({r[f'{name}_pct_peak']:.0f}%)"
+                if f"{name}_graph_GBs" in r:
+                    cell += f" | {r[f'{name}_graph_GBs']:.0f}"
+                    if f"{name}_graph_pct_peak" in r:
+                        cell += f" ({r[f'{name}_graph_pct_peak']:.0f}%)"
+                cols.append(cell)
+            print(f"{r['op']:34s} L={r['L']:5d} " + "; ".join(cols))
     suffix = "_quick" if args.quick else "_xl" if args.xl_only else ""
     path = write_json(args.out or result_path(f"ops_{device_tag(device)}{suffix}.json"),
                       {"machine": machine, "rows": rows, "model": model_rows,

@@ -46,20 +46,33 @@ def dp_section(d: dict) -> str:
     return "\n".join([f"**DP schedule solver** ({_machine(d['machine'])}):", "", *rows])
 
 
+def _gbs(r: dict, name: str) -> str:
+    """'GB/s (% of peak)' for name, from the CUDA-graph timing when there is one."""
+    for key in (f"{name}_graph", name):
+        if f"{key}_pct_peak" in r:
+            return f"{r[f'{key}_GBs']:.0f} ({r[f'{key}_pct_peak']:.0f}%)"
+    return "-"
+
+
 def ops_section(d: dict) -> str:
     bandwidth = any("fused_fwd_pct_peak" in r for r in d["rows"])
+    graph = any("fused_fwd_graph_pct_peak" in r for r in d["rows"])
+    extra = " fwd GB/s: fused / compiled (% of HBM peak) |"
+    if graph:
+        extra = " fwd GB/s: fused / compiled | bwd GB/s: fused | copy GB/s (% of HBM peak, CUDA graph) |"
+    cols = extra.count("|")
     rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
-            + (" fwd GB/s: fused / compiled (% of HBM peak) |" if bandwidth else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bandwidth else "")]
+            + (extra if bandwidth else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * cols if bandwidth else "")]
     for r in d["rows"]:
         line = (f"| {r['op']} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
                 f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
                 f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
                 f"{r['bwd_vs_eager']:.2f}x |")
         if bandwidth:
-            gbs = [f"{r[f'{n}_fwd_GBs']:.0f} ({r[f'{n}_fwd_pct_peak']:.0f}%)" if f"{n}_fwd_pct_peak" in r else "-"
-                   for n in ("fused", "compile")]
-            line += f" {gbs[0]} / {gbs[1]} |"
+            line += f" {_gbs(r, 'fused_fwd')} / {_gbs(r, 'compile_fwd')} |"
+            if graph:
+                line += f" {_gbs(r, 'fused_bwd')} | {_gbs(r, 'copy')} |"
         rows.append(line)
     model = [f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
              f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"

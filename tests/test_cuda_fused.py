@@ -3,6 +3,9 @@
 Run it on a GPU before adding an op to ddt_fast/ops/verified.py.
 """
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,6 +61,97 @@ def test_norm_family_backward_cuda_matches_cpu_kernels(dtype, per_token, B, L, C
             if b.numel():
                 mag = max(b.float().abs().max().item(), 1.0)
                 close(a.cpu() / mag, b / mag, dtype, 2.0)
+
+
+def _backward_args(dtype, device, B, L, C, per_token, kind, residual, with_grad_xo, offset=0):
+    """norm_modulate_backward's arguments with shift/scale/gate as chunk views of
+    one [B, L or 1, 6C] modulation tensor (the model's layout), on `device`."""
+    g = torch.Generator().manual_seed(B * 1000 + L * 10 + C)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    x, y, grad_out, grad_xo = (rnd(B, L, C) for _ in range(4))
+    w = (1 + 0.1 * torch.randn(C, generator=g)).to(dtype)
+    mod = rnd(B, L if per_token else 1, 6 * C) * 0.5
+    x, y, grad_out, grad_xo, w, mod = (t.to(device) for t in (x, y, grad_out, grad_xo, w, mod))
+    sh, sc, gate, *_ = mod.chunk(6, -1)
+    x, y, grad_out = (_offset_view(t, offset) for t in (x, y, grad_out))
+    return (grad_out if kind else None, grad_xo if residual and with_grad_xo else None, x,
+            gate if residual else None, y if residual else None, w if kind == 1 else None,
+            sh if kind else None, sc if kind else None, 1e-6, kind, residual)
+
+
+BACKWARD_CASES = [(kind, residual, with_grad_xo) for kind, residual in [(1, False), (2, False), (0, True), (1, True)]
+                  for with_grad_xo in ([True, False] if residual else [True])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("B,L,C,offset", [(2, 33, 768, 0), (2, 70, 1152, 0), (2, 33, 1152, 1), (1, 5, 1280, 0),
+                                          (2, 9, 2048, 0)])
+def test_norm_backward_packed_and_scalar_paths_cuda(dtype, per_token, B, L, C, offset):
+    """The packed backward (aligned rows of up to 40 elements per lane: 16-bit
+    C <= 1280, float32 C <= 1024; column sums on chip) and the scalar one
+    (misaligned rows, longer rows) agree with the CPU kernels, with the
+    modulation as strided chunk views and with and without grad_x_out."""
+    for case in BACKWARD_CASES:
+        cpu = f.norm_modulate_backward(*_backward_args(dtype, "cpu", B, L, C, per_token, *case))
+        gpu = f.norm_modulate_backward(*_backward_args(dtype, "cuda", B, L, C, per_token, *case, offset=offset))
+        for a, b in zip(gpu, cpu):
+            assert a.shape == b.shape, case
+            if b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a.cpu() / mag, b / mag, dtype, 2.0)
+
+
+_VARIANT_SCRIPT = """
+import torch, sys
+sys.path.insert(0, "tests")
+import test_cuda_fused as t
+f = torch.ops.ddt_fast
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for per_token in (False, True):
+        for (B, L, C) in ((2, 33, 1152), (3, 7, 72), (1, 4, 4096)):
+            for case in t.BACKWARD_CASES:
+                args = t._backward_args(dtype, "cuda", B, L, C, per_token, *case)
+                key = (str(dtype), per_token, B, L, C, case)
+                out[key + ("bwd",)] = [a.cpu() for a in f.norm_modulate_backward(*args)]
+                grad_out, _, x, gate, y, w, sh, sc, eps, kind, residual = args
+                if kind == 0:
+                    continue
+                if residual:
+                    out[key + ("fwd",)] = [a.cpu() for a in f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, eps)]
+                elif kind == 1:
+                    out[key + ("fwd",)] = [f.rms_norm_modulate(x, w, sh, sc, eps).cpu()]
+                else:
+                    out[key + ("fwd",)] = [f.layer_norm_modulate(x, sh, sc, eps).cpu()]
+torch.save(out, sys.argv[1])
+"""
+
+
+def _variant_outputs(tmp_path, env):
+    path = tmp_path / "out.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, **env), cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("env", [{"DDT_FAST_NORM_FORWARD": "raw_stream"}, {"DDT_FAST_NORM_FORWARD": "widened"},
+                                 {"DDT_FAST_NORM_BACKWARD": "rows"}], ids=lambda e: "=".join(*e.items()))
+def test_norm_kernel_variants_agree(tmp_path, env):
+    """The benchmark switches select other kernels for the same op: the packed
+    forwards must give bit-identical results, the two backwards the same
+    values up to float32 summation order."""
+    default, other = _variant_outputs(tmp_path, {}), _variant_outputs(tmp_path, env)
+    assert default.keys() == other.keys()
+    for key in default:
+        for a, b in zip(default[key], other[key]):
+            if key[-1] == "fwd":
+                assert torch.equal(a, b), key
+            elif b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a / mag, b / mag, a.dtype, 2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

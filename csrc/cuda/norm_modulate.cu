@@ -1,7 +1,7 @@
 // CUDA kernels for the fused norm + modulate family (see ddt/norm_modulate.h).
 //
 // Forward: one warp per row. When every operand allows 16-byte packs and the
-// row fits in registers (the model's case), forward_packed_kernel reads each
+// row fits in registers (the model's case), forward_raw_kernel reads each
 // element from memory once, with packed loads issued before any reduction;
 // otherwise forward_kernel reads the row twice (statistics, then output), the
 // second read mostly from L1/L2. Both compute the same values.
@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "ddt/dtype_dispatch.h"
@@ -91,13 +92,111 @@ __global__ void forward_kernel(NormModulateForward p) {
   }
 }
 
-// G elements per pack (16 bytes of x), V packs per lane: a row of up to
-// 32 * V * G elements lives in registers.
-// kPrefetch: issue the shift/scale loads before the row reduction (kept
-// packed in registers) instead of after it, so no warp waits on them
-// after its reduction; costs registers (fewer resident warps).
-template <class T, class W, class M, int V, bool kPrefetch>
-__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(NormModulateForward p) {
+// Packed forwards: G elements per pack (16 bytes of x), V packs per lane, a
+// row of up to 32 * V * G elements in registers. Lane `lane` owns packs
+// v * 32 + lane.
+template <int G>
+__device__ __forceinline__ int64_t pack_column(int v, int lane) {
+  return (int64_t(v) * kWarp + lane) * G;
+}
+
+// forward_raw_kernel keeps the row packed as loaded (two 16-bit values per
+// register, half the registers of widened floats, so more warps fit on an SM)
+// and is ordered load-all / compute / store-all: no load waits behind a store
+// to memory the compiler cannot prove distinct, so every pack's latency
+// overlaps. kStream: evict-first hints on x/y reads and out/x_out writes
+// (read or written once), leaving L2 to shift/scale/weight, which rows share.
+// (Capping registers for more resident warps spills at 5 packs per lane.)
+template <class T, class W, class M, int V, bool kStream>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormModulateForward p) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= p.B * p.L) return;
+  const int64_t b = r / p.L, l = r - b * p.L, C = p.C;
+  RawPack<T, G> xr[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
+  if (p.residual) {
+    RawPack<T, G> yr[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = pack_column<G>(v, lane);
+      if (c >= C) continue;
+      A xv[G], yv[G], g[G];
+      unpack<G>(xr[v], xv);
+      unpack<G>(yr[v], yv);
+      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
+#pragma unroll
+      for (int j = 0; j < G; ++j) xv[j] = nm::residual<A>(xv[j], g[j], yv[j]);
+      pack<G>(xv, xr[v]);  // x' rounded to T, as stored and as normalised
+    }
+    T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(xo + pack_column<G>(v, lane), xr[v]);
+  }
+  if (p.kind == NormKind::none) return;
+  A mean = 0;
+  if (p.kind == NormKind::layer) {
+    A s = 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (pack_column<G>(v, lane) >= C) continue;
+      A xv[G];
+      unpack<G>(xr[v], xv);
+#pragma unroll
+      for (int j = 0; j < G; ++j) s += xv[j];
+    }
+    mean = warp_sum(s) / A(C);
+  }
+  A sq = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if (pack_column<G>(v, lane) >= C) continue;
+    A xv[G];
+    unpack<G>(xr[v], xv);
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const A d = xv[j] - mean;
+      sq += d * d;
+    }
+  }
+  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
+  const W* weight = static_cast<const W*>(p.weight);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {  // loads only: the compiler may issue them all at once
+    const int64_t c = pack_column<G>(v, lane);
+    if (c >= C) continue;
+    A xv[G], sh[G], sc[G], w[G];
+    unpack<G>(xr[v], xv);
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
+    if (weight) {
+      load_pack<G>(weight + c, w);
+    } else {
+#pragma unroll
+      for (int j = 0; j < G; ++j) w[j] = A(1);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) xv[j] = nm::modulate<A>(round_to<T>((xv[j] - mean) * rinv), w[j], sh[j], sc[j]);
+    pack<G>(xv, xr[v]);
+  }
+  T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(out + pack_column<G>(v, lane), xr[v]);
+}
+
+// forward_widened_kernel: the previous packed forward (row widened to floats
+// in registers, loads interleaved with stores), kept while the two are compared.
+template <class T, class W, class M, int V>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_widened_kernel(NormModulateForward p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
   const int lane = threadIdx.x % kWarp;
@@ -107,14 +206,14 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
   A xr[V][G];
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    const int64_t c = (int64_t(v) * kWarp + lane) * G;
+    const int64_t c = pack_column<G>(v, lane);
     if (c < C) load_pack<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
   }
   if (p.residual) {
     T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      const int64_t c = (int64_t(v) * kWarp + lane) * G;
+      const int64_t c = pack_column<G>(v, lane);
       if (c >= C) continue;
       A y[G], g[G];
       load_pack<G>(row_ptr<T>(p.y, b, l) + c, y);
@@ -125,22 +224,12 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
     }
   }
   if (p.kind == NormKind::none) return;
-  RawPack<M, G> sh_raw[kPrefetch ? V : 1], sc_raw[kPrefetch ? V : 1];
-  if constexpr (kPrefetch) {
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t c = (int64_t(v) * kWarp + lane) * G;
-      if (c >= C) continue;
-      load_raw<G>(row_ptr<M>(p.shift, b, l) + c, sh_raw[v]);
-      load_raw<G>(row_ptr<M>(p.scale, b, l) + c, sc_raw[v]);
-    }
-  }
   A mean = 0;
   if (p.kind == NormKind::layer) {
     A s = 0;
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if ((int64_t(v) * kWarp + lane) * G < C)
+      if (pack_column<G>(v, lane) < C)
 #pragma unroll
         for (int j = 0; j < G; ++j) s += xr[v][j];
     mean = warp_sum(s) / A(C);
@@ -148,7 +237,7 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
   A sq = 0;
 #pragma unroll
   for (int v = 0; v < V; ++v)
-    if ((int64_t(v) * kWarp + lane) * G < C)
+    if (pack_column<G>(v, lane) < C)
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         const A d = xr[v][j] - mean;
@@ -159,16 +248,11 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_packed_kernel(No
   T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    const int64_t c = (int64_t(v) * kWarp + lane) * G;
+    const int64_t c = pack_column<G>(v, lane);
     if (c >= C) continue;
     A sh[G], sc[G], w[G];
-    if constexpr (kPrefetch) {
-      unpack<G>(sh_raw[v], sh);
-      unpack<G>(sc_raw[v], sc);
-    } else {
-      load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
-      load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
-    }
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
     if (weight) {
       load_pack<G>(weight + c, w);
     } else {
@@ -208,6 +292,30 @@ int forward_packs_per_lane(const NormModulateForward& p) {
   const int64_t per_lane = (p.C / G + kWarp - 1) / kWarp;
   for (int v : kPackCounts)
     if (per_lane <= v && v * G <= kMaxRegistersPerLane) return v;
+  return 0;
+}
+
+// The packed backward holds several operands of a row per lane (x, grad_out,
+// scale, grad_x_out, y, gate): past 40 elements per lane it spills.
+constexpr int kMaxBackwardElementsPerLane = 40;
+
+// Packs per lane the packed backward needs for p (0: use the scalar kernels).
+template <class T, class W, class M>
+int backward_packs_per_lane(const NormModulateBackward& p) {
+  constexpr int G = 16 / int(sizeof(T));
+  if (std::is_same_v<T, double> || p.C % G != 0) return 0;
+  const bool aligned = rows_packable<T, G>(p.x) && rows_packable<T, G>(p.grad_out) &&
+                       rows_packable<T, G>(p.grad_x_out) && rows_packable<T, G>(p.y) &&
+                       rows_packable<M, G>(p.gate) && rows_packable<M, G>(p.scale) &&
+                       (p.weight == nullptr || pack_aligned<W, G>(p.weight)) && pack_aligned<T, G>(p.grad_x) &&
+                       (p.grad_y == nullptr || pack_aligned<T, G>(p.grad_y)) &&
+                       (p.grad_gate == nullptr || pack_aligned<M, G>(p.grad_gate)) &&
+                       (p.grad_shift == nullptr || pack_aligned<M, G>(p.grad_shift)) &&
+                       (p.grad_scale == nullptr || pack_aligned<M, G>(p.grad_scale));
+  if (!aligned) return 0;
+  const int64_t per_lane = (p.C / G + kWarp - 1) / kWarp;
+  for (int v : kPackCounts)
+    if (per_lane <= v && v * G <= kMaxBackwardElementsPerLane) return v;
   return 0;
 }
 
@@ -286,6 +394,212 @@ __global__ void backward_rows_kernel(NormModulateBackward p, Workspace ws) {
   }
 }
 
+// Packed backward: one block per chunk of kRowsPerChunk rows of one sample,
+// kBackwardWarps warps taking every kBackwardWarps-th row of it. Each row is
+// loaded once with 16-byte packs (all of a row's loads issued before its
+// arithmetic), and the column sums the scalar path gets from a second pass
+// over memory (backward_cols_kernel) are accumulated on chip instead: every
+// warp adds its rows into its own shared-memory slice (a lane owns its
+// columns, so no atomics), and the block adds the slices in a fixed order into
+// the same partial[q][b][chunk][c] the column kernel writes; the finish kernel
+// is shared. Deterministic, like the scalar path.
+constexpr int kBackwardWarps = 4;
+
+// Shared-memory slices (one per column sum in use) for p; slot[q] = -1 unused.
+struct ColumnSlots {
+  int slot[4] = {-1, -1, -1, -1};  // weight, shift, scale, gate (partial's q)
+  int count = 0;
+};
+
+ColumnSlots column_slots(const NormModulateBackward& p) {
+  ColumnSlots s;
+  const bool norm = p.kind != NormKind::none;
+  const bool used[4] = {norm && p.weight != nullptr, norm && !p.shift.per_token(), norm && !p.scale.per_token(),
+                        p.residual && !p.gate.per_token()};
+  for (int q = 0; q < 4; ++q)
+    if (used[q]) s.slot[q] = s.count++;
+  return s;
+}
+
+// dst[j] += v[j] in shared memory, 16 bytes at a time (dst is 16-byte aligned:
+// slices hold a multiple of 4 floats and c is a multiple of G >= 4).
+template <int G, class A>
+__device__ __forceinline__ void add_columns(float* dst, const A (&v)[G]) {
+  static_assert(G % 4 == 0, "packs of 4 floats");
+#pragma unroll
+  for (int j = 0; j < G; j += 4) {
+    float4 d = *reinterpret_cast<float4*>(dst + j);
+    d.x += float(v[j]);
+    d.y += float(v[j + 1]);
+    d.z += float(v[j + 2]);
+    d.w += float(v[j + 3]);
+    *reinterpret_cast<float4*>(dst + j) = d;
+  }
+}
+
+template <class T, class W, class M, int V>
+__global__ void __launch_bounds__(kBackwardWarps* kWarp)
+    backward_packed_kernel(NormModulateBackward p, Workspace ws, ColumnSlots slots) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  constexpr int kCols = V * kWarp * G;  // columns a slice holds (the row, padded)
+  extern __shared__ float column_sums[];  // [kBackwardWarps][slots.count][kCols]
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t b = blockIdx.x / ws.chunks, chunk = blockIdx.x % ws.chunks, C = p.C;
+  const int64_t l0 = chunk * kRowsPerChunk, l1 = min(p.L, l0 + kRowsPerChunk);
+  const bool norm = p.kind != NormKind::none, layer = p.kind == NormKind::layer;
+  const W* weight = static_cast<const W*>(p.weight);
+  float* mine = column_sums + warp * slots.count * kCols;
+  for (int q = 0; q < slots.count; ++q)
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+#pragma unroll
+      for (int j = 0; j < G; ++j) mine[q * kCols + pack_column<G>(v, lane) + j] = 0.f;
+  const bool grad_through = p.residual && p.grad_x_out.ptr != nullptr;
+  for (int64_t l = l0 + warp; l < l1; l += kBackwardWarps) {
+    const int64_t r = b * p.L + l;
+    RawPack<T, G> xr[V], gor[V], gxr[V];
+    RawPack<M, G> scr[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = pack_column<G>(v, lane);
+      if (c >= C) continue;
+      load_raw<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
+      if (norm) {
+        load_raw<G>(row_ptr<T>(p.grad_out, b, l) + c, gor[v]);
+        load_raw<G>(row_ptr<M>(p.scale, b, l) + c, scr[v]);
+      }
+      if (grad_through) load_raw<G>(row_ptr<T>(p.grad_x_out, b, l) + c, gxr[v]);
+    }
+    A mean = 0, rinv = 1, dot = 0, mean_gn = 0;
+    if (norm) {
+      if (layer) {
+        A s = 0;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (pack_column<G>(v, lane) >= C) continue;
+          A xv[G];
+          unpack<G>(xr[v], xv);
+#pragma unroll
+          for (int j = 0; j < G; ++j) s += xv[j];
+        }
+        mean = warp_sum(s) / A(C);
+      }
+      A sq = 0;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if (pack_column<G>(v, lane) >= C) continue;
+        A xv[G];
+        unpack<G>(xr[v], xv);
+#pragma unroll
+        for (int j = 0; j < G; ++j) sq += (xv[j] - mean) * (xv[j] - mean);
+      }
+      rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t c = pack_column<G>(v, lane);
+        if (c >= C) continue;
+        A xv[G], go[G], sc[G], w[G];
+        unpack<G>(xr[v], xv);
+        unpack<G>(gor[v], go);
+        unpack<G>(scr[v], sc);
+        if (weight) {
+          load_pack<G>(weight + c, w);
+        } else {
+#pragma unroll
+          for (int j = 0; j < G; ++j) w[j] = A(1);
+        }
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const A gn = go[j] * (A(1) + sc[j]) * w[j];
+          dot += gn * ((xv[j] - mean) * rinv);
+          mean_gn += gn;
+        }
+      }
+      dot = warp_sum(dot) / A(C);
+      mean_gn = layer ? warp_sum(mean_gn) / A(C) : A(0);
+    }
+    // Residual operands are loaded after the reductions (registers); they are
+    // independent of them, so the loads overlap the arithmetic below.
+    RawPack<T, G> yr[V];
+    RawPack<M, G> gater[V];
+    if (p.residual) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t c = pack_column<G>(v, lane);
+        if (c >= C) continue;
+        load_raw<G>(row_ptr<T>(p.y, b, l) + c, yr[v]);
+        load_raw<G>(row_ptr<M>(p.gate, b, l) + c, gater[v]);
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = pack_column<G>(v, lane);
+      if (c >= C) continue;
+      A g[G];
+      if (grad_through) {
+        unpack<G>(gxr[v], g);
+      } else {
+#pragma unroll
+        for (int j = 0; j < G; ++j) g[j] = A(0);
+      }
+      if (norm) {
+        A xv[G], go[G], sc[G], w[G], gs[G], gsc[G];
+        unpack<G>(xr[v], xv);
+        unpack<G>(gor[v], go);
+        unpack<G>(scr[v], sc);
+        if (weight) {
+          load_pack<G>(weight + c, w);
+        } else {
+#pragma unroll
+          for (int j = 0; j < G; ++j) w[j] = A(1);
+        }
+        A sum_w[G];
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const A xhat = (xv[j] - mean) * rinv;
+          const A n = round_to<T>(xhat);
+          const A gn = go[j] * (A(1) + sc[j]) * w[j];
+          g[j] += rinv * (gn - mean_gn - xhat * dot);
+          gs[j] = go[j];
+          gsc[j] = go[j] * n * w[j];
+          sum_w[j] = go[j] * (A(1) + sc[j]) * n;
+        }
+        if (slots.slot[0] >= 0) add_columns<G>(mine + slots.slot[0] * kCols + c, sum_w);
+        if (slots.slot[1] >= 0) add_columns<G>(mine + slots.slot[1] * kCols + c, gs);
+        if (slots.slot[2] >= 0) add_columns<G>(mine + slots.slot[2] * kCols + c, gsc);
+        if (p.shift.per_token()) store_pack<G>(static_cast<M*>(p.grad_shift) + r * C + c, gs);
+        if (p.scale.per_token()) store_pack<G>(static_cast<M*>(p.grad_scale) + r * C + c, gsc);
+      }
+      store_pack<G>(static_cast<T*>(p.grad_x) + r * C + c, g);
+      if (p.residual) {
+        A y[G], gate[G], gy[G], gg[G], sum_gate[G];
+        unpack<G>(yr[v], y);
+        unpack<G>(gater[v], gate);
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          gy[j] = g[j] * gate[j];
+          gg[j] = g[j] * y[j];
+          sum_gate[j] = round_to<T>(g[j]) * y[j];  // the scalar path sums grad_x as stored (in T) times y
+        }
+        if (slots.slot[3] >= 0) add_columns<G>(mine + slots.slot[3] * kCols + c, sum_gate);
+        store_pack<G>(static_cast<T*>(p.grad_y) + r * C + c, gy);
+        if (p.gate.per_token()) store_pack<G>(static_cast<M*>(p.grad_gate) + r * C + c, gg);
+      }
+    }
+  }
+  if (slots.count == 0) return;
+  __syncthreads();
+  const int64_t plane = p.B * ws.chunks * p.C, at = (b * ws.chunks + chunk) * p.C;
+  for (int64_t c = threadIdx.x; c < C; c += kBackwardWarps * kWarp)
+    for (int q = 0; q < 4; ++q) {
+      if (slots.slot[q] < 0) continue;
+      float s = 0.f;
+      for (int w = 0; w < kBackwardWarps; ++w) s += column_sums[(w * slots.count + slots.slot[q]) * kCols + c];
+      ws.partial[q * plane + at + c] = s;
+    }
+}
+
 // grid: (ceil(C / kColThreads), B * chunks). Sums over the rows of one chunk
 // of one sample; writes partial[q][b][chunk][c].
 template <class T, class W, class M>
@@ -342,14 +656,58 @@ __global__ void backward_finish_kernel(NormModulateBackward p, Workspace ws) {
   if (p.residual && !p.gate.per_token()) static_cast<M*>(p.grad_gate)[b * p.C + c] = store<M>(sums[2]);
 }
 
-// Prefetch shift/scale in the packed forward (rows of up to 5 packs per
-// lane)? Off unless DDT_FAST_NORM_PREFETCH=1 (a tuning switch for benchmarks).
-bool forward_prefetch_modulation() {
+// Which packed forward runs: DDT_FAST_NORM_FORWARD=raw (default),
+// raw_stream (raw with evict-first hints) or widened (the previous kernel).
+// A tuning switch for benchmarks; all three compute identical values.
+enum class PackedForward { raw, raw_stream, widened };
+PackedForward packed_forward_variant() {
+  static const PackedForward v = [] {
+    const char* env = std::getenv("DDT_FAST_NORM_FORWARD");
+    const std::string s = env ? env : "";
+    if (s == "raw_stream") return PackedForward::raw_stream;
+    if (s == "widened") return PackedForward::widened;
+    return PackedForward::raw;
+  }();
+  return v;
+}
+
+template <class T, class W, class M, int V>
+void launch_packed_forward(const NormModulateForward& p, unsigned blocks, unsigned threads, cudaStream_t s) {
+  switch (packed_forward_variant()) {
+    case PackedForward::raw: forward_raw_kernel<T, W, M, V, false><<<blocks, threads, 0, s>>>(p); break;
+    case PackedForward::raw_stream: forward_raw_kernel<T, W, M, V, true><<<blocks, threads, 0, s>>>(p); break;
+    case PackedForward::widened: forward_widened_kernel<T, W, M, V><<<blocks, threads, 0, s>>>(p); break;
+  }
+}
+
+// Backward path: DDT_FAST_NORM_BACKWARD=packed (default; one pass, column
+// sums on chip) or rows (the scalar row kernel plus the column pass). A
+// tuning switch for benchmarks; both are deterministic.
+bool packed_backward_enabled() {
   static const bool on = [] {
-    const char* env = std::getenv("DDT_FAST_NORM_PREFETCH");
-    return env != nullptr && env[0] == '1';
+    const char* env = std::getenv("DDT_FAST_NORM_BACKWARD");
+    return env == nullptr || std::string(env) != "rows";
   }();
   return on;
+}
+
+template <class T, class W, class M, int V>
+int launch_packed_backward(const NormModulateBackward& p, const Workspace& ws, cudaStream_t s) {
+  constexpr int G = 16 / int(sizeof(T));
+  const ColumnSlots slots = column_slots(p);
+  const size_t smem = size_t(slots.count) * kBackwardWarps * V * kWarp * G * sizeof(float);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(backward_packed_kernel<T, W, M, V>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return int(e);
+  }
+  backward_packed_kernel<T, W, M, V><<<unsigned(p.B * ws.chunks), kBackwardWarps * kWarp, smem, s>>>(p, ws, slots);
+  const bool reduce = slots.count > 0;
+  if (reduce) {
+    const unsigned col_blocks = unsigned((p.C + kColThreads - 1) / kColThreads);
+    backward_finish_kernel<W, M><<<dim3(col_blocks, unsigned(p.B + 1)), kColThreads, 0, s>>>(p, ws);
+  }
+  return int(cudaGetLastError());
 }
 
 template <class T, class W, class M>
@@ -362,19 +720,12 @@ struct Launch {
     const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      if (forward_prefetch_modulation()) {
-        if (packs == 2) forward_packed_kernel<T, W, M, 2, true><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 3) forward_packed_kernel<T, W, M, 3, true><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 5) forward_packed_kernel<T, W, M, 5, true><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 8 || packs == 16) forward_kernel<T, W, M><<<blocks, kThreads, 0, s>>>(p);
-      } else {
-        if (packs == 2) forward_packed_kernel<T, W, M, 2, false><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 3) forward_packed_kernel<T, W, M, 3, false><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 5) forward_packed_kernel<T, W, M, 5, false><<<blocks, kThreads, 0, s>>>(p);
-        if (packs == 8) forward_packed_kernel<T, W, M, 8, false><<<blocks, kThreads, 0, s>>>(p);
-        if constexpr (16 * G <= kMaxRegistersPerLane) {
-          if (packs == 16) forward_packed_kernel<T, W, M, 16, false><<<blocks, kThreads, 0, s>>>(p);
-        }
+      if (packs == 2) launch_packed_forward<T, W, M, 2>(p, blocks, kThreads, s);
+      if (packs == 3) launch_packed_forward<T, W, M, 3>(p, blocks, kThreads, s);
+      if (packs == 5) launch_packed_forward<T, W, M, 5>(p, blocks, kThreads, s);
+      if (packs == 8) launch_packed_forward<T, W, M, 8>(p, blocks, kThreads, s);
+      if constexpr (16 * G <= kMaxRegistersPerLane) {
+        if (packs == 16) launch_packed_forward<T, W, M, 16>(p, blocks, kThreads, s);
       }
       static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
     }
@@ -383,6 +734,16 @@ struct Launch {
   }
   static int backward(const NormModulateBackward& p, void* workspace, cudaStream_t s) {
     const Workspace ws = carve(p, workspace);
+    if constexpr (!std::is_same_v<T, double>) {
+      constexpr int G = 16 / int(sizeof(T));
+      const int packs = packed_backward_enabled() ? backward_packs_per_lane<T, W, M>(p) : 0;
+      if (packs == 2) return launch_packed_backward<T, W, M, 2>(p, ws, s);
+      if (packs == 3) return launch_packed_backward<T, W, M, 3>(p, ws, s);
+      if (packs == 5) return launch_packed_backward<T, W, M, 5>(p, ws, s);
+      if constexpr (8 * G <= kMaxBackwardElementsPerLane) {
+        if (packs == 8) return launch_packed_backward<T, W, M, 8>(p, ws, s);
+      }
+    }
     const int64_t rows = p.B * p.L;
     const unsigned row_blocks = unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
     backward_rows_kernel<T, W, M><<<row_blocks, kRowsPerBlock * kWarp, 0, s>>>(p, ws);

@@ -55,6 +55,30 @@ __device__ __forceinline__ void load_raw(const T* ptr, RawPack<T, N>& p) {
   for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) p.chunk[i] = reinterpret_cast<const Raw*>(ptr)[i];
 }
 
+// kStream: the evict-first ("streaming") cache hint, for data read once.
+template <bool kStream, int N, class T>
+__device__ __forceinline__ void load_raw_hinted(const T* ptr, RawPack<T, N>& p) {
+  if constexpr (kStream) {
+    using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
+#pragma unroll
+    for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) p.chunk[i] = __ldcs(reinterpret_cast<const Raw*>(ptr) + i);
+  } else {
+    load_raw<N>(ptr, p);
+  }
+}
+
+template <bool kStream, int N, class T>
+__device__ __forceinline__ void store_raw_hinted(T* ptr, const RawPack<T, N>& p) {
+  using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
+#pragma unroll
+  for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) {
+    if constexpr (kStream)
+      __stcs(reinterpret_cast<Raw*>(ptr) + i, p.chunk[i]);
+    else
+      reinterpret_cast<Raw*>(ptr)[i] = p.chunk[i];
+  }
+}
+
 template <int N, class A, class T>
 __device__ __forceinline__ void unpack(const RawPack<T, N>& p, A (&out)[N]) {
   constexpr int kPer = RawPack<T, N>::kPer;
@@ -77,22 +101,27 @@ __device__ __forceinline__ void load_pack(const T* ptr, A (&out)[N]) {
   unpack<N>(p, out);
 }
 
+// Narrow N accumulation-type values to T, packed as they will be stored.
 template <int N, class T, class A>
-__device__ __forceinline__ void store_pack(T* ptr, const A (&in)[N]) {
-  constexpr int kBytes = chunk_bytes<T, N>();
-  constexpr int kPer = kBytes / int(sizeof(T));
-  static_assert(kPer * int(sizeof(T)) == kBytes && N % kPer == 0, "pack must split into whole chunks");
-  using Raw = typename RawChunk<kBytes>::type;
+__device__ __forceinline__ void pack(const A (&in)[N], RawPack<T, N>& p) {
+  constexpr int kPer = RawPack<T, N>::kPer;
 #pragma unroll
-  for (int i = 0; i < N; i += kPer) {
+  for (int i = 0; i < N / kPer; ++i) {
     union {
-      Raw raw;
+      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
       T v[kPer];
     } u;
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) u.v[j] = store<T>(in[i + j]);
-    *reinterpret_cast<Raw*>(ptr + i) = u.raw;
+    for (int j = 0; j < kPer; ++j) u.v[j] = store<T>(in[i * kPer + j]);
+    p.chunk[i] = u.raw;
   }
+}
+
+template <int N, class T, class A>
+__device__ __forceinline__ void store_pack(T* ptr, const A (&in)[N]) {
+  RawPack<T, N> p;
+  pack<N>(in, p);
+  store_raw_hinted<false>(ptr, p);
 }
 
 // Host side: can `elements`-wide packs of T start at ptr + k * stride for
