@@ -5,7 +5,8 @@
 For each op (norm+modulate, gated residual + norm+modulate, q/k norm +
 rotary, SwiGLU, final LayerNorm+modulate), forward and forward+backward, at
 DDT-B (C=768, 12 heads of 64) and DDT-XL (C=1152, 16 heads of 72) shapes,
-with per-token modulation (the decoder's case). Same inputs, same process.
+with per-token modulation (the decoder's case; --per-sample adds the
+encoder's per-sample case for the norm ops). Same inputs, same process.
 On a GPU also reports achieved bandwidth against the device's HBM peak:
 the bytes one forward must move (every input read once, every output written
 once) over the time per call of 20 back-to-back calls that alternate between
@@ -37,30 +38,33 @@ HBM_PEAK_GBS = {"h100": 3350.0, "h200": 4800.0, "a100": 2039.0}
 TARGETS = {"fwd_vs_eager": 3.0, "fwd_vs_compile": 1.5, "bwd_vs_eager": 2.0}  # CPU, ops 1 and 2
 
 
-def make_case(op, B, L, C, dtype, device):
-    """(fused fn, reference fn, inputs, bytes moved by one forward)."""
+def make_case(op, B, L, C, dtype, device, per_sample=False):
+    """(fused fn, reference fn, inputs, bytes moved by one forward). per_sample:
+    shift/scale/gate are [B, 1, C] (the encoder's case) instead of [B, L, C]."""
     g = torch.Generator(device="cpu").manual_seed(0)
+    Lm = 1 if per_sample else L  # rows of the modulation
+    mod_bytes = 0 if per_sample else B * L * C * (torch.finfo(dtype).bits // 8)  # one [B, L, C] modulation operand
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
     e = torch.finfo(dtype).bits // 8
     f = torch.ops.ddt_fast
     if op == "rms_norm_modulate":
         x, w = rnd(B, L, C), rnd(C)
-        sh, sc, *_ = rnd(B, L, 6 * C).chunk(6, -1)
+        sh, sc, *_ = rnd(B, Lm, 6 * C).chunk(6, -1)
         return (lambda x, w, sh, sc: f.rms_norm_modulate(x, w, sh, sc, 1e-6),
                 lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
-                (x, w, sh, sc), 4 * B * L * C * e)
+                (x, w, sh, sc), 2 * B * L * C * e + 2 * mod_bytes)
     if op == "gated_residual_rms_norm_modulate":
         x, y, w = rnd(B, L, C), rnd(B, L, C), rnd(C)
-        sh, sc, gate, *_ = rnd(B, L, 6 * C).chunk(6, -1)
+        sh, sc, gate, *_ = rnd(B, Lm, 6 * C).chunk(6, -1)
         return (lambda x, gate, y, w, sh, sc: f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
                 lambda x, gate, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
-                (x, gate, y, w, sh, sc), 7 * B * L * C * e)
+                (x, gate, y, w, sh, sc), 4 * B * L * C * e + 3 * mod_bytes)
     if op == "layer_norm_modulate":
         x = rnd(B, L, C)
-        sh, sc = rnd(B, L, 2 * C).chunk(2, -1)
+        sh, sc = rnd(B, Lm, 2 * C).chunk(2, -1)
         return (lambda x, sh, sc: f.layer_norm_modulate(x, sh, sc, 1e-6),
                 lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6),
-                (x, sh, sc), 4 * B * L * C * e)
+                (x, sh, sc), 2 * B * L * C * e + 2 * mod_bytes)
     if op == "qk_norm_rope":
         D = 64 if C % 72 else 72
         H = C // D
@@ -79,6 +83,7 @@ def make_case(op, B, L, C, dtype, device):
 
 
 OPS = ["rms_norm_modulate", "gated_residual_rms_norm_modulate", "layer_norm_modulate", "qk_norm_rope", "swiglu"]
+NORM_OPS = OPS[:3]  # the ops that take shift/scale (gate)
 
 
 def fwd_bwd(fn, inputs):
@@ -98,10 +103,12 @@ def fwd_bwd(fn, inputs):
     return run
 
 
-def bench_case(op, B, L, C, dtype, device, repeats, compile_ref):
-    fused, ref, inputs, nbytes = make_case(op, B, L, C, dtype, device)
+def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=False):
+    fused, ref, inputs, nbytes = make_case(op, B, L, C, dtype, device, per_sample)
     cuda = device.type == "cuda"
     row = {"op": op, "B": B, "L": L, "C": C, "dtype": str(dtype).replace("torch.", "")}
+    if op in NORM_OPS:
+        row["modulation"] = "per_sample" if per_sample else "per_token"
     impls = {"fused": fused, "eager": ref}
     if compile_ref:
         impls["compile"] = torch.compile(ref, dynamic=False)
@@ -134,7 +141,7 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref):
         copies = (inputs, tuple(t.clone() for t in inputs))
         for name, fn in impls.items():
             bandwidth_columns(row, f"{name}_fwd", nbytes, fn, copies, peak)
-        bwd = backward_case(op, inputs, B, L, C, dtype)
+        bwd = backward_case(op, inputs, B, L, C, dtype, per_sample)
         if bwd is not None:
             bwd_fn, bwd_inputs, bwd_bytes = bwd
             bandwidth_columns(row, "fused_bwd", bwd_bytes, bwd_fn,
@@ -147,30 +154,32 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref):
     return row
 
 
-def backward_case(op, inputs, B, L, C, dtype):
+def backward_case(op, inputs, B, L, C, dtype, per_sample=False):
     """(fused backward op call, bytes it must move) for the ops whose backward
-    is one ddt_fast op; None for the others. Per-token modulation as in
-    make_case: the column sums are only the norm weight's."""
+    is one ddt_fast op; None for the others. Per-token modulation: one more
+    [B, L, C] read (scale) and write (grad_shift, grad_scale, grad_gate) each;
+    per sample they are column sums (small outputs)."""
     e = torch.finfo(dtype).bits // 8
     f = torch.ops.ddt_fast
     n = B * L * C * e
+    m = 0 if per_sample else n
     go = torch.randn(B, L, C, device=inputs[0].device, dtype=dtype)
     if op == "rms_norm_modulate":
         x, w, sh, sc = inputs
-        # reads grad_out, x, scale; writes grad_x, grad_shift, grad_scale
+        # reads grad_out, x (scale); writes grad_x (grad_shift, grad_scale)
         return (lambda go, x, w, sh, sc: f.norm_modulate_backward(go, None, x, None, None, w, sh, sc, 1e-6, 1, False),
-                (go, x, w, sh, sc), 6 * n)
+                (go, x, w, sh, sc), 3 * n + 3 * m)
     if op == "layer_norm_modulate":
         x, sh, sc = inputs
         return (lambda go, x, sh, sc: f.norm_modulate_backward(go, None, x, None, None, None, sh, sc, 1e-6, 2, False),
-                (go, x, sh, sc), 6 * n)
+                (go, x, sh, sc), 3 * n + 3 * m)
     if op == "gated_residual_rms_norm_modulate":
         x, gate, y, w, sh, sc = inputs
         gxo = torch.randn_like(go)
-        # reads grad_out, grad_x', x', y, gate, scale; writes grad_x, grad_y, grad_gate, grad_shift, grad_scale
+        # reads grad_out, grad_x', x', y (gate, scale); writes grad_x, grad_y (grad_gate, grad_shift, grad_scale)
         return (lambda go, gxo, x, gate, y, w, sh, sc: f.norm_modulate_backward(go, gxo, x, gate, y, w, sh, sc,
                                                                                 1e-6, 1, True),
-                (go, gxo, x, gate, y, w, sh, sc), 11 * n)
+                (go, gxo, x, gate, y, w, sh, sc), 6 * n + 5 * m)
     if op == "swiglu":
         a, b = inputs
         g = torch.randn_like(a)
@@ -263,6 +272,10 @@ def bench_model(device, dtype, repeats):
             "speedup": res["reference"]["min_s"] / res["fused"]["min_s"]}
 
 
+def _label(row):
+    return row["op"] + (" (per sample)" if row.get("modulation") == "per_sample" else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -275,6 +288,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="with --xl-only: also time torch.compile of the reference (compiles each op and shape)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--per-sample", action="store_true",
+                   help="also time the norm ops with per-sample shift/scale/gate ([B, 1, C], the encoder's case)")
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/ops_<device>.json)")
     args = p.parse_args(argv)
     chosen = [op for op in args.ops.split(",") if op]
@@ -298,14 +313,17 @@ def main(argv=None):
     # (thread pool start-up, first-touch page faults): run one case untimed first.
     bench_case(OPS[0], *shapes[0][:3], shapes[0][3], device, 3, compile_ref=False)
     rows = []
-    header = f"{'op':34s} {'B':>3s} {'L':>5s} {'C':>5s} {'dtype':>8s} {'fused ms':>9s} {'x eager':>8s} " \
+    header = f"{'op':46s} {'B':>3s} {'L':>5s} {'C':>5s} {'dtype':>8s} {'fused ms':>9s} {'x eager':>8s} " \
              f"{'x compile':>9s} {'bwd x eager':>11s}"
     print(header)
     compile_ref = not (args.quick or args.xl_only) or (args.xl_only and args.compile)
-    for (B, L, C, dtype), op in itertools.product(shapes, chosen):
-        row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=compile_ref)
+    cases = [(shape, op, False) for shape, op in itertools.product(shapes, chosen)]
+    if args.per_sample:
+        cases += [(shape, op, True) for shape, op in itertools.product(shapes, chosen) if op in NORM_OPS]
+    for (B, L, C, dtype), op, per_sample in cases:
+        row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=compile_ref, per_sample=per_sample)
         rows.append(row)
-        print(f"{op:34s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
+        print(f"{_label(row):46s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
               f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
               f"{row['bwd_vs_eager']:11.2f}", flush=True)
     model_rows = [bench_model(device, dt, 5 if device.type == "cpu" else 20)
@@ -335,7 +353,7 @@ def main(argv=None):
                     if f"{name}_graph_pct_peak" in r:
                         cell += f" ({r[f'{name}_graph_pct_peak']:.0f}%)"
                 cols.append(cell)
-            print(f"{r['op']:34s} L={r['L']:5d} " + "; ".join(cols))
+            print(f"{_label(r):46s} L={r['L']:5d} " + "; ".join(cols))
     suffix = "_quick" if args.quick else "_xl" if args.xl_only else ""
     path = write_json(args.out or result_path(f"ops_{device_tag(device)}{suffix}.json"),
                       {"machine": machine, "rows": rows, "model": model_rows,

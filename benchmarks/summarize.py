@@ -65,7 +65,8 @@ def ops_section(d: dict) -> str:
             + (extra if bandwidth else ""),
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * cols if bandwidth else "")]
     for r in d["rows"]:
-        line = (f"| {r['op']} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
+        op = r["op"] + (" (per sample)" if r.get("modulation") == "per_sample" else "")
+        line = (f"| {op} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
                 f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
                 f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
                 f"{r['bwd_vs_eager']:.2f}x |")

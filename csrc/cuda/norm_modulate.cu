@@ -2,14 +2,19 @@
 //
 // Forward: one warp per row. When every operand allows 16-byte packs and the
 // row fits in registers (the model's case), forward_raw_kernel reads each
-// element from memory once, with packed loads issued before any reduction;
-// otherwise forward_kernel reads the row twice (statistics, then output), the
-// second read mostly from L1/L2. Both compute the same values.
-// Backward: (1) a warp per row computes grad_x / grad_y and every per-token
-// gradient, and saves each row's mean and 1/std; (2) a column kernel sums the
-// row-reduced gradients (weight; per-sample shift/scale/gate) over chunks of
-// rows with coalesced reads; (3) a small kernel adds the chunks up in a fixed
-// order. No atomics: results are deterministic.
+// element from memory once, keeps the row packed as loaded, and issues every
+// load before any store; otherwise forward_kernel reads the row twice
+// (statistics, then output), the second read mostly from L1/L2. Both compute
+// the same values.
+// Backward, packed (aligned rows of up to 40 elements per lane): one block per
+// chunk of 32 rows of a sample, one pass over memory; the column sums (norm
+// weight; per-sample shift/scale/gate) are accumulated in per-warp shared
+// memory slices and added in a fixed order. Scalar fallback: (1) a warp per
+// row computes grad_x / grad_y and every per-token gradient, and saves each
+// row's mean and 1/std; (2) a column kernel sums the row-reduced gradients over
+// chunks of rows with coalesced reads. Both end with the same small kernels
+// adding the chunks up, per sample and then over samples. No atomics: results
+// are deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -437,40 +442,86 @@ __device__ __forceinline__ void add_columns(float* dst, const A (&v)[G]) {
   }
 }
 
-template <class T, class W, class M, int V>
-__global__ void __launch_bounds__(kBackwardWarps* kWarp)
+// G shared-memory floats (16-byte aligned) widened to A.
+template <int G, class A>
+__device__ __forceinline__ void load_columns(const float* src, A (&out)[G]) {
+#pragma unroll
+  for (int j = 0; j < G; j += 4) {
+    const float4 d = *reinterpret_cast<const float4*>(src + j);
+    out[j] = A(d.x);
+    out[j + 1] = A(d.y);
+    out[j + 2] = A(d.z);
+    out[j + 3] = A(d.w);
+  }
+}
+
+// Shared memory of the packed backward, in floats: the warps' column-sum
+// slices, then the block's staged weight, per-sample scale and per-sample gate.
+template <int V, int G>
+size_t backward_packed_smem_floats(int slot_count) {
+  return size_t(kBackwardWarps * slot_count + 3) * V * kWarp * G;
+}
+
+// kResidual: compiled separately, so the norm-only kernels (fewer operands per
+// row) get fewer registers and more resident warps (4 blocks per SM: a few
+// bytes spill at 5 packs per lane; the residual kernel keeps 2 blocks, as 3
+// would spill hundreds of bytes).
+template <class T, class W, class M, int V, bool kResidual>
+__global__ void __launch_bounds__(kBackwardWarps* kWarp, kResidual ? 2 : 4)
     backward_packed_kernel(NormModulateBackward p, Workspace ws, ColumnSlots slots) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
   constexpr int kCols = V * kWarp * G;  // columns a slice holds (the row, padded)
-  extern __shared__ float column_sums[];  // [kBackwardWarps][slots.count][kCols]
+  extern __shared__ float4 smem_raw[];
+  float* column_sums = reinterpret_cast<float*>(smem_raw);  // [kBackwardWarps][slots.count][kCols]
+  float* weight_s = column_sums + kBackwardWarps * slots.count * kCols;
+  float* scale_s = weight_s + kCols;  // per-sample scale of this block's sample
+  float* gate_s = scale_s + kCols;    // per-sample gate of this block's sample
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t b = blockIdx.x / ws.chunks, chunk = blockIdx.x % ws.chunks, C = p.C;
   const int64_t l0 = chunk * kRowsPerChunk, l1 = min(p.L, l0 + kRowsPerChunk);
   const bool norm = p.kind != NormKind::none, layer = p.kind == NormKind::layer;
+  const bool token_scale = norm && p.scale.per_token(), token_gate = kResidual && p.gate.per_token();
   const W* weight = static_cast<const W*>(p.weight);
+  // Operands shared by every row of the block, staged once (widening to float is exact).
+  for (int64_t c = threadIdx.x; c < kCols; c += kBackwardWarps * kWarp) {
+    weight_s[c] = (weight && c < C) ? float(load<A>(weight[c])) : 1.f;
+    if (norm && !token_scale) scale_s[c] = c < C ? float(load<A>(row_ptr<M>(p.scale, b, 0)[c])) : 0.f;
+    if (kResidual && !token_gate) gate_s[c] = c < C ? float(load<A>(row_ptr<M>(p.gate, b, 0)[c])) : 0.f;
+  }
   float* mine = column_sums + warp * slots.count * kCols;
   for (int q = 0; q < slots.count; ++q)
 #pragma unroll
     for (int v = 0; v < V; ++v)
 #pragma unroll
       for (int j = 0; j < G; ++j) mine[q * kCols + pack_column<G>(v, lane) + j] = 0.f;
-  const bool grad_through = p.residual && p.grad_x_out.ptr != nullptr;
+  __syncthreads();
+  const bool grad_through = kResidual && p.grad_x_out.ptr != nullptr;
   for (int64_t l = l0 + warp; l < l1; l += kBackwardWarps) {
     const int64_t r = b * p.L + l;
-    RawPack<T, G> xr[V], gor[V], gxr[V];
-    RawPack<M, G> scr[V];
+    constexpr int R = kResidual ? V : 1;
+    RawPack<T, G> xr[V], gor[V], gxr[R], yr[R];
+    RawPack<M, G> scr[V], gater[R];
+    // every load of the row first, so their latencies overlap
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int64_t c = pack_column<G>(v, lane);
       if (c >= C) continue;
       load_raw<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
-      if (norm) {
-        load_raw<G>(row_ptr<T>(p.grad_out, b, l) + c, gor[v]);
-        load_raw<G>(row_ptr<M>(p.scale, b, l) + c, scr[v]);
+      if (norm) load_raw<G>(row_ptr<T>(p.grad_out, b, l) + c, gor[v]);
+      if (token_scale) load_raw<G>(row_ptr<M>(p.scale, b, l) + c, scr[v]);
+      if constexpr (kResidual) {
+        if (grad_through) load_raw<G>(row_ptr<T>(p.grad_x_out, b, l) + c, gxr[v]);
+        load_raw<G>(row_ptr<T>(p.y, b, l) + c, yr[v]);
+        if (token_gate) load_raw<G>(row_ptr<M>(p.gate, b, l) + c, gater[v]);
       }
-      if (grad_through) load_raw<G>(row_ptr<T>(p.grad_x_out, b, l) + c, gxr[v]);
     }
+    auto scale_of = [&](int v, int64_t c, A(&sc)[G]) {
+      if (token_scale)
+        unpack<G>(scr[v], sc);
+      else
+        load_columns<G>(scale_s + c, sc);
+    };
     A mean = 0, rinv = 1, dot = 0, mean_gn = 0;
     if (norm) {
       if (layer) {
@@ -502,13 +553,8 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
         A xv[G], go[G], sc[G], w[G];
         unpack<G>(xr[v], xv);
         unpack<G>(gor[v], go);
-        unpack<G>(scr[v], sc);
-        if (weight) {
-          load_pack<G>(weight + c, w);
-        } else {
-#pragma unroll
-          for (int j = 0; j < G; ++j) w[j] = A(1);
-        }
+        scale_of(v, c, sc);
+        load_columns<G>(weight_s + c, w);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           const A gn = go[j] * (A(1) + sc[j]) * w[j];
@@ -519,63 +565,46 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
       dot = warp_sum(dot) / A(C);
       mean_gn = layer ? warp_sum(mean_gn) / A(C) : A(0);
     }
-    // Residual operands are loaded after the reductions (registers); they are
-    // independent of them, so the loads overlap the arithmetic below.
-    RawPack<T, G> yr[V];
-    RawPack<M, G> gater[V];
-    if (p.residual) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int64_t c = pack_column<G>(v, lane);
-        if (c >= C) continue;
-        load_raw<G>(row_ptr<T>(p.y, b, l) + c, yr[v]);
-        load_raw<G>(row_ptr<M>(p.gate, b, l) + c, gater[v]);
-      }
-    }
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int64_t c = pack_column<G>(v, lane);
       if (c >= C) continue;
       A g[G];
       if (grad_through) {
-        unpack<G>(gxr[v], g);
+        unpack<G>(gxr[kResidual ? v : 0], g);
       } else {
 #pragma unroll
         for (int j = 0; j < G; ++j) g[j] = A(0);
       }
       if (norm) {
-        A xv[G], go[G], sc[G], w[G], gs[G], gsc[G];
+        A xv[G], go[G], sc[G], w[G], gsc[G], sum_w[G];
         unpack<G>(xr[v], xv);
         unpack<G>(gor[v], go);
-        unpack<G>(scr[v], sc);
-        if (weight) {
-          load_pack<G>(weight + c, w);
-        } else {
-#pragma unroll
-          for (int j = 0; j < G; ++j) w[j] = A(1);
-        }
-        A sum_w[G];
+        scale_of(v, c, sc);
+        load_columns<G>(weight_s + c, w);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           const A xhat = (xv[j] - mean) * rinv;
           const A n = round_to<T>(xhat);
           const A gn = go[j] * (A(1) + sc[j]) * w[j];
           g[j] += rinv * (gn - mean_gn - xhat * dot);
-          gs[j] = go[j];
           gsc[j] = go[j] * n * w[j];
           sum_w[j] = go[j] * (A(1) + sc[j]) * n;
         }
         if (slots.slot[0] >= 0) add_columns<G>(mine + slots.slot[0] * kCols + c, sum_w);
-        if (slots.slot[1] >= 0) add_columns<G>(mine + slots.slot[1] * kCols + c, gs);
+        if (slots.slot[1] >= 0) add_columns<G>(mine + slots.slot[1] * kCols + c, go);
         if (slots.slot[2] >= 0) add_columns<G>(mine + slots.slot[2] * kCols + c, gsc);
-        if (p.shift.per_token()) store_pack<G>(static_cast<M*>(p.grad_shift) + r * C + c, gs);
-        if (p.scale.per_token()) store_pack<G>(static_cast<M*>(p.grad_scale) + r * C + c, gsc);
+        if (p.shift.per_token()) store_pack<G>(static_cast<M*>(p.grad_shift) + r * C + c, go);
+        if (token_scale) store_pack<G>(static_cast<M*>(p.grad_scale) + r * C + c, gsc);
       }
       store_pack<G>(static_cast<T*>(p.grad_x) + r * C + c, g);
-      if (p.residual) {
+      if constexpr (kResidual) {
         A y[G], gate[G], gy[G], gg[G], sum_gate[G];
         unpack<G>(yr[v], y);
-        unpack<G>(gater[v], gate);
+        if (token_gate)
+          unpack<G>(gater[v], gate);
+        else
+          load_columns<G>(gate_s + c, gate);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           gy[j] = g[j] * gate[j];
@@ -584,7 +613,7 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
         }
         if (slots.slot[3] >= 0) add_columns<G>(mine + slots.slot[3] * kCols + c, sum_gate);
         store_pack<G>(static_cast<T*>(p.grad_y) + r * C + c, gy);
-        if (p.gate.per_token()) store_pack<G>(static_cast<M*>(p.grad_gate) + r * C + c, gg);
+        if (token_gate) store_pack<G>(static_cast<M*>(p.grad_gate) + r * C + c, gg);
       }
     }
   }
@@ -632,28 +661,42 @@ __global__ void backward_cols_kernel(NormModulateBackward p, Workspace ws) {
   ws.partial[3 * plane + at] = float(acc_gate);
 }
 
-// grid: (ceil(C / kColThreads), B + 1): rows b < B sum one sample's chunks
-// (per-sample gradients); the last row sums everything (the weight).
+// grid: (ceil(C / kColThreads), B): block row b sums sample b's chunks, for
+// the per-sample gradients and for the weight; the weight's per-sample sums
+// go back into partial (chunk 0 of plane 0; each thread reads its column's
+// chunks before writing) for backward_weight_kernel. Short serial chains
+// (chunks, then B) instead of one over B * chunks.
 template <class W, class M>
 __global__ void backward_finish_kernel(NormModulateBackward p, Workspace ws) {
   const int64_t c = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
   if (c >= p.C) return;
   const int64_t plane = p.B * ws.chunks * p.C;
   const bool norm = p.kind != NormKind::none;
-  if (blockIdx.y == p.B) {
-    if (!(norm && p.weight)) return;
-    float s = 0.f;
-    for (int64_t i = 0; i < p.B * ws.chunks; ++i) s += ws.partial[i * p.C + c];
-    static_cast<W*>(p.grad_weight)[c] = store<W>(s);
-    return;
-  }
   const int64_t b = blockIdx.y;
-  float sums[3] = {0.f, 0.f, 0.f};
+  const bool need[4] = {norm && p.weight != nullptr, norm && !p.shift.per_token(), norm && !p.scale.per_token(),
+                        p.residual && !p.gate.per_token()};
+  float sums[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
   for (int64_t k = 0; k < ws.chunks; ++k)
-    for (int q = 0; q < 3; ++q) sums[q] += ws.partial[(q + 1) * plane + (b * ws.chunks + k) * p.C + c];
-  if (norm && !p.shift.per_token()) static_cast<M*>(p.grad_shift)[b * p.C + c] = store<M>(sums[0]);
-  if (norm && !p.scale.per_token()) static_cast<M*>(p.grad_scale)[b * p.C + c] = store<M>(sums[1]);
-  if (p.residual && !p.gate.per_token()) static_cast<M*>(p.grad_gate)[b * p.C + c] = store<M>(sums[2]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (need[q]) sums[q] += ws.partial[q * plane + (b * ws.chunks + k) * p.C + c];
+  if (need[0]) ws.partial[(b * ws.chunks) * p.C + c] = sums[0];
+  if (need[1]) static_cast<M*>(p.grad_shift)[b * p.C + c] = store<M>(sums[1]);
+  if (need[2]) static_cast<M*>(p.grad_scale)[b * p.C + c] = store<M>(sums[2]);
+  if (need[3]) static_cast<M*>(p.grad_gate)[b * p.C + c] = store<M>(sums[3]);
+}
+
+// grid: ceil(C / kColThreads): the weight gradient, summing the per-sample
+// sums backward_finish_kernel left in partial, in sample order.
+template <class W>
+__global__ void backward_weight_kernel(NormModulateBackward p, Workspace ws) {
+  const int64_t c = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
+  if (c >= p.C) return;
+  float s = 0.f;
+#pragma unroll 4
+  for (int64_t b = 0; b < p.B; ++b) s += ws.partial[(b * ws.chunks) * p.C + c];
+  static_cast<W*>(p.grad_weight)[c] = store<W>(s);
 }
 
 // Which packed forward runs: DDT_FAST_NORM_FORWARD=raw (default),
@@ -691,22 +734,37 @@ bool packed_backward_enabled() {
   return on;
 }
 
-template <class T, class W, class M, int V>
-int launch_packed_backward(const NormModulateBackward& p, const Workspace& ws, cudaStream_t s) {
+// The column sums' last two stages (both backward paths).
+template <class W, class M>
+void launch_backward_finish(const NormModulateBackward& p, const Workspace& ws, cudaStream_t s) {
+  const unsigned col_blocks = unsigned((p.C + kColThreads - 1) / kColThreads);
+  backward_finish_kernel<W, M><<<dim3(col_blocks, unsigned(p.B)), kColThreads, 0, s>>>(p, ws);
+  if (p.kind != NormKind::none && p.weight != nullptr)
+    backward_weight_kernel<W><<<col_blocks, kColThreads, 0, s>>>(p, ws);
+}
+
+template <class T, class W, class M, int V, bool kResidual>
+int launch_packed_backward_kernel(const NormModulateBackward& p, const Workspace& ws, const ColumnSlots& slots,
+                                  cudaStream_t s) {
   constexpr int G = 16 / int(sizeof(T));
-  const ColumnSlots slots = column_slots(p);
-  const size_t smem = size_t(slots.count) * kBackwardWarps * V * kWarp * G * sizeof(float);
+  const size_t smem = backward_packed_smem_floats<V, G>(slots.count) * sizeof(float);
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(backward_packed_kernel<T, W, M, V>,
+    const cudaError_t e = cudaFuncSetAttribute(backward_packed_kernel<T, W, M, V, kResidual>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return int(e);
   }
-  backward_packed_kernel<T, W, M, V><<<unsigned(p.B * ws.chunks), kBackwardWarps * kWarp, smem, s>>>(p, ws, slots);
-  const bool reduce = slots.count > 0;
-  if (reduce) {
-    const unsigned col_blocks = unsigned((p.C + kColThreads - 1) / kColThreads);
-    backward_finish_kernel<W, M><<<dim3(col_blocks, unsigned(p.B + 1)), kColThreads, 0, s>>>(p, ws);
-  }
+  backward_packed_kernel<T, W, M, V, kResidual>
+      <<<unsigned(p.B * ws.chunks), kBackwardWarps * kWarp, smem, s>>>(p, ws, slots);
+  return int(cudaGetLastError());
+}
+
+template <class T, class W, class M, int V>
+int launch_packed_backward(const NormModulateBackward& p, const Workspace& ws, cudaStream_t s) {
+  const ColumnSlots slots = column_slots(p);
+  const int e = p.residual ? launch_packed_backward_kernel<T, W, M, V, true>(p, ws, slots, s)
+                           : launch_packed_backward_kernel<T, W, M, V, false>(p, ws, slots, s);
+  if (e != 0) return e;
+  if (slots.count > 0) launch_backward_finish<W, M>(p, ws, s);
   return int(cudaGetLastError());
 }
 
@@ -753,7 +811,7 @@ struct Launch {
     if (!reduce) return int(cudaGetLastError());
     const unsigned col_blocks = unsigned((p.C + kColThreads - 1) / kColThreads);
     backward_cols_kernel<T, W, M><<<dim3(col_blocks, unsigned(p.B * ws.chunks)), kColThreads, 0, s>>>(p, ws);
-    backward_finish_kernel<W, M><<<dim3(col_blocks, unsigned(p.B + 1)), kColThreads, 0, s>>>(p, ws);
+    launch_backward_finish<W, M>(p, ws, s);
     return int(cudaGetLastError());
   }
 };
