@@ -135,6 +135,8 @@ def model_section(d: dict) -> str:
                 mfu = f.get("mfu_table_peak")
                 line += f" {f['tflops']:.0f} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} |"
             out.append(line)
+        if d.get("forward_machine"):
+            out += ["", f"Forward rows from a separate run: {_machine(d['forward_machine'])}."]
         skipped = sorted({f"{r['model']} {r['part']} ({r['dtype']}): {r['compile']['skipped']}"
                           for r in d["forward"] if "skipped" in r["compile"]})
         if skipped:

@@ -109,10 +109,12 @@ __device__ __forceinline__ int64_t pack_column(int v, int lane) {
 // register, half the registers of widened floats, so more warps fit on an SM)
 // and is ordered load-all / compute / store-all: no load waits behind a store
 // to memory the compiler cannot prove distinct, so every pack's latency
-// overlaps. kStream: evict-first hints on x/y reads and out/x_out writes
-// (read or written once), leaving L2 to shift/scale/weight, which rows share.
-// (Capping registers for more resident warps spills at 5 packs per lane.)
-template <class T, class W, class M, int V, bool kStream>
+// overlaps. On an H200 this took the XL forward from 62-71% to 69-83% of HBM
+// peak over the previous packed kernel (row widened to floats, loads
+// interleaved with stores); evict-first cache hints on the row's reads and
+// writes measured no better. (Capping registers for more resident warps
+// spills at 5 packs per lane.)
+template <class T, class W, class M, int V>
 __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormModulateForward p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
@@ -123,12 +125,12 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormM
   RawPack<T, G> xr[V];
 #pragma unroll
   for (int v = 0; v < V; ++v)
-    if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
+    if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
   if (p.residual) {
     RawPack<T, G> yr[V];
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
+      if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int64_t c = pack_column<G>(v, lane);
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormM
     T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(xo + pack_column<G>(v, lane), xr[v]);
+      if (pack_column<G>(v, lane) < C) store_raw(xo + pack_column<G>(v, lane), xr[v]);
   }
   if (p.kind == NormKind::none) return;
   A mean = 0;
@@ -195,80 +197,7 @@ __global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormM
   T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
 #pragma unroll
   for (int v = 0; v < V; ++v)
-    if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(out + pack_column<G>(v, lane), xr[v]);
-}
-
-// forward_widened_kernel: the previous packed forward (row widened to floats
-// in registers, loads interleaved with stores), kept while the two are compared.
-template <class T, class W, class M, int V>
-__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_widened_kernel(NormModulateForward p) {
-  using A = acc_t<T>;
-  constexpr int G = 16 / int(sizeof(T));
-  const int lane = threadIdx.x % kWarp;
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
-  if (r >= p.B * p.L) return;
-  const int64_t b = r / p.L, l = r % p.L, C = p.C;
-  A xr[V][G];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const int64_t c = pack_column<G>(v, lane);
-    if (c < C) load_pack<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
-  }
-  if (p.residual) {
-    T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int64_t c = pack_column<G>(v, lane);
-      if (c >= C) continue;
-      A y[G], g[G];
-      load_pack<G>(row_ptr<T>(p.y, b, l) + c, y);
-      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
-#pragma unroll
-      for (int j = 0; j < G; ++j) xr[v][j] = round_to<T>(nm::residual<A>(xr[v][j], g[j], y[j]));
-      store_pack<G>(xo + c, xr[v]);  // exact: xr is already rounded to T
-    }
-  }
-  if (p.kind == NormKind::none) return;
-  A mean = 0;
-  if (p.kind == NormKind::layer) {
-    A s = 0;
-#pragma unroll
-    for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C)
-#pragma unroll
-        for (int j = 0; j < G; ++j) s += xr[v][j];
-    mean = warp_sum(s) / A(C);
-  }
-  A sq = 0;
-#pragma unroll
-  for (int v = 0; v < V; ++v)
-    if (pack_column<G>(v, lane) < C)
-#pragma unroll
-      for (int j = 0; j < G; ++j) {
-        const A d = xr[v][j] - mean;
-        sq += d * d;
-      }
-  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
-  const W* weight = static_cast<const W*>(p.weight);
-  T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const int64_t c = pack_column<G>(v, lane);
-    if (c >= C) continue;
-    A sh[G], sc[G], w[G];
-    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
-    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
-    if (weight) {
-      load_pack<G>(weight + c, w);
-    } else {
-#pragma unroll
-      for (int j = 0; j < G; ++j) w[j] = A(1);
-    }
-    A o[G];
-#pragma unroll
-    for (int j = 0; j < G; ++j) o[j] = nm::modulate<A>(round_to<T>((xr[v][j] - mean) * rinv), w[j], sh[j], sc[j]);
-    store_pack<G>(out + c, o);
-  }
+    if (pack_column<G>(v, lane) < C) store_raw(out + pack_column<G>(v, lane), xr[v]);
 }
 
 template <class T, int N, class R>
@@ -699,30 +628,6 @@ __global__ void backward_weight_kernel(NormModulateBackward p, Workspace ws) {
   static_cast<W*>(p.grad_weight)[c] = store<W>(s);
 }
 
-// Which packed forward runs: DDT_FAST_NORM_FORWARD=raw (default),
-// raw_stream (raw with evict-first hints) or widened (the previous kernel).
-// A tuning switch for benchmarks; all three compute identical values.
-enum class PackedForward { raw, raw_stream, widened };
-PackedForward packed_forward_variant() {
-  static const PackedForward v = [] {
-    const char* env = std::getenv("DDT_FAST_NORM_FORWARD");
-    const std::string s = env ? env : "";
-    if (s == "raw_stream") return PackedForward::raw_stream;
-    if (s == "widened") return PackedForward::widened;
-    return PackedForward::raw;
-  }();
-  return v;
-}
-
-template <class T, class W, class M, int V>
-void launch_packed_forward(const NormModulateForward& p, unsigned blocks, unsigned threads, cudaStream_t s) {
-  switch (packed_forward_variant()) {
-    case PackedForward::raw: forward_raw_kernel<T, W, M, V, false><<<blocks, threads, 0, s>>>(p); break;
-    case PackedForward::raw_stream: forward_raw_kernel<T, W, M, V, true><<<blocks, threads, 0, s>>>(p); break;
-    case PackedForward::widened: forward_widened_kernel<T, W, M, V><<<blocks, threads, 0, s>>>(p); break;
-  }
-}
-
 // Backward path: DDT_FAST_NORM_BACKWARD=packed (default; one pass, column
 // sums on chip) or rows (the scalar row kernel plus the column pass). A
 // tuning switch for benchmarks; both are deterministic.
@@ -778,12 +683,12 @@ struct Launch {
     const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      if (packs == 2) launch_packed_forward<T, W, M, 2>(p, blocks, kThreads, s);
-      if (packs == 3) launch_packed_forward<T, W, M, 3>(p, blocks, kThreads, s);
-      if (packs == 5) launch_packed_forward<T, W, M, 5>(p, blocks, kThreads, s);
-      if (packs == 8) launch_packed_forward<T, W, M, 8>(p, blocks, kThreads, s);
+      if (packs == 2) forward_raw_kernel<T, W, M, 2><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 3) forward_raw_kernel<T, W, M, 3><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 5) forward_raw_kernel<T, W, M, 5><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 8) forward_raw_kernel<T, W, M, 8><<<blocks, kThreads, 0, s>>>(p);
       if constexpr (16 * G <= kMaxRegistersPerLane) {
-        if (packs == 16) launch_packed_forward<T, W, M, 16>(p, blocks, kThreads, s);
+        if (packs == 16) forward_raw_kernel<T, W, M, 16><<<blocks, kThreads, 0, s>>>(p);
       }
       static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
     }

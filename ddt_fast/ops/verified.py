@@ -23,12 +23,15 @@ class Verified(NamedTuple):
 # the whole cuda suite at 145c578 (467 passed; test_bad_input_errors failed:
 # a TORCH_CHECK crash on that machine, see README "Not done yet"), after the
 # packed norm/SwiGLU kernels and the two-tile attention forward; and
-# tests/test_cuda_fused.py again at 4a97509 (194 passed) after SwiGLU's flat grid.
+# tests/test_cuda_fused.py again at 4a97509 (194 passed) after SwiGLU's flat grid;
+# every cuda suite but the (unchanged) attention file at 3179e79 (247 passed)
+# and tests/test_cuda_fused.py at 20c8c8a (228 passed), after the norm
+# family's raw-register packed forward and one-pass packed backward.
 VERIFIED: Tuple[Verified, ...] = (
-    Verified("rms_norm_modulate", "NVIDIA H200", "2026-11-26", "4a97509"),
-    Verified("layer_norm_modulate", "NVIDIA H200", "2026-11-26", "4a97509"),
-    Verified("gated_residual", "NVIDIA H200", "2026-11-26", "4a97509"),
-    Verified("gated_residual_rms_norm_modulate", "NVIDIA H200", "2026-11-26", "4a97509"),
+    Verified("rms_norm_modulate", "NVIDIA H200", "2026-11-26", "20c8c8a"),
+    Verified("layer_norm_modulate", "NVIDIA H200", "2026-11-26", "20c8c8a"),
+    Verified("gated_residual", "NVIDIA H200", "2026-11-26", "20c8c8a"),
+    Verified("gated_residual_rms_norm_modulate", "NVIDIA H200", "2026-11-26", "20c8c8a"),
     Verified("swiglu", "NVIDIA H200", "2026-11-26", "4a97509"),
     Verified("qk_norm_rope", "NVIDIA H200", "2026-11-26", "145c578"),
     Verified("flash_attention", "NVIDIA H200", "2026-11-26", "145c578"),
