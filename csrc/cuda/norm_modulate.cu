@@ -118,6 +118,19 @@ __device__ __forceinline__ void load_columns(const float* src, A (&out)[G]) {
   }
 }
 
+// f(x) for every element of a row held as V raw packs per lane (widened to A).
+template <class A, class T, int V, int G, class F>
+__device__ __forceinline__ void for_each_packed(const RawPack<T, G> (&xr)[V], int lane, int64_t C, F&& f) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if (pack_column<G>(v, lane) >= C) continue;
+    A xv[G];
+    unpack<G>(xr[v], xv);
+#pragma unroll
+    for (int j = 0; j < G; ++j) f(xv[j]);
+  }
+}
+
 // Row statistics (mean, 0 for RMS; 1/std) of a row held as V raw packs per lane.
 template <class T, class A, int V, int G>
 __device__ __forceinline__ void packed_row_stats(const RawPack<T, G> (&xr)[V], int lane, int64_t C, bool layer,
@@ -125,25 +138,11 @@ __device__ __forceinline__ void packed_row_stats(const RawPack<T, G> (&xr)[V], i
   mean = A(0);
   if (layer) {
     A s = 0;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      if (pack_column<G>(v, lane) >= C) continue;
-      A xv[G];
-      unpack<G>(xr[v], xv);
-#pragma unroll
-      for (int j = 0; j < G; ++j) s += xv[j];
-    }
+    for_each_packed<A>(xr, lane, C, [&](A x) { s += x; });
     mean = warp_sum(s) / A(C);
   }
   A sq = 0;
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    if (pack_column<G>(v, lane) >= C) continue;
-    A xv[G];
-    unpack<G>(xr[v], xv);
-#pragma unroll
-    for (int j = 0; j < G; ++j) sq += (xv[j] - mean) * (xv[j] - mean);
-  }
+  for_each_packed<A>(xr, lane, C, [&](A x) { sq += (x - mean) * (x - mean); });
   rinv = nm::inv_std<A>(warp_sum(sq) / A(C), eps);
 }
 
