@@ -62,15 +62,19 @@ __device__ __forceinline__ void store_raw(T* ptr, const RawPack<T, N>& p) {
   for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) reinterpret_cast<Raw*>(ptr)[i] = p.chunk[i];
 }
 
+// One transaction's bytes seen as its kPer elements.
+template <class T, int N>
+union ChunkView {
+  typename RawChunk<RawPack<T, N>::kBytes>::type raw;
+  T v[RawPack<T, N>::kPer];
+};
+
 template <int N, class A, class T>
 __device__ __forceinline__ void unpack(const RawPack<T, N>& p, A (&out)[N]) {
   constexpr int kPer = RawPack<T, N>::kPer;
 #pragma unroll
   for (int i = 0; i < N / kPer; ++i) {
-    union {
-      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
-      T v[kPer];
-    } u;
+    ChunkView<T, N> u;
     u.raw = p.chunk[i];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) out[i * kPer + j] = load<A>(u.v[j]);
@@ -90,10 +94,7 @@ __device__ __forceinline__ void pack(const A (&in)[N], RawPack<T, N>& p) {
   constexpr int kPer = RawPack<T, N>::kPer;
 #pragma unroll
   for (int i = 0; i < N / kPer; ++i) {
-    union {
-      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
-      T v[kPer];
-    } u;
+    ChunkView<T, N> u;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) u.v[j] = store<T>(in[i * kPer + j]);
     p.chunk[i] = u.raw;
