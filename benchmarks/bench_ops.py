@@ -15,7 +15,11 @@ L2: once as back-to-back stream launches (`*_GBs`, which include the host's
 launch cost when a call is shorter than it) and once replayed from a CUDA
 graph (`*_graph_GBs`, GPU time alone). The same for the fused backward op of
 the norm family and SwiGLU (`fused_bwd_*`), and for a plain device copy of the
-same number of bytes (`copy_*`, the practical ceiling). Also times a whole DDT-B/2 forward with the
+same number of bytes (`copy_*`, the practical ceiling). On a CPU the same
+copy is timed in the rotation with the forwards (`copy_s`, `copy_GBs`):
+`fused_fwd_pct_copy` is the fused forward's speed as % of it, and
+`copy_vs_compile` the gain over torch.compile that a forward running at copy
+speed would have (the most the bandwidth leaves). Also times a whole DDT-B/2 forward with the
 fused backend against the reference backend. Writes
 benchmarks/results/ops_<device>.json (or --out).
 """
@@ -119,7 +123,14 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
                 fn(*inputs)
         return run
 
-    fwd = timed_interleaved({name: forward(fn) for name, fn in impls.items()}, repeats, warmup=3, cuda=cuda)
+    fwd_runs = {name: forward(fn) for name, fn in impls.items()}
+    if not cuda:
+        # The practical ceiling on a CPU: a copy moving the same bytes (half
+        # read, half written), timed in the same rotation (same cache state).
+        src = torch.randint(0, 255, (nbytes // 2,), dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        fwd_runs["copy"] = lambda: dst.copy_(src)
+    fwd = timed_interleaved(fwd_runs, repeats, warmup=3, cuda=cuda)
     both = timed_interleaved({name: fwd_bwd(fn, inputs) for name, fn in impls.items()}, max(5, repeats // 2),
                              warmup=3, cuda=cuda)
     # Ratios use each implementation's fastest run (see timed_interleaved).
@@ -136,6 +147,16 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
     if compile_ref:
         row["fwd_vs_compile"] = row["compile_fwd_s"] / row["fused_fwd_s"]
         row["fwdbwd_vs_compile"] = row["compile_fwdbwd_s"] / row["fused_fwdbwd_s"]
+    if not cuda:
+        copy_s = fwd["copy"]["min_s"]
+        row["copy_s"] = copy_s
+        for name in impls:
+            row[f"{name}_fwd_GBs"] = nbytes / row[f"{name}_fwd_s"] / 1e9
+        row["copy_GBs"] = nbytes / copy_s / 1e9
+        row["fused_fwd_pct_copy"] = 100 * copy_s / row["fused_fwd_s"]
+        if compile_ref:
+            # what a forward running at copy speed would gain over torch.compile
+            row["copy_vs_compile"] = row["compile_fwd_s"] / copy_s
     if cuda:
         peak = next((v for k, v in HBM_PEAK_GBS.items() if k in torch.cuda.get_device_name(device).lower()), None)
         copies = (inputs, tuple(t.clone() for t in inputs))
@@ -337,7 +358,16 @@ def main(argv=None):
             mine = [r for r in rows if r["op"] == op]
             summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
+            # shapes where even a copy of the same bytes is not fwd_vs_compile times faster than compile
+            summary[op]["shapes"] = len(mine)
+            summary[op]["shapes_compile_target_above_copy"] = sum(
+                r["copy_vs_compile"] < TARGETS["fwd_vs_compile"] for r in mine)
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
+        print("fwd GB/s: fused / compiled / copy of the same bytes (fused as % of copy):")
+        for r in rows:
+            print(f"{_label(r):46s} L={r['L']:5d} C={r['C']:5d} {r['dtype']:>8s} {r['fused_fwd_GBs']:.1f} / "
+                  f"{r.get('compile_fwd_GBs', float('nan')):.1f} / {r['copy_GBs']:.1f} "
+                  f"({r['fused_fwd_pct_copy']:.0f}%)")
     if device.type == "cuda":
         print("GB/s (% of HBM peak), stream launches | CUDA graph:")
         for r in rows:

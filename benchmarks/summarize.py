@@ -60,6 +60,10 @@ def ops_section(d: dict) -> str:
     extra = " fwd GB/s: fused / compiled (% of HBM peak) |"
     if graph:
         extra = " fwd GB/s: fused / compiled | bwd GB/s: fused | copy GB/s (% of HBM peak, CUDA graph) |"
+    cpu_copy = not bandwidth and any("copy_GBs" in r for r in d["rows"])
+    if cpu_copy:
+        bandwidth = True
+        extra = " fwd GB/s: fused / compiled / copy (fused % of copy) | copy speed vs compile |"
     cols = extra.count("|")
     rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
             + (extra if bandwidth else ""),
@@ -70,7 +74,11 @@ def ops_section(d: dict) -> str:
                 f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
                 f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
                 f"{r['bwd_vs_eager']:.2f}x |")
-        if bandwidth:
+        if cpu_copy:
+            compiled = f"{r['compile_fwd_GBs']:.1f}" if "compile_fwd_GBs" in r else "-"
+            line += (f" {r['fused_fwd_GBs']:.1f} / {compiled} / {r['copy_GBs']:.1f} "
+                     f"({r['fused_fwd_pct_copy']:.0f}%) | {_x(r.get('copy_vs_compile'))} |")
+        elif bandwidth:
             line += f" {_gbs(r, 'fused_fwd')} / {_gbs(r, 'compile_fwd')} |"
             if graph:
                 line += f" {_gbs(r, 'fused_bwd')} | {_gbs(r, 'copy')} |"
@@ -83,7 +91,10 @@ def ops_section(d: dict) -> str:
         summary.append(f"- {op}, worst case over the grid: forward {s['fwd_vs_eager']:.2f}x eager, "
                        f"{s['fwd_vs_compile']:.2f}x compiled, backward {s['bwd_vs_eager']:.2f}x eager "
                        f"(targets {d['cpu_targets']['fwd_vs_eager']:.0f}x / {d['cpu_targets']['fwd_vs_compile']}x / "
-                       f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})")
+                       f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
+                       + (f"; in {s['shapes_compile_target_above_copy']} of {s['shapes']} shapes a copy of the "
+                          f"same bytes is itself less than {d['cpu_targets']['fwd_vs_compile']}x faster than the "
+                          "compiled forward" if "shapes" in s else ""))
     note = [f"- {d['note']}"] if d.get("note") else []
     return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; medians, same process, "
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])

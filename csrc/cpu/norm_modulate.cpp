@@ -1,5 +1,5 @@
 // CPU kernels for the fused norm + modulate family (see ddt/norm_modulate.h).
-// Rows run in parallel (OpenMP, static schedule); reductions over rows
+// Each OpenMP thread takes one contiguous range of rows; reductions over rows
 // (weight gradient, per-sample modulation gradients) use per-thread
 // accumulators summed in thread order, so results are deterministic for a
 // given thread count.
@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(DDT_FAST_HAVE_OPENMP)
@@ -27,12 +29,27 @@ int num_threads() {
 #endif
 }
 
+// Threads in the current parallel region.
+int team_size() {
+#if defined(DDT_FAST_HAVE_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 int thread_id() {
 #if defined(DDT_FAST_HAVE_OPENMP)
   return omp_get_thread_num();
 #else
   return 0;
 #endif
+}
+
+// The calling thread's rows [first, second) of `rows`, inside a parallel region.
+std::pair<int64_t, int64_t> thread_rows(int64_t rows) {
+  const int t = thread_id(), nt = team_size();
+  return {rows * t / nt, rows * (t + 1) / nt};
 }
 
 template <class T>
@@ -44,81 +61,189 @@ T* row(const MutRows& r, int64_t b, int64_t l) {
   return static_cast<T*>(r.ptr) + b * r.stride_b + l * r.stride_l;
 }
 
-// Mean (0 for RMSNorm) and 1/std of a row.
+// The sum of (x - mu)^2 over a row.
 template <class A>
-void row_stats(NormKind kind, const A* __restrict xr, int64_t C, double eps, A& mean, A& rinv) {
-  mean = 0;
-  if (kind == NormKind::layer) {
-    A sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < C; ++c) sum += xr[c];
-    mean = sum / A(C);
-  }
+A sum_sq_dev(const A* __restrict xr, int64_t C, A mu) {
   A sq = 0;
-  const A mu = mean;
 #pragma omp simd reduction(+ : sq)
   for (int64_t c = 0; c < C; ++c) {
     const A d = xr[c] - mu;
     sq += d * d;
   }
+  return sq;
+}
+
+// Mean (0 for RMSNorm) and 1/std of a row, from the row's sum and sum of
+// squares; LayerNorm takes a second pass for the variance (about the mean:
+// E[x^2] - mean^2 would cancel).
+template <class A>
+void finish_stats(NormKind kind, const A* __restrict xr, int64_t C, A sum, A sq, double eps, A& mean, A& rinv) {
+  mean = 0;
+  if (kind == NormKind::layer) {
+    mean = sum / A(C);
+    sq = sum_sq_dev<A>(xr, C, mean);
+  }
   rinv = nm::inv_std<A>(sq / A(C), eps);
 }
 
-// Normalise a row into xhat (unrounded) and return 1/std.
-template <class A>
-A normalise(NormKind kind, const A* __restrict xr, A* __restrict xhat, int64_t C, double eps) {
-  A mean, rinv;
-  row_stats<A>(kind, xr, C, eps, mean, rinv);
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) xhat[c] = (xr[c] - mean) * rinv;
-  return rinv;
+// Pass 1 over a row of x: its values in the accumulation type A, read in
+// place when x already is A, else widened into buf as they are read.
+template <class T>
+struct WidenRow {
+  using A = acc_t<T>;
+  static constexpr bool kInPlace = std::is_same_v<T, A>;
+  const T* __restrict x;
+  A* __restrict buf;
+
+  const A* values() const {
+    if constexpr (kInPlace) {
+      return reinterpret_cast<const A*>(x);
+    } else {
+      return buf;
+    }
+  }
+  A operator()(int64_t c) const {
+    if constexpr (kInPlace) {
+      return x[c];
+    } else {
+      buf[c] = load<A>(x[c]);
+      return buf[c];
+    }
+  }
+};
+
+// with_flags(fn, a, b, ...) calls fn(std::bool_constant<a>{}, ...): runtime
+// flags as compile-time ones, so the row loops below carry no branches (a
+// branch in a loop that stores 16-bit values stops it vectorising).
+template <class Fn>
+void with_flags(Fn&& fn) {
+  fn();
+}
+template <class Fn, class... Rest>
+void with_flags(Fn&& fn, bool first, Rest... rest) {
+  if (first) with_flags([&](auto... f) { fn(std::true_type{}, f...); }, rest...);
+  else with_flags([&](auto... f) { fn(std::false_type{}, f...); }, rest...);
 }
 
+// The forward's two passes over a row, element by element, so that one loop
+// can run pass 2 of row r together with pass 1 of row r + 1.
+template <class T, class W, class M, bool kResidual>
+struct ForwardRow {
+  using A = acc_t<T>;
+  // Pass 1 operands: x (and y, gate, x_out for the residual form); buf
+  // receives the row to normalise unless x is read in place.
+  WidenRow<T> widen;
+  const T* __restrict y;
+  const M* __restrict gate;
+  T* __restrict x_out;
+  // Pass 2 operands.
+  const A* __restrict xrow;
+  const M* __restrict shift;
+  const M* __restrict scale;
+  T* __restrict out;
+  A mean, rinv;
+
+  ForwardRow(const NormModulateForward& p, int64_t r, A* buffer) {
+    const int64_t b = r / p.L, l = r % p.L;
+    widen = {row<T>(p.x, b, l), buffer};
+    y = kResidual ? row<T>(p.y, b, l) : nullptr;
+    gate = kResidual ? row<M>(p.gate, b, l) : nullptr;
+    x_out = kResidual ? row<T>(p.x_out, b, l) : nullptr;
+    xrow = kResidual ? buffer : widen.values();
+    const bool norm = p.kind != NormKind::none;
+    shift = norm ? row<M>(p.shift, b, l) : nullptr;
+    scale = norm ? row<M>(p.scale, b, l) : nullptr;
+    out = norm ? row<T>(p.out, b, l) : nullptr;
+  }
+
+  // Pass 1 at c: the value the norm reads (x' as stored, or x widened).
+  A first(int64_t c) const {
+    if constexpr (kResidual) {
+      const T v = store<T>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
+      x_out[c] = v;
+      widen.buf[c] = load<A>(v);
+      return widen.buf[c];
+    } else {
+      return widen(c);
+    }
+  }
+
+  // Pass 2 at c: round the normalised value to T (the spec's rounding point),
+  // modulate, store.
+  void second(int64_t c, const A* __restrict w) const {
+    out[c] = store<T>(
+        nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), w[c], load<A>(shift[c]), load<A>(scale[c])));
+  }
+};
+
+// Rows are split into one contiguous range per thread. Within a range, pass 2
+// of row r (modulate and store) runs in the same loop as pass 1 of row r + 1
+// (load, residual, statistics): a pass over one row alone keeps too few
+// memory streams in flight to reach DRAM bandwidth on large inputs.
 template <class T, class W, class M>
 void forward_impl(const NormModulateForward& p) {
   using A = acc_t<T>;
   const int64_t rows = p.B * p.L, C = p.C;
+  const bool norm = p.kind != NormKind::none;
   const bool has_weight = p.weight != nullptr;
-  const W* weight = static_cast<const W*>(p.weight);
 #pragma omp parallel
   {
-    std::vector<A> xr(C);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / p.L, l = r % p.L;
-      const T* x = row<T>(p.x, b, l);
-      if (p.residual) {
-        const T* y = row<T>(p.y, b, l);
-        const M* g = row<M>(p.gate, b, l);
-        T* xo = row<T>(p.x_out, b, l);
+    const auto [r0, r1] = thread_rows(rows);
+    // Row buffers in the accumulation type: two for the rows being
+    // normalised, and the weight (ones for the weight-free LayerNorm).
+    std::vector<A> xbuf(2 * C), wbuf(C, A(1));
+    for (int64_t c = 0; c < C && has_weight; ++c) wbuf[c] = load<A>(static_cast<const W*>(p.weight)[c]);
+    const A* __restrict w = wbuf.data();
+    with_flags([&](auto residual_c) {
+      using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
+      if (r0 >= r1) return;
+      Row cur(p, r0, xbuf.data());
+      A sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum, sq)
+      for (int64_t c = 0; c < C; ++c) {
+        const A f = cur.first(c);
+        sum += f;
+        sq += f * f;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const bool last = r + 1 == r1;
+        Row next(p, last ? r : r + 1, xbuf.data() + ((r + 1 - r0) & 1) * C);
+        if (!norm) {  // x' alone: pass 1 only
+          if (!last) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          xr[c] = round_to<T>(nm::residual<A>(load<A>(x[c]), load<A>(g[c]), load<A>(y[c])));
-          xo[c] = store<T>(xr[c]);
+            for (int64_t c = 0; c < C; ++c) next.first(c);
+          }
+          continue;
         }
-      } else {
+        finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
+        sum = 0;
+        sq = 0;
+        if (last) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) xr[c] = load<A>(x[c]);
+          for (int64_t c = 0; c < C; ++c) cur.second(c, w);
+        } else {
+#pragma omp simd reduction(+ : sum, sq)
+          for (int64_t c = 0; c < C; ++c) {
+            cur.second(c, w);
+            const A f = next.first(c);
+            sum += f;
+            sq += f * f;
+          }
+        }
+        cur = next;
       }
-      if (p.kind == NormKind::none) continue;
-      A mean, rinv;
-      row_stats<A>(p.kind, xr.data(), C, p.eps, mean, rinv);
-      const A* __restrict xrow = xr.data();
-      const M* sh = row<M>(p.shift, b, l);
-      const M* sc = row<M>(p.scale, b, l);
-      T* out = row<T>(p.out, b, l);
-      if (has_weight) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          out[c] = store<T>(nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), load<A>(weight[c]),
-                                            load<A>(sh[c]), load<A>(sc[c])));
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          out[c] = store<T>(nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), A(1), load<A>(sh[c]),
-                                            load<A>(sc[c])));
-      }
-    }
+    }, p.residual);
+  }
+}
+
+// Either adds v into a per-thread sum over rows (per-sample operand) or stores
+// it as this row's gradient (per-token operand).
+template <class Sum, class A, class O>
+inline void sum_or_store(A* __restrict acc, O* __restrict out, int64_t c, A v) {
+  if constexpr (Sum::value) {
+    acc[c] += v;
+  } else {
+    out[c] = store<O>(v);
   }
 }
 
@@ -128,7 +253,6 @@ void backward_impl(const NormModulateBackward& p) {
   const int64_t rows = p.B * p.L, C = p.C;
   const bool norm = p.kind != NormKind::none;
   const bool has_weight = p.weight != nullptr;
-  const W* weight = static_cast<const W*>(p.weight);
   // What is reduced over rows: [C] for the weight, [B, C] per per-sample operand.
   const bool sum_shift = norm && !p.shift.per_token();
   const bool sum_scale = norm && !p.scale.per_token();
@@ -139,101 +263,108 @@ void backward_impl(const NormModulateBackward& p) {
 
 #pragma omp parallel
   {
-    // Row buffers (L1-resident for DDT widths); simple loops over them vectorise.
-    std::vector<A> xr(C), xhat(C), nrm(C), gbuf(C), abuf(C), gn(C), gx(C), wv(C, A(1));
+    // Row buffers (L1-resident for DDT widths): two for widened rows, d out /
+    // d xhat, and the weight (ones without one, so one loop serves both norms).
+    std::vector<A> xbuf(2 * C), dbuf(C), wbuf(C, A(1));
     if (has_weight)
-      for (int64_t c = 0; c < C; ++c) wv[c] = load<A>(weight[c]);
+      for (int64_t c = 0; c < C; ++c) wbuf[c] = load<A>(static_cast<const W*>(p.weight)[c]);
+    const A* __restrict w = wbuf.data();
     A* mine = acc.data() + size_t(thread_id()) * size_t(stride);
-    A* acc_w = mine;
+    A* __restrict acc_w = mine;
     A* acc_shift = mine + C;
     A* acc_scale = acc_shift + p.B * C;
     A* acc_gate = acc_scale + p.B * C;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    // As in the forward: one contiguous range of rows per thread, and pass 1
+    // of row r + 1 runs in the same loop as pass 3 of row r.
+    const auto [r0, r1] = thread_rows(rows);
+    auto widen_at = [&](int64_t r) {
+      return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf.data() + ((r - r0) & 1) * C};
+    };
+    A sum = 0, sq = 0;  // pass 1 sums of the current row
+    if (norm && r0 < r1) {
+      const WidenRow<T> first = widen_at(r0);
+      A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t c = 0; c < C; ++c) {
+        const A f = first(c);
+        s += f;
+        q += f * f;
+      }
+      sum = s;
+      sq = q;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
-      A* __restrict gxr = gx.data();
+      // (the last row of the range re-reads itself into the other buffer,
+      // which keeps this loop free of branches)
+      const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r);
+      const A* __restrict xrow = widen_at(r).values();
+      A mean = 0, rinv = 0, dot = 0, mean_d = 0;
+      A* __restrict d = dbuf.data();
       if (norm) {
-        const T* x = row<T>(p.x, b, l);
+        finish_stats<A>(p.kind, xrow, C, sum, sq, p.eps, mean, rinv);
+        // Pass 2: d out / d xhat, its two row reductions, and the gradients of
+        // the weight, shift and scale.
         const T* go = row<T>(p.grad_out, b, l);
         const M* sc = row<M>(p.scale, b, l);
-        A* __restrict xv = xr.data();
-        A* __restrict xh = xhat.data();
-        A* __restrict n = nrm.data();
-        A* __restrict g = gbuf.data();
-        A* __restrict a = abuf.data();
-        A* __restrict d = gn.data();
-        const A* __restrict w = wv.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) xv[c] = load<A>(x[c]);
-        const A rinv = normalise<A>(p.kind, xv, xh, C, p.eps);
-        A dot = 0, sum_d = 0;
+        A sum_d = 0;
+        with_flags([&](auto sum_sh, auto sum_sc) {
+          using SumShift = decltype(sum_sh);
+          using SumScale = decltype(sum_sc);
+          A* __restrict acc_sh = acc_shift + b * C;
+          A* __restrict acc_sc = acc_scale + b * C;
+          M* __restrict gsh = static_cast<M*>(p.grad_shift) + (SumShift::value ? 0 : r * C);
+          M* __restrict gsc = static_cast<M*>(p.grad_scale) + (SumScale::value ? 0 : r * C);
 #pragma omp simd reduction(+ : dot, sum_d)
-        for (int64_t c = 0; c < C; ++c) {
-          g[c] = load<A>(go[c]);
-          a[c] = A(1) + load<A>(sc[c]);
-          n[c] = round_to<T>(xh[c]);
-          d[c] = g[c] * a[c] * w[c];  // d out / d xhat
-          dot += d[c] * xh[c];
-          sum_d += d[c];
-        }
-        if (has_weight) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc_w[c] += g[c] * a[c] * n[c];
-        }
-        if (sum_shift) {
-          A* __restrict acc_b = acc_shift + b * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc_b[c] += g[c];
-        } else {
-          M* gsh = static_cast<M*>(p.grad_shift) + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gsh[c] = store<M>(g[c]);
-        }
-        if (sum_scale) {
-          A* __restrict acc_b = acc_scale + b * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc_b[c] += g[c] * n[c] * w[c];
-        } else {
-          M* gsc = static_cast<M*>(p.grad_scale) + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gsc[c] = store<M>(g[c] * n[c] * w[c]);
-        }
+          for (int64_t c = 0; c < C; ++c) {
+            const A xh = (xrow[c] - mean) * rinv;
+            const A n = round_to<T>(xh);  // the forward's rounding point
+            const A g = load<A>(go[c]);
+            const A a = A(1) + load<A>(sc[c]);
+            const A ga = g * a;
+            const A dc = ga * w[c];
+            d[c] = dc;
+            dot += dc * xh;
+            sum_d += dc;
+            acc_w[c] += ga * n;
+            sum_or_store<SumShift>(acc_sh, gsh, c, g);
+            sum_or_store<SumScale>(acc_sc, gsc, c, g * n * w[c]);
+          }
+        }, sum_shift, sum_scale);
         dot /= A(C);
-        const A mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gxr[c] = rinv * (d[c] - mean_d - xh[c] * dot);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gxr[c] = A(0);
+        mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
       }
-      T* grad_x = static_cast<T*>(p.grad_x) + r * C;
-      if (p.residual) {
-        if (p.grad_x_out.ptr) {
-          const T* gxo = row<T>(p.grad_x_out, b, l);
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gxr[c] += load<A>(gxo[c]);
-        }
-        const T* y = row<T>(p.y, b, l);
-        const M* gate = row<M>(p.gate, b, l);
-        T* grad_y = static_cast<T*>(p.grad_y) + r * C;
-#pragma omp simd
+      // Pass 3: grad_x (plus the gradient that reached x' directly), and the
+      // residual's grad_y and grad_gate; with pass 1 of the next row.
+      T* __restrict grad_x = static_cast<T*>(p.grad_x) + r * C;
+      const T* gxo = p.residual && p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
+      const T* y = p.residual ? row<T>(p.y, b, l) : nullptr;
+      const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
+      T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
+      with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+        using SumGate = decltype(sum_g);
+        A* __restrict acc_g = acc_gate + b * C;
+        M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
+        A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
         for (int64_t c = 0; c < C; ++c) {
-          grad_x[c] = store<T>(gxr[c]);
-          grad_y[c] = store<T>(gxr[c] * load<A>(gate[c]));
+          A gx = 0;
+          if constexpr (decltype(norm_c)::value) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
+          if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
+          grad_x[c] = store<T>(gx);
+          if constexpr (decltype(residual_c)::value) {
+            grad_y[c] = store<T>(gx * load<A>(gate[c]));
+            sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
+          }
+          if constexpr (decltype(norm_c)::value) {
+            const A f = next(c);
+            s += f;
+            q += f * f;
+          }
         }
-        if (sum_gate) {
-          A* __restrict acc_b = acc_gate + b * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc_b[c] += gxr[c] * load<A>(y[c]);
-        } else {
-          M* ggate = static_cast<M*>(p.grad_gate) + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) ggate[c] = store<M>(gxr[c] * load<A>(y[c]));
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) grad_x[c] = store<T>(gxr[c]);
-      }
+        sum = s;
+        sq = q;
+      }, norm, p.residual, gxo != nullptr, sum_gate);
     }
   }
 

@@ -42,6 +42,7 @@ void forward_impl(const QkNormRope& p) {
         const T* x = qkv + qk::packed(p, b, l, part, h);
         const A rinv = head_rinv<T, A>(x, D, p.eps);
         T* out = outs[part] + qk::split(p, b, h, l);
+#pragma omp simd
         for (int64_t m = 0; m < half; ++m) {
           const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(weights[part][2 * m]);
           const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(weights[part][2 * m + 1]);
@@ -80,7 +81,9 @@ void backward_impl(const QkNormRope& p) {
 #else
     A* mine = acc.data();
 #endif
-    std::vector<A> xhat(D), gn(D);
+    std::vector<A> xhat(D), gn(D), wv(2 * D);  // wv: q and k weights, converted once
+    for (int part = 0; part < 2; ++part)
+      for (int64_t d = 0; d < D; ++d) wv[part * D + d] = load<A>(weights[part][d]);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
@@ -93,24 +96,31 @@ void backward_impl(const QkNormRope& p) {
             for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(A(0));
             continue;
           }
-          const T* g = grads[part] + qk::split(p, b, h, l);
+          const T* __restrict g = grads[part] + qk::split(p, b, h, l);
           const A rinv = head_rinv<T, A>(x, D, p.eps);
+          const A* __restrict w = wv.data() + part * D;
+          A* __restrict acc_w = mine + part * D;
+          A* __restrict xh = xhat.data();
+          A* __restrict gnv = gn.data();
           A dot = 0;
+#pragma omp simd reduction(+ : dot)
           for (int64_t m = 0; m < half; ++m) {
             // d/du of a rotation is the inverse rotation of the incoming gradient.
             A gu0, gu1;
             qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
-            for (int j = 0; j < 2; ++j) {
-              const int64_t d = 2 * m + j;
-              const A gu = j ? gu1 : gu0;
-              xhat[d] = load<A>(x[d]) * rinv;
-              mine[part * D + d] += gu * round_to<T>(xhat[d]);
-              gn[d] = gu * load<A>(weights[part][d]);
-              dot += gn[d] * xhat[d];
-            }
+            const A xh0 = load<A>(x[2 * m]) * rinv, xh1 = load<A>(x[2 * m + 1]) * rinv;
+            acc_w[2 * m] += gu0 * round_to<T>(xh0);
+            acc_w[2 * m + 1] += gu1 * round_to<T>(xh1);
+            const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
+            xh[2 * m] = xh0;
+            xh[2 * m + 1] = xh1;
+            gnv[2 * m] = gn0;
+            gnv[2 * m + 1] = gn1;
+            dot += gn0 * xh0 + gn1 * xh1;
           }
           dot /= A(D);
-          for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(rinv * (gn[d] - xhat[d] * dot));
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(rinv * (gnv[d] - xh[d] * dot));
         }
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);
         const T* g = grad_v ? grad_v + qk::split(p, b, h, l) : nullptr;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "ddt/common.h"
 
@@ -55,12 +56,15 @@ DDT_HD uint32_t float_to_bits(float f) {
 
 // Round-to-nearest-even, as PyTorch's float -> bfloat16 cast.
 // Branch-free so that CPU loops over it vectorise.
-DDT_HD bf16_t to_bf16(float f) {
+// The float bits of the nearest bfloat16 (low 16 bits zero); NaN stays NaN,
+// quieted. `f != f` rather than an integer test: one compare on the CPU.
+DDT_HD uint32_t bf16_rounded_bits(float f) {
   const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return bf16_t(uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded));
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return (f != f ? (u | 0x400000u) : rounded) & 0xffff0000u;
 }
+
+DDT_HD bf16_t to_bf16(float f) { return bf16_t(uint16_t(bf16_rounded_bits(f) >> 16)); }
 
 DDT_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(uint16_t(v)) << 16); }
 
@@ -126,7 +130,11 @@ DDT_HD T store(A v) {
 // the input dtype" rounding points).
 template <class T, class A>
 DDT_HD A round_to(A v) {
-  return load<A>(store<T>(v));
+  if constexpr (sizeof(A) == 4 && std::is_same_v<T, bf16_t>) {
+    return bits_to_float(bf16_rounded_bits(v));  // no narrowing and widening
+  } else {
+    return load<A>(store<T>(v));
+  }
 }
 
 }  // namespace ddt
