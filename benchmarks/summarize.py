@@ -63,7 +63,7 @@ def ops_section(d: dict) -> str:
     cpu_copy = not bandwidth and any("copy_GBs" in r for r in d["rows"])
     if cpu_copy:
         bandwidth = True
-        extra = " fwd GB/s: fused / compiled / copy (fused % of copy) | copy speed vs compile |"
+        extra = " fwd GB/s: fused / compiled / copy of the same bytes (fused % of copy) |"
     cols = extra.count("|")
     rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
             + (extra if bandwidth else ""),
@@ -77,7 +77,7 @@ def ops_section(d: dict) -> str:
         if cpu_copy:
             compiled = f"{r['compile_fwd_GBs']:.1f}" if "compile_fwd_GBs" in r else "-"
             line += (f" {r['fused_fwd_GBs']:.1f} / {compiled} / {r['copy_GBs']:.1f} "
-                     f"({r['fused_fwd_pct_copy']:.0f}%) | {_x(r.get('copy_vs_compile'))} |")
+                     f"({r['fused_fwd_pct_copy']:.0f}%) |")
         elif bandwidth:
             line += f" {_gbs(r, 'fused_fwd')} / {_gbs(r, 'compile_fwd')} |"
             if graph:
@@ -92,9 +92,7 @@ def ops_section(d: dict) -> str:
                        f"{s['fwd_vs_compile']:.2f}x compiled, backward {s['bwd_vs_eager']:.2f}x eager "
                        f"(targets {d['cpu_targets']['fwd_vs_eager']:.0f}x / {d['cpu_targets']['fwd_vs_compile']}x / "
                        f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
-                       + (f"; in {s['shapes_compile_target_above_copy']} of {s['shapes']} shapes a copy of the "
-                          f"same bytes is itself less than {d['cpu_targets']['fwd_vs_compile']}x faster than the "
-                          "compiled forward" if "shapes" in s else ""))
+)
     note = [f"- {d['note']}"] if d.get("note") else []
     return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; medians, same process, "
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])

@@ -5,6 +5,7 @@
 
 #include "ddt/dtype_dispatch.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -16,45 +17,72 @@ namespace ddt {
 namespace cpu {
 namespace {
 
-// 1 / RMS of one head vector.
+// One token's q (or k) heads, H contiguous vectors of D at x, widened into xv
+// with each head's 1/RMS in rinv. All heads' statistics are taken before any
+// head is rotated, so no head waits on its own reduction and square root.
 template <class T, class A>
-A head_rinv(const T* x, int64_t D, double eps) {
-  A sq = 0;
+void widen_heads(const T* __restrict x, int64_t H, int64_t D, double eps, A* __restrict xv, A* __restrict rinv) {
+  for (int64_t h = 0; h < H; ++h) {
+    A* __restrict xa = xv + h * D;
+    A sq = 0;
 #pragma omp simd reduction(+ : sq)
-  for (int64_t d = 0; d < D; ++d) sq += load<A>(x[d]) * load<A>(x[d]);
-  return nm::inv_std<A>(sq / A(D), eps);
+    for (int64_t d = 0; d < D; ++d) {
+      xa[d] = load<A>(x[h * D + d]);
+      sq += xa[d] * xa[d];
+    }
+    rinv[h] = sq;
+  }
+#pragma omp simd
+  for (int64_t h = 0; h < H; ++h) rinv[h] = nm::inv_std<A>(rinv[h] / A(D), eps);
+}
+
+// The q and k weights in the accumulation type: [q_weight | k_weight].
+template <class W, class A>
+std::vector<A> widen_weights(const QkNormRope& p) {
+  std::vector<A> wv(2 * p.D);
+  for (int part = 0; part < 2; ++part)
+    for (int64_t d = 0; d < p.D; ++d) wv[part * p.D + d] = load<A>(static_cast<const W*>(part ? p.k_weight : p.q_weight)[d]);
+  return wv;
 }
 
 template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  const W* weights[2] = {static_cast<const W*>(p.q_weight), static_cast<const W*>(p.k_weight)};
   T* outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
   T* v_out = static_cast<T*>(p.v);
   const int64_t D = p.D, half = D / 2;
-#pragma omp parallel for schedule(static)
-  for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
-    const int64_t b = bl / p.L, l = bl % p.L;
-    const float* rope = p.rope + l * half * 2;
-    for (int64_t h = 0; h < p.H; ++h) {
+#pragma omp parallel
+  {
+    // Per thread: the weights, and one token's q (or k) heads with their 1/RMS.
+    const std::vector<A> wv = widen_weights<W, A>(p);
+    std::vector<A> xv(p.H * D), rinv(p.H);
+#pragma omp for schedule(static)
+    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
+      const int64_t b = bl / p.L, l = bl % p.L;
+      const float* __restrict rope = p.rope + l * half * 2;
       for (int part = 0; part < 2; ++part) {
-        const T* x = qkv + qk::packed(p, b, l, part, h);
-        const A rinv = head_rinv<T, A>(x, D, p.eps);
-        T* out = outs[part] + qk::split(p, b, h, l);
+        widen_heads<T, A>(qkv + qk::packed(p, b, l, part, 0), p.H, D, p.eps, xv.data(), rinv.data());
+        const A* __restrict w = wv.data() + part * D;
+        for (int64_t h = 0; h < p.H; ++h) {
+          const A* __restrict xa = xv.data() + h * D;
+          const A r = rinv[h];
+          T* __restrict out = outs[part] + qk::split(p, b, h, l);
 #pragma omp simd
-        for (int64_t m = 0; m < half; ++m) {
-          const A u0 = round_to<T>(load<A>(x[2 * m]) * rinv) * load<A>(weights[part][2 * m]);
-          const A u1 = round_to<T>(load<A>(x[2 * m + 1]) * rinv) * load<A>(weights[part][2 * m + 1]);
-          A r0, r1;
-          qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
-          out[2 * m] = store<T>(r0);
-          out[2 * m + 1] = store<T>(r1);
+          for (int64_t m = 0; m < half; ++m) {
+            const A u0 = round_to<T>(xa[2 * m] * r) * w[2 * m];
+            const A u1 = round_to<T>(xa[2 * m + 1] * r) * w[2 * m + 1];
+            A r0, r1;
+            qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
+            out[2 * m] = store<T>(r0);
+            out[2 * m + 1] = store<T>(r1);
+          }
         }
       }
-      const T* v = qkv + qk::packed(p, b, l, 2, h);
-      T* vo = v_out + qk::split(p, b, h, l);
-      for (int64_t d = 0; d < D; ++d) vo[d] = v[d];
+      for (int64_t h = 0; h < p.H; ++h) {
+        const T* v = qkv + qk::packed(p, b, l, 2, h);
+        std::copy(v, v + D, v_out + qk::split(p, b, h, l));
+      }
     }
   }
 }
@@ -63,7 +91,6 @@ template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  const W* weights[2] = {static_cast<const W*>(p.q_weight), static_cast<const W*>(p.k_weight)};
   const T* grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
   const T* grad_v = static_cast<const T*>(p.grad_v);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
@@ -81,23 +108,24 @@ void backward_impl(const QkNormRope& p) {
 #else
     A* mine = acc.data();
 #endif
-    std::vector<A> xhat(D), gn(D), wv(2 * D);  // wv: q and k weights, converted once
-    for (int part = 0; part < 2; ++part)
-      for (int64_t d = 0; d < D; ++d) wv[part * D + d] = load<A>(weights[part][d]);
+    const std::vector<A> wv = widen_weights<W, A>(p);
+    std::vector<A> xv(p.H * D), rinv(p.H), xhat(D), gn(D);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
       const float* rope = p.rope + l * half * 2;
-      for (int64_t h = 0; h < p.H; ++h) {
-        for (int part = 0; part < 2; ++part) {
-          const T* x = qkv + qk::packed(p, b, l, part, h);
-          T* gx = grad_qkv + qk::packed(p, b, l, part, h);
-          if (grads[part] == nullptr) {
-            for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(A(0));
-            continue;
-          }
+      for (int part = 0; part < 2; ++part) {
+        if (grads[part] == nullptr) {
+          T* gx = grad_qkv + qk::packed(p, b, l, part, 0);
+          std::fill(gx, gx + p.H * D, store<T>(A(0)));
+          continue;
+        }
+        widen_heads<T, A>(qkv + qk::packed(p, b, l, part, 0), p.H, D, p.eps, xv.data(), rinv.data());
+        for (int64_t h = 0; h < p.H; ++h) {
+          const A* __restrict x = xv.data() + h * D;
+          T* __restrict gx = grad_qkv + qk::packed(p, b, l, part, h);
           const T* __restrict g = grads[part] + qk::split(p, b, h, l);
-          const A rinv = head_rinv<T, A>(x, D, p.eps);
+          const A r = rinv[h];
           const A* __restrict w = wv.data() + part * D;
           A* __restrict acc_w = mine + part * D;
           A* __restrict xh = xhat.data();
@@ -108,7 +136,7 @@ void backward_impl(const QkNormRope& p) {
             // d/du of a rotation is the inverse rotation of the incoming gradient.
             A gu0, gu1;
             qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
-            const A xh0 = load<A>(x[2 * m]) * rinv, xh1 = load<A>(x[2 * m + 1]) * rinv;
+            const A xh0 = x[2 * m] * r, xh1 = x[2 * m + 1] * r;
             acc_w[2 * m] += gu0 * round_to<T>(xh0);
             acc_w[2 * m + 1] += gu1 * round_to<T>(xh1);
             const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
@@ -120,11 +148,17 @@ void backward_impl(const QkNormRope& p) {
           }
           dot /= A(D);
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(rinv * (gnv[d] - xh[d] * dot));
+          for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(r * (gnv[d] - xh[d] * dot));
         }
+      }
+      for (int64_t h = 0; h < p.H; ++h) {
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);
-        const T* g = grad_v ? grad_v + qk::split(p, b, h, l) : nullptr;
-        for (int64_t d = 0; d < D; ++d) gv[d] = g ? g[d] : store<T>(A(0));
+        if (grad_v) {
+          const T* g = grad_v + qk::split(p, b, h, l);
+          std::copy(g, g + D, gv);
+        } else {
+          std::fill(gv, gv + D, store<T>(A(0)));
+        }
       }
     }
   }
