@@ -344,7 +344,11 @@ def main(argv=None):
         print(f"{_label(row):46s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
               f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
               f"{row['bwd_vs_eager']:11.2f}", flush=True)
-    model_rows = [bench_model(device, dt, 5 if device.type == "cpu" else 20)
+    # On a CPU the fused ops are a small share of a forward (GEMMs dominate):
+    # more interleaved repeats for float32 (~0.8 s a forward) to see past the
+    # machine's noise; bf16 GEMMs are emulated there (~5 s a forward).
+    cpu_repeats = {torch.float32: 15, torch.bfloat16: 5}
+    model_rows = [bench_model(device, dt, cpu_repeats[dt] if device.type == "cpu" else 20)
                   for dt in (torch.float32, torch.bfloat16)]
     for r in model_rows:
         print(f"whole {r['model']} forward ({r['dtype']}, B={r['batch']}, L={r['tokens']}): reference "

@@ -94,7 +94,7 @@ def ops_section(d: dict) -> str:
                        f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
 )
     note = [f"- {d['note']}"] if d.get("note") else []
-    return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; medians, same process, "
+    return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])
 
 
