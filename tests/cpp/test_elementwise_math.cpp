@@ -46,6 +46,26 @@ int main() {
   CHECK(bad == 0, "%d half values do not round-trip", bad);
   CHECK(to_float(to_f16(65504.f)) == 65504.f, "f16 max");
   CHECK(round_to<bf16_t>(1.00390625f) == 1.0f, "round_to<bf16>");
+  // Every float: the bf16 bits against a plain statement of round-to-nearest-
+  // even (NaN: quieted, sign and top payload kept), and round_to<bf16> (which
+  // masks instead of narrowing and widening) against to_bf16.
+  uint64_t bad_bf16 = 0, bad_round = 0;
+  for (uint64_t i = 0; i < (uint64_t(1) << 32); ++i) {
+    const uint32_t u = uint32_t(i);
+    const float f = bits_to_float(u);
+    uint32_t expect;
+    if (std::isnan(f)) {
+      expect = (u >> 16) | 0x40u;
+    } else {
+      const uint32_t low = u & 0xffffu, keep = u >> 16;
+      expect = (low > 0x8000u || (low == 0x8000u && (keep & 1u))) ? keep + 1 : keep;
+    }
+    const uint16_t got = uint16_t(to_bf16(f));
+    if (got != expect) ++bad_bf16;
+    if (float_to_bits(round_to<bf16_t>(f)) != uint32_t(got) << 16) ++bad_round;
+  }
+  CHECK(bad_bf16 == 0, "%llu floats round to the wrong bf16", (unsigned long long)bad_bf16);
+  CHECK(bad_round == 0, "%llu floats where round_to<bf16> and to_bf16 differ", (unsigned long long)bad_round);
 
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
