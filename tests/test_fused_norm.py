@@ -158,3 +158,37 @@ def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
         ops.rms_norm_modulate(x.bfloat16(), w.half(), sh.bfloat16(), sc.bfloat16(), 1e-6)
     with pytest.raises(RuntimeError, match="y must match x"):
         ops.gated_residual(x, sh, torch.randn(B, L, C + 1))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("per_token", [False, True])
+def test_thread_counts(threads, case, per_token):
+    """Each CPU thread takes one contiguous range of rows and runs each row's
+    last pass together with the next row's first: uneven ranges, ranges of
+    one row and empty ranges (4 rows over 5 threads) must not change a
+    forward (rows are independent) and must keep the backward right."""
+    pick, fused, ref = CASES[case]
+    B, L, C = 2, 2, 72
+    x, y = torch.randn(B, L, C), torch.randn(B, L, C)
+    w = 1 + 0.1 * torch.randn(C)
+    sh, sc, g = (t.contiguous() for t in mods(B, L, C, torch.float32, per_token, k=3))
+    inputs = pick(x, y, w, sh, sc, g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            single = fused(*inputs)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            many = fused(*inputs)
+        outs, grads = _grads(fused, inputs)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(single if isinstance(single, tuple) else (single,), many if isinstance(many, tuple) else (many,)):
+        assert torch.equal(a, b)
+    outs_ref, grads_ref = _grads(ref, inputs)
+    for a, b in zip(outs, outs_ref):
+        close(a, b, torch.float32)
+    for a, b in zip(grads, grads_ref):
+        close(a, b, torch.float32, 4.0)

@@ -308,7 +308,7 @@ void backward_impl(const NormModulateBackward& p) {
         const T* go = row<T>(p.grad_out, b, l);
         const M* sc = row<M>(p.scale, b, l);
         A sum_d = 0;
-        with_flags([&](auto sum_sh, auto sum_sc) {
+        with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
           using SumShift = decltype(sum_sh);
           using SumScale = decltype(sum_sc);
           A* __restrict acc_sh = acc_shift + b * C;
@@ -326,11 +326,11 @@ void backward_impl(const NormModulateBackward& p) {
             d[c] = dc;
             dot += dc * xh;
             sum_d += dc;
-            acc_w[c] += ga * n;
+            if constexpr (decltype(has_w)::value) acc_w[c] += ga * n;
             sum_or_store<SumShift>(acc_sh, gsh, c, g);
             sum_or_store<SumScale>(acc_sc, gsc, c, g * n * w[c]);
           }
-        }, sum_shift, sum_scale);
+        }, has_weight, sum_shift, sum_scale);
         dot /= A(C);
         mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
       }
