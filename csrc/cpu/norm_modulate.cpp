@@ -277,12 +277,13 @@ void backward_impl(const NormModulateBackward& p) {
     // As in the forward: one contiguous range of rows per thread, and pass 1
     // of row r + 1 runs in the same loop as pass 3 of row r.
     const auto [r0, r1] = thread_rows(rows);
-    auto widen_at = [&](int64_t r) {
-      return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf.data() + ((r - r0) & 1) * C};
+    // Row r of x, widened into the buffer of its parity within the range.
+    auto widen_at = [&](int64_t r, int64_t slot) {
+      return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf.data() + ((slot - r0) & 1) * C};
     };
     A sum = 0, sq = 0;  // pass 1 sums of the current row
     if (norm && r0 < r1) {
-      const WidenRow<T> first = widen_at(r0);
+      const WidenRow<T> first = widen_at(r0, r0);
       A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
       for (int64_t c = 0; c < C; ++c) {
@@ -297,8 +298,8 @@ void backward_impl(const NormModulateBackward& p) {
       const int64_t b = r / p.L, l = r % p.L;
       // (the last row of the range re-reads itself into the other buffer,
       // which keeps this loop free of branches)
-      const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r);
-      const A* __restrict xrow = widen_at(r).values();
+      const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r, r + 1);
+      const A* __restrict xrow = widen_at(r, r).values();
       A mean = 0, rinv = 0, dot = 0, mean_d = 0;
       A* __restrict d = dbuf.data();
       if (norm) {
