@@ -54,34 +54,43 @@ def _gbs(r: dict, name: str) -> str:
     return "-"
 
 
+def _ops_bandwidth(r: dict, mode: str) -> str:
+    """The bandwidth cells of one ops row for the table's mode."""
+    if mode == "cpu":
+        compiled = f"{r['compile_fwd_GBs']:.1f}" if "compile_fwd_GBs" in r else "-"
+        return f" {r['fused_fwd_GBs']:.1f} / {compiled} / {r['copy_GBs']:.1f} ({r['fused_fwd_pct_copy']:.0f}%) |"
+    line = f" {_gbs(r, 'fused_fwd')} / {_gbs(r, 'compile_fwd')} |"
+    if mode == "gpu_graph":
+        line += f" {_gbs(r, 'fused_bwd')} | {_gbs(r, 'copy')} |"
+    return line
+
+
+# Extra header cells per bandwidth mode: GPU with HBM peak (stream timing only,
+# or with CUDA-graph columns), and CPU with a copy of the same bytes.
+_OPS_BANDWIDTH_HEADER = {
+    "": "",
+    "gpu": " fwd GB/s: fused / compiled (% of HBM peak) |",
+    "gpu_graph": " fwd GB/s: fused / compiled | bwd GB/s: fused | copy GB/s (% of HBM peak, CUDA graph) |",
+    "cpu": " fwd GB/s: fused / compiled / copy of the same bytes (fused % of copy) |",
+}
+
+
 def ops_section(d: dict) -> str:
-    bandwidth = any("fused_fwd_pct_peak" in r for r in d["rows"])
-    graph = any("fused_fwd_graph_pct_peak" in r for r in d["rows"])
-    extra = " fwd GB/s: fused / compiled (% of HBM peak) |"
-    if graph:
-        extra = " fwd GB/s: fused / compiled | bwd GB/s: fused | copy GB/s (% of HBM peak, CUDA graph) |"
-    cpu_copy = not bandwidth and any("copy_GBs" in r for r in d["rows"])
-    if cpu_copy:
-        bandwidth = True
-        extra = " fwd GB/s: fused / compiled / copy of the same bytes (fused % of copy) |"
-    cols = extra.count("|")
+    rows_in = d["rows"]
+    mode = ("gpu_graph" if any("fused_fwd_graph_pct_peak" in r for r in rows_in)
+            else "gpu" if any("fused_fwd_pct_peak" in r for r in rows_in)
+            else "cpu" if any("copy_GBs" in r for r in rows_in) else "")
+    extra = _OPS_BANDWIDTH_HEADER[mode]
     rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
-            + (extra if bandwidth else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * cols if bandwidth else "")]
-    for r in d["rows"]:
+            + extra, "|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|")]
+    for r in rows_in:
         op = r["op"] + (" (per sample)" if r.get("modulation") == "per_sample" else "")
         line = (f"| {op} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
                 f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
                 f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
                 f"{r['bwd_vs_eager']:.2f}x |")
-        if cpu_copy:
-            compiled = f"{r['compile_fwd_GBs']:.1f}" if "compile_fwd_GBs" in r else "-"
-            line += (f" {r['fused_fwd_GBs']:.1f} / {compiled} / {r['copy_GBs']:.1f} "
-                     f"({r['fused_fwd_pct_copy']:.0f}%) |")
-        elif bandwidth:
-            line += f" {_gbs(r, 'fused_fwd')} / {_gbs(r, 'compile_fwd')} |"
-            if graph:
-                line += f" {_gbs(r, 'fused_bwd')} | {_gbs(r, 'copy')} |"
+        if mode:
+            line += _ops_bandwidth(r, mode)
         rows.append(line)
     model = [f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
              f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"

@@ -112,6 +112,21 @@ struct WidenRow {
   }
 };
 
+// Pass 1 alone over a row: first(c) for every c, with the sum and sum of
+// squares of the values it returns.
+template <class A, class First>
+void first_pass(int64_t C, const First& first, A& sum, A& sq) {
+  A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t c = 0; c < C; ++c) {
+    const A f = first(c);
+    s += f;
+    q += f * f;
+  }
+  sum = s;
+  sq = q;
+}
+
 // with_flags(fn, a, b, ...) calls fn(std::bool_constant<a>{}, ...): runtime
 // flags as compile-time ones, so the row loops below carry no branches (a
 // branch in a loop that stores 16-bit values stops it vectorising).
@@ -198,38 +213,27 @@ void forward_impl(const NormModulateForward& p) {
       using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
       if (r0 >= r1) return;
       Row cur(p, r0, xbuf.data());
-      A sum = 0, sq = 0;
-#pragma omp simd reduction(+ : sum, sq)
-      for (int64_t c = 0; c < C; ++c) {
-        const A f = cur.first(c);
-        sum += f;
-        sq += f * f;
+      A sum, sq;
+      first_pass<A>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
+      for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
+        const Row next(p, r, xbuf.data());
+        first_pass<A>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
       }
-      for (int64_t r = r0; r < r1; ++r) {
-        const bool last = r + 1 == r1;
-        Row next(p, last ? r : r + 1, xbuf.data() + ((r + 1 - r0) & 1) * C);
-        if (!norm) {  // x' alone: pass 1 only
-          if (!last) {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) next.first(c);
-          }
-          continue;
-        }
+      for (int64_t r = r0; r < r1 && norm; ++r) {
+        // (the last row of the range redoes its own pass 1 into the other
+        // buffer, which keeps this loop free of branches)
+        Row next(p, r + 1 < r1 ? r + 1 : r, xbuf.data() + ((r + 1 - r0) & 1) * C);
         finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
-        sum = 0;
-        sq = 0;
-        if (last) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) cur.second(c, w);
-        } else {
-#pragma omp simd reduction(+ : sum, sq)
-          for (int64_t c = 0; c < C; ++c) {
-            cur.second(c, w);
-            const A f = next.first(c);
-            sum += f;
-            sq += f * f;
-          }
+        A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+        for (int64_t c = 0; c < C; ++c) {
+          cur.second(c, w);
+          const A f = next.first(c);
+          s += f;
+          q += f * f;
         }
+        sum = s;
+        sq = q;
         cur = next;
       }
     }, p.residual);
@@ -282,18 +286,7 @@ void backward_impl(const NormModulateBackward& p) {
       return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf.data() + ((slot - r0) & 1) * C};
     };
     A sum = 0, sq = 0;  // pass 1 sums of the current row
-    if (norm && r0 < r1) {
-      const WidenRow<T> first = widen_at(r0, r0);
-      A s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-      for (int64_t c = 0; c < C; ++c) {
-        const A f = first(c);
-        s += f;
-        q += f * f;
-      }
-      sum = s;
-      sq = q;
-    }
+    if (norm && r0 < r1) first_pass<A>(C, widen_at(r0, r0), sum, sq);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
       // (the last row of the range re-reads itself into the other buffer,
