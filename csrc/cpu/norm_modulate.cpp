@@ -61,6 +61,34 @@ T* row(const MutRows& r, int64_t b, int64_t l) {
   return static_cast<T*>(r.ptr) + b * r.stride_b + l * r.stride_l;
 }
 
+// Software prefetch of one row of a per-token modulation operand (shift,
+// scale, gate). These are chunk(6, -1) views of a [B, L, 6C] tensor, so every
+// row starts a new stream 6C elements past the last, and the hardware
+// prefetcher, which stops at 4 KiB page boundaries, barely trains on a row
+// shorter than a page before it ends. Measured on a Zen 3 at 1024 tokens:
+// bfloat16 rows (1.5-2.3 KiB) 1.1-1.3x faster forward and backward; float32
+// rows of 3-4.5 KiB unchanged, so longer rows are left to the hardware.
+struct RowPrefetch {
+  const char* base = nullptr;  // null: off
+  int64_t stride_b = 0, stride_l = 0, L = 1, bytes = 0;
+
+  template <class M>
+  static RowPrefetch of(const Rows& r, int64_t L, int64_t C) {
+    constexpr int64_t kPageBytes = 4096;
+    RowPrefetch f;
+    if (r.ptr && r.per_token() && C * int64_t(sizeof(M)) < kPageBytes)
+      f = {static_cast<const char*>(r.ptr), r.stride_b * int64_t(sizeof(M)), r.stride_l * int64_t(sizeof(M)), L,
+           C * int64_t(sizeof(M))};
+    return f;
+  }
+  // Row `rr` of the flattened [B * L] rows; rows past `end` are skipped.
+  void operator()(int64_t rr, int64_t end) const {
+    if (!base || rr >= end) return;
+    const char* p = base + (rr / L) * stride_b + (rr % L) * stride_l;
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+};
+
 // The sum of (x - mu)^2 over a row.
 template <class A>
 A sum_sq_dev(const A* __restrict xr, int64_t C, A mu) {
@@ -201,6 +229,9 @@ void forward_impl(const NormModulateForward& p) {
   const int64_t rows = p.B * p.L, C = p.C;
   const bool norm = p.kind != NormKind::none;
   const bool has_weight = p.weight != nullptr;
+  const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
+  const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
+  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
 #pragma omp parallel
   {
     const auto [r0, r1] = thread_rows(rows);
@@ -223,6 +254,10 @@ void forward_impl(const NormModulateForward& p) {
         // (the last row of the range redoes its own pass 1 into the other
         // buffer, which keeps this loop free of branches)
         Row next(p, r + 1 < r1 ? r + 1 : r, xbuf.data() + ((r + 1 - r0) & 1) * C);
+        // the operands of the next iteration that the hardware prefetcher misses
+        shift_ahead(r + 1, r1);
+        scale_ahead(r + 1, r1);
+        gate_ahead(r + 2, r1);
         finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
         A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
@@ -262,6 +297,8 @@ void backward_impl(const NormModulateBackward& p) {
   const bool sum_scale = norm && !p.scale.per_token();
   const bool sum_gate = p.residual && !p.gate.per_token();
   const int threads = num_threads();
+  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<M>(p.scale, p.L, C) : RowPrefetch{};
+  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
   const int64_t stride = C * (1 + p.B * 3);  // per-thread accumulator block
   std::vector<A> acc(size_t(threads) * size_t(stride), A(0));
 
@@ -293,6 +330,8 @@ void backward_impl(const NormModulateBackward& p) {
       // which keeps this loop free of branches)
       const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r, r + 1);
       const A* __restrict xrow = widen_at(r, r).values();
+      scale_ahead(r + 1, r1);  // (see RowPrefetch)
+      gate_ahead(r + 1, r1);
       A mean = 0, rinv = 0, dot = 0, mean_d = 0;
       A* __restrict d = dbuf.data();
       if (norm) {
@@ -302,7 +341,10 @@ void backward_impl(const NormModulateBackward& p) {
         const T* go = row<T>(p.grad_out, b, l);
         const M* sc = row<M>(p.scale, b, l);
         A sum_d = 0;
-        with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
+        // The row's scalars and pointers are captured by value: captured by
+        // reference, a float could alias the float stores in the loop, and
+        // GCC kept some flag combinations scalar (bfloat16 backward 4x slower).
+        with_flags([&, mean, rinv, xrow, d, w, acc_w](auto has_w, auto sum_sh, auto sum_sc) {
           using SumShift = decltype(sum_sh);
           using SumScale = decltype(sum_sc);
           A* __restrict acc_sh = acc_shift + b * C;
@@ -335,7 +377,8 @@ void backward_impl(const NormModulateBackward& p) {
       const T* y = p.residual ? row<T>(p.y, b, l) : nullptr;
       const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
       T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
-      with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+      // (row scalars and pointers by value, as in pass 2)
+      with_flags([&, mean, rinv, mean_d, dot, xrow, d, next](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
         using SumGate = decltype(sum_g);
         A* __restrict acc_g = acc_gate + b * C;
         M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
