@@ -87,6 +87,21 @@ void forward_impl(const QkNormRope& p) {
   }
 }
 
+// Software prefetch of token l's incoming q and k gradients, read in the
+// [B, H, L, D] layout: one short row (D elements) per head, 2H streams that
+// the hardware prefetcher does not follow (bfloat16 backward 1.15-1.25x faster
+// at DDT shapes on a Zen 3; float32 unchanged; adding grad_v gained nothing).
+template <class T>
+void prefetch_next_token(const QkNormRope& p, const T* const* grads, int64_t b, int64_t l) {
+  for (int part = 0; part < 2; ++part) {
+    if (grads[part] == nullptr) continue;
+    for (int64_t h = 0; h < p.H; ++h) {
+      const char* g = reinterpret_cast<const char*>(grads[part] + qk::split(p, b, h, l));
+      for (int64_t o = 0; o < p.D * int64_t(sizeof(T)); o += 64) __builtin_prefetch(g + o, 0, 3);
+    }
+  }
+}
+
 template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
@@ -114,6 +129,7 @@ void backward_impl(const QkNormRope& p) {
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
       const float* rope = p.rope + l * half * 2;
+      if (l + 1 < p.L) prefetch_next_token(p, grads, b, l + 1);
       for (int part = 0; part < 2; ++part) {
         if (grads[part] == nullptr) {
           T* gx = grad_qkv + qk::packed(p, b, l, part, 0);
