@@ -8,6 +8,7 @@
 #endif
 
 #include "ddt/qk_norm_rope.h"
+#include "cpu_output.h"
 #include "dtype.h"
 
 namespace {
@@ -55,7 +56,7 @@ Prepared prepare(const at::Tensor& qkv_in, const at::Tensor& q_weight, const at:
 }
 
 at::Tensor split_like(const Prepared& r) {
-  return at::empty({r.p.B, r.p.H, r.p.L, r.p.D}, r.qkv.options());
+  return ddt_fast::with_huge_pages(at::empty({r.p.B, r.p.H, r.p.L, r.p.D}, r.qkv.options()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
                 "ddt_fast: qk_norm_rope gradients must be [B, H, L, D], got ", g[i].sizes());
     *slots[i] = g[i].data_ptr();
   }
-  at::Tensor grad_qkv = at::empty_like(r.qkv), gqw = at::empty_like(r.q_weight), gkw = at::empty_like(r.k_weight);
+  at::Tensor grad_qkv = ddt_fast::with_huge_pages(at::empty_like(r.qkv)), gqw = at::empty_like(r.q_weight), gkw = at::empty_like(r.k_weight);
   r.p.grad_qkv = grad_qkv.data_ptr(), r.p.grad_q_weight = gqw.data_ptr(), r.p.grad_k_weight = gkw.data_ptr();
   if (r.qkv.numel() == 0) {
     gqw.zero_(), gkw.zero_();
