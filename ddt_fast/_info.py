@@ -1,6 +1,8 @@
 """ddt_fast.info(): what was built and which path each op will take."""
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Dict
 
 import torch
@@ -46,7 +48,8 @@ def info() -> Dict[str, Any]:
         }
     from ddt_fast.ops import plan
 
-    report["backend"] = {"ops": _dispatch_state(), "cpu_plan": plan(torch.device("cpu"))}
+    report["backend"] = {"ops": _dispatch_state(), "cpu_plan": plan(torch.device("cpu")),
+                         "cpu_huge_pages": _cpu_huge_pages()}
     if torch.cuda.is_available():
         report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
     from ddt_fast.ops.verified import SLOWER_ON_GPU, VERIFIED
@@ -63,3 +66,16 @@ def _dispatch_state() -> Dict[str, str]:
     from ddt_fast.ops import dispatch
 
     return {"backend": dispatch.get_backend(), "attention": dispatch.get_attention_backend()}
+
+
+def _cpu_huge_pages() -> Dict[str, Any]:
+    """Whether the CPU ops advise huge pages for outputs of 32 MiB and more
+    (DDT_FAST_CPU_HUGE_PAGES, read by the extension once per process), and the
+    system's transparent huge page mode (`madvise` or `always` honour it)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = re.search(r"\[(\w+)\]", f.read())
+        system = mode.group(1) if mode else "unknown"
+    except OSError:
+        system = "unavailable"
+    return {"enabled": os.environ.get("DDT_FAST_CPU_HUGE_PAGES", "1") != "0", "system": system}

@@ -2,8 +2,8 @@
 (csrc/torch/cpu_output.h); DDT_FAST_CPU_HUGE_PAGES=0 turns that off. Checked
 through the VMA flags the kernel reports for the output's memory ("hg" is
 MADV_HUGEPAGE in /proc/self/smaps)."""
+import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -71,3 +71,17 @@ def test_small_outputs_are_left_alone():
 def test_advised_outputs_are_right():
     a, b = torch.randn(4096, 2304), torch.randn(4096, 2304)
     assert torch.allclose(torch.ops.ddt_fast.swiglu(a, b), torch.nn.functional.silu(a) * b, rtol=1e-6, atol=1e-6)
+
+
+def test_info_reports_the_switch_and_the_system_mode():
+    code = "import json, ddt_fast; print(json.dumps(ddt_fast.info()['backend']['cpu_huge_pages']))"
+    for value, enabled in ((None, True), ("0", False)):
+        env = dict(os.environ)
+        env.pop("DDT_FAST_CPU_HUGE_PAGES", None)
+        if value is not None:
+            env["DDT_FAST_CPU_HUGE_PAGES"] = value
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        assert report["enabled"] is enabled
+        assert report["system"] in ("always", "madvise", "never")
