@@ -1,7 +1,6 @@
 """ddt_fast.info(): what was built and which path each op will take."""
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict
 
@@ -70,12 +69,13 @@ def _dispatch_state() -> Dict[str, str]:
 
 def _cpu_huge_pages() -> Dict[str, Any]:
     """Whether the CPU ops advise huge pages for outputs of 32 MiB and more
-    (DDT_FAST_CPU_HUGE_PAGES, read by the extension once per process), and the
-    system's transparent huge page mode (`madvise` or `always` honour it)."""
+    (as the extension read DDT_FAST_CPU_HUGE_PAGES), and the system's
+    transparent huge page mode (`madvise` or `always` honour it)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = re.search(r"\[(\w+)\]", f.read())
         system = mode.group(1) if mode else "unknown"
     except OSError:
         system = "unavailable"
-    return {"enabled": os.environ.get("DDT_FAST_CPU_HUGE_PAGES", "1") != "0", "system": system}
+    enabled = _extension.available() and bool(_extension._C.cpu_huge_pages_enabled())
+    return {"enabled": enabled, "system": system}

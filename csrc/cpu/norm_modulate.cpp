@@ -5,52 +5,17 @@
 // given thread count.
 #include "ddt/norm_modulate.h"
 
+#include "cpu_helpers.h"
 #include "ddt/dtype_dispatch.h"
 
 #include <algorithm>
 #include <stdexcept>
 #include <type_traits>
-#include <utility>
 #include <vector>
-
-#if defined(DDT_FAST_HAVE_OPENMP)
-#include <omp.h>
-#endif
 
 namespace ddt {
 namespace cpu {
 namespace {
-
-int num_threads() {
-#if defined(DDT_FAST_HAVE_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-// Threads in the current parallel region.
-int team_size() {
-#if defined(DDT_FAST_HAVE_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#if defined(DDT_FAST_HAVE_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// The calling thread's rows [first, second) of `rows`, inside a parallel region.
-std::pair<int64_t, int64_t> thread_rows(int64_t rows) {
-  const int t = thread_id(), nt = team_size();
-  return {rows * t / nt, rows * (t + 1) / nt};
-}
 
 template <class T>
 const T* row(const Rows& r, int64_t b, int64_t l) {
@@ -84,8 +49,7 @@ struct RowPrefetch {
   // Row `rr` of the flattened [B * L] rows; rows past `end` are skipped.
   void operator()(int64_t rr, int64_t end) const {
     if (!base || rr >= end) return;
-    const char* p = base + (rr / L) * stride_b + (rr % L) * stride_l;
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    prefetch_lines(base + (rr / L) * stride_b + (rr % L) * stride_l, bytes);
   }
 };
 
@@ -228,7 +192,6 @@ void forward_impl(const NormModulateForward& p) {
   using A = acc_t<T>;
   const int64_t rows = p.B * p.L, C = p.C;
   const bool norm = p.kind != NormKind::none;
-  const bool has_weight = p.weight != nullptr;
   const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
   const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
@@ -237,8 +200,8 @@ void forward_impl(const NormModulateForward& p) {
     const auto [r0, r1] = thread_rows(rows);
     // Row buffers in the accumulation type: two for the rows being
     // normalised, and the weight (ones for the weight-free LayerNorm).
-    std::vector<A> xbuf(2 * C), wbuf(C, A(1));
-    for (int64_t c = 0; c < C && has_weight; ++c) wbuf[c] = load<A>(static_cast<const W*>(p.weight)[c]);
+    std::vector<A> xbuf(2 * C);
+    const std::vector<A> wbuf = widen_row<W, A>(p.weight, C);
     const A* __restrict w = wbuf.data();
     with_flags([&](auto residual_c) {
       using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
@@ -306,9 +269,8 @@ void backward_impl(const NormModulateBackward& p) {
   {
     // Row buffers (L1-resident for DDT widths): two for widened rows, d out /
     // d xhat, and the weight (ones without one, so one loop serves both norms).
-    std::vector<A> xbuf(2 * C), dbuf(C), wbuf(C, A(1));
-    if (has_weight)
-      for (int64_t c = 0; c < C; ++c) wbuf[c] = load<A>(static_cast<const W*>(p.weight)[c]);
+    std::vector<A> xbuf(2 * C), dbuf(C);
+    const std::vector<A> wbuf = widen_row<W, A>(p.weight, C);
     const A* __restrict w = wbuf.data();
     A* mine = acc.data() + size_t(thread_id()) * size_t(stride);
     A* __restrict acc_w = mine;

@@ -3,15 +3,13 @@
 // accumulators summed in thread order (deterministic for a thread count).
 #include "ddt/qk_norm_rope.h"
 
+#include "cpu_helpers.h"
 #include "ddt/dtype_dispatch.h"
 
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
 
-#if defined(DDT_FAST_HAVE_OPENMP)
-#include <omp.h>
-#endif
 
 namespace ddt {
 namespace cpu {
@@ -39,9 +37,9 @@ void widen_heads(const T* __restrict x, int64_t H, int64_t D, double eps, A* __r
 // The q and k weights in the accumulation type: [q_weight | k_weight].
 template <class W, class A>
 std::vector<A> widen_weights(const QkNormRope& p) {
-  std::vector<A> wv(2 * p.D);
-  for (int part = 0; part < 2; ++part)
-    for (int64_t d = 0; d < p.D; ++d) wv[part * p.D + d] = load<A>(static_cast<const W*>(part ? p.k_weight : p.q_weight)[d]);
+  std::vector<A> wv = widen_row<W, A>(p.q_weight, p.D);
+  const std::vector<A> k = widen_row<W, A>(p.k_weight, p.D);
+  wv.insert(wv.end(), k.begin(), k.end());
   return wv;
 }
 
@@ -96,8 +94,7 @@ void prefetch_next_token(const QkNormRope& p, const T* const* grads, int64_t b, 
   for (int part = 0; part < 2; ++part) {
     if (grads[part] == nullptr) continue;
     for (int64_t h = 0; h < p.H; ++h) {
-      const char* g = reinterpret_cast<const char*>(grads[part] + qk::split(p, b, h, l));
-      for (int64_t o = 0; o < p.D * int64_t(sizeof(T)); o += 64) __builtin_prefetch(g + o, 0, 3);
+      prefetch_lines(grads[part] + qk::split(p, b, h, l), p.D * int64_t(sizeof(T)));
     }
   }
 }
@@ -110,19 +107,11 @@ void backward_impl(const QkNormRope& p) {
   const T* grad_v = static_cast<const T*>(p.grad_v);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
   const int64_t D = p.D, half = D / 2;
-#if defined(DDT_FAST_HAVE_OPENMP)
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = num_threads();
   std::vector<A> acc(size_t(threads) * 2 * D, A(0));
 #pragma omp parallel
   {
-#if defined(DDT_FAST_HAVE_OPENMP)
-    A* mine = acc.data() + size_t(omp_get_thread_num()) * 2 * D;
-#else
-    A* mine = acc.data();
-#endif
+    A* mine = acc.data() + size_t(thread_id()) * 2 * D;
     const std::vector<A> wv = widen_weights<W, A>(p);
     std::vector<A> xv(p.H * D), rinv(p.H), xhat(D), gn(D);
 #pragma omp for schedule(static)

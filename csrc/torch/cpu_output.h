@@ -20,12 +20,17 @@
 
 namespace ddt_fast {
 
+// Read once per process; false where the platform has no MADV_HUGEPAGE.
 inline bool cpu_huge_pages_enabled() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {
     const char* v = std::getenv("DDT_FAST_CPU_HUGE_PAGES");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   return enabled;
+#else
+  return false;
+#endif
 }
 
 // Returns t; on the CPU, advises huge pages for its 2 MiB-aligned interior when
