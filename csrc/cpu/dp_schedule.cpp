@@ -4,10 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
+#include "cpu_helpers.h"
 #include "dp_schedule_isa.h"
 
 // The baseline build of the hot loop: two doubles per vector, which every
@@ -130,21 +127,13 @@ void solve_one(const double* sim, int64_t n, int64_t k_max, double* cost, int32_
   }
 }
 
-inline int thread_index() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
 }  // namespace
 
 void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost,
                        int32_t* steps, int num_threads) {
   if (batch <= 0) return;
-#if defined(_OPENMP)
-  const int64_t threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#if defined(DDT_FAST_HAVE_OPENMP)
+  const int64_t threads = num_threads > 0 ? num_threads : cpu::num_threads();
 #else
   const int64_t threads = 1;
   (void)num_threads;
@@ -161,7 +150,7 @@ void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_ma
     for (int t = 0; t < team; ++t) scratch.emplace_back(n, k_max);
 #pragma omp parallel num_threads(team)
     {
-      Scratch& ws = scratch[static_cast<std::size_t>(thread_index())];
+      Scratch& ws = scratch[static_cast<std::size_t>(thread_id())];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < batch; ++b)
         solve_one(sim + b * sim_stride, n, k_max, cost + b * k_max, steps + b * steps_stride, ws, false,
