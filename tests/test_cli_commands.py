@@ -231,6 +231,44 @@ def _weights(path, **kw):
     return sd
 
 
+def _torchrun(nproc, *args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "ddt_fast", *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy):
+    """`torchrun --nproc_per_node 2 ddt-fast train`: two gloo processes with the same global batch give
+    the weights of one process accumulating two micro-batches, and a second launch resumes the run."""
+    from ddt_fast.training.distributed import fsdp_available
+
+    if strategy == "fsdp" and not fsdp_available():
+        pytest.skip(f"this PyTorch ({torch.__version__}) has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    base = dict(TINY_TRAIN, seed=5, ckpt_every=2, keep_last=0, ema_decay=0.5, grad_clip=1.0, progress=False)
+    cfg = _write_yaml(tmp_path / "tiny.yaml", base)
+    two = str(tmp_path / "two")
+    res = _torchrun(2, "train", "--config", cfg, f"out_dir={two}", f"strategy={strategy}", "steps=3")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("to step 3") == 1  # rank 0 reports
+    res = _torchrun(2, "train", "--config", cfg, f"out_dir={two}", f"strategy={strategy}", "steps=5", "resume=true")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    one = str(tmp_path / "one")
+    res = _run("train", "--config", cfg, f"out_dir={one}", "grad_accum=2", "steps=5", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpts = sorted(os.listdir(os.path.join(two, "checkpoints")))
+    assert ckpts == ["step_00000002.ckpt", "step_00000003.ckpt", "step_00000004.ckpt", "step_00000005.ckpt"]
+    for ema in (True, False):
+        a = _weights(os.path.join(one, "checkpoints", "step_00000005.ckpt"), ema=ema)
+        b = _weights(os.path.join(two, "checkpoints", "step_00000005.ckpt"), ema=ema)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5, msg=k)
+    steps = [json.loads(ln)["step"] for ln in open(os.path.join(two, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5]  # one writer (rank 0), the resumed run appends
+
+
 def test_convert_round_trip(trained, tmp_path, capsys):
     ckpt = str(trained / "run" / "checkpoints" / "step_00000004.ckpt")
     ema, raw = _weights(ckpt), _weights(ckpt, ema=False)
