@@ -104,7 +104,7 @@ def test_qk_norm_rope_opcheck_and_errors():
 
 
 SWIGLU_GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16],
-                                     [(1, 1, 8), (3, 7, 72), (2, 256, 3072)]))
+                                     [(1, 1, 8), (3, 7, 72), (2, 3, 301), (2, 256, 3072)]))
 
 
 @pytest.mark.parametrize("dtype,shape", SWIGLU_GRID, ids=[f"{str(d)[6:]}-{s}" for d, s in SWIGLU_GRID])
@@ -117,11 +117,16 @@ def test_swiglu_forward_backward(dtype, shape):
         close(x, y, dtype, 2.0)
 
 
-def test_swiglu_packed_halves_are_views_not_copies():
-    h = torch.randn(2, 5, 2 * 24)
-    a, b = h[..., :24], h[..., 24:]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_packed_halves_are_views_not_copies(dtype):
+    h = torch.randn(2, 5, 2 * 299, dtype=dtype)
+    a, b = h[..., :299], h[..., 299:]
     assert not a.is_contiguous()
-    close(ops.swiglu(a, b), reference.swiglu(a, b), torch.float32)
+    close(ops.swiglu(a, b), reference.swiglu(a, b), dtype)
+    _, grads = _loss_grads(lambda x, y: ops.swiglu(x, y), (a, b))
+    _, grads_ref = _loss_grads(reference.swiglu, (a, b))
+    for x, y in zip(grads, grads_ref):
+        close(x, y, dtype, 2.0)
     t = torch.randn(4, 3, 10).transpose(0, 1)  # leading dims that do not collapse: copied
     close(ops.swiglu(t, t), reference.swiglu(t, t), torch.float32)
 

@@ -4,10 +4,15 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "ddt/dtypes.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #if defined(DDT_FAST_HAVE_OPENMP)
 #include <omp.h>
@@ -62,6 +67,41 @@ std::vector<A> widen_row(const void* weight, int64_t C) {
   if (weight != nullptr)
     for (int64_t c = 0; c < C; ++c) w[c] = load<A>(static_cast<const W*>(weight)[c]);
   return w;
+}
+
+// float16 on the CPU: GCC 12 does not vectorise _Float16 conversions, so
+// the kernels stage float16 operands through float rows (converted with the
+// F16C instructions, 8 at a time, when the build targets them), run their
+// float32 loops on them with float16's rounding points (round_to<f16_t>
+// vectorises), and narrow the results once.
+template <class T>
+constexpr bool staged_v = std::is_same_v<T, f16_t>;
+
+// src[0, n) as float.
+template <class T>
+inline void widen_to_float(const T* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, f16_t>) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = load<float>(src[i]);
+}
+
+// src[0, n) stored as T (round to nearest even).
+template <class T>
+inline void narrow_from_float(const float* __restrict src, T* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, f16_t>) {
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = store<T>(src[i]);
 }
 
 }  // namespace cpu

@@ -49,7 +49,9 @@ int main() {
   // Every float: the bf16 bits against a plain statement of round-to-nearest-
   // even (NaN: quieted, sign and top payload kept), and round_to<bf16> (which
   // masks instead of narrowing and widening) against to_bf16.
-  uint64_t bad_bf16 = 0, bad_round = 0;
+  // round_to<f16> (float arithmetic, no conversion) against the compiler's
+  // float -> _Float16 -> float round trip: same bits, or both NaN.
+  uint64_t bad_bf16 = 0, bad_round = 0, bad_f16 = 0;
   for (uint64_t i = 0; i < (uint64_t(1) << 32); ++i) {
     const uint32_t u = uint32_t(i);
     const float f = bits_to_float(u);
@@ -63,7 +65,11 @@ int main() {
     const uint16_t got = uint16_t(to_bf16(f));
     if (got != expect) ++bad_bf16;
     if (float_to_bits(round_to<bf16_t>(f)) != uint32_t(got) << 16) ++bad_round;
+    const float h = round_to<f16_t>(f), want = to_float(to_f16(f));
+    if (std::isnan(want) ? !std::isnan(h) : float_to_bits(h) != float_to_bits(want)) ++bad_f16;
   }
+  CHECK(bad_f16 == 0, "%llu floats where round_to<f16> and the _Float16 round trip differ",
+        (unsigned long long)bad_f16);
   CHECK(bad_bf16 == 0, "%llu floats round to the wrong bf16", (unsigned long long)bad_bf16);
   CHECK(bad_round == 0, "%llu floats where round_to<bf16> and to_bf16 differ", (unsigned long long)bad_round);
 

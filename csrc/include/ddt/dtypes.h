@@ -89,6 +89,23 @@ DDT_HD f16_t to_f16(float f) {
 #endif
 }
 
+// The float value of the nearest float16 to f (round to nearest even, +-inf
+// past the largest half, NaN stays NaN), in float arithmetic: (f + c) - c
+// with c = 1.5 * 2^(e + 13), e the exponent of f clamped to [-14, 16], rounds
+// f to a multiple of 2^(e - 10), the float16 spacing at that exponent (fixed
+// below 2^-14: the subnormal halves). Unlike a conversion through _Float16,
+// CPU loops vectorise it (GCC 12 does not vectorise _Float16 conversions).
+DDT_HD float f16_rounded(float f) {
+  const uint32_t u = float_to_bits(f);
+  uint32_t e = u & 0x7f800000u;
+  e = e < ((127u - 14u) << 23) ? ((127u - 14u) << 23) : e;
+  e = e > ((127u + 16u) << 23) ? ((127u + 16u) << 23) : e;
+  const float c = bits_to_float(e + (13u << 23) + 0x400000u);
+  uint32_t a = float_to_bits((f + c) - c) & 0x7fffffffu;
+  a = (a >= 0x47800000u && a <= 0x7f800000u) ? 0x7f800000u : a;  // >= 65536 (ties above 65504): inf
+  return bits_to_float(a | (u & 0x80000000u));  // the sign of f, also for a zero result
+}
+
 DDT_HD float to_float(float v) { return v; }
 DDT_HD double to_float(double v) { return v; }
 
@@ -132,6 +149,10 @@ template <class T, class A>
 DDT_HD A round_to(A v) {
   if constexpr (sizeof(A) == 4 && std::is_same_v<T, bf16_t>) {
     return bits_to_float(bf16_rounded_bits(v));  // no narrowing and widening
+#if !defined(__CUDA_ARCH__)
+  } else if constexpr (sizeof(A) == 4 && std::is_same_v<T, f16_t>) {
+    return f16_rounded(v);  // vectorises on the CPU
+#endif
   } else {
     return load<A>(store<T>(v));
   }
