@@ -47,6 +47,35 @@ def test_qk_norm_rope_fp32_weights(dtype):
     assert q.dtype == dtype  # the reference promotes to float32; attention casts it back
     close(q, q_ref, dtype)
     close(k, k_ref, dtype)
+    rope = torch.view_as_real(freqs)
+    _, grads = _loss_grads(lambda x, a, b: ops.qk_norm_rope(x, a, b, 2, rope, 1e-6), (qkv, qw, kw))
+    _, grads_ref = _loss_grads(lambda x, a, b: reference.qk_norm_rope(x, a, b, 2, freqs, 1e-6), (qkv, qw, kw))
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == b.dtype
+        mag = max(b.float().abs().max().item(), 1.0)
+        close(a / mag, b / mag, dtype, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope_16bit_rounding_points(dtype):
+    """The normalised q/k rounded to the input dtype before the weight, the
+    weight and rotation in float32, one rounding at the store (emulated in
+    float32; see test_fused_norm.test_16bit_rounding_points)."""
+    B, H, D, grid = 2, 4, 72, (8, 8)
+    L = grid[0] * grid[1]
+    qkv = torch.randn(B, L, 3 * H * D, dtype=dtype) * 2
+    qw, kw = (1 + 0.2 * torch.randn(D)).to(dtype), (1 + 0.2 * torch.randn(D)).to(dtype)
+    freqs = rope_table(*grid, D)
+    q, k, _ = ops.qk_norm_rope(qkv, qw, kw, H, torch.view_as_real(freqs), 1e-6)
+    for part, got, w in [(0, q, qw), (1, k, kw)]:
+        xf = qkv.view(B, L, 3, H, D)[:, :, part].transpose(1, 2).float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float() * w.float()
+        c = n.view(B, H, L, D // 2, 2)
+        cos, sin = freqs.real.view(1, 1, L, D // 2), freqs.imag.view(1, 1, L, D // 2)
+        expect = torch.stack([c[..., 0] * cos - c[..., 1] * sin, c[..., 0] * sin + c[..., 1] * cos], -1)
+        expect = expect.view(B, H, L, D).to(dtype)
+        assert (got == expect).float().mean().item() > 0.995
+        close(got, expect, dtype)
 
 
 def _loss_grads(fn, inputs, seed=1):
@@ -58,8 +87,9 @@ def _loss_grads(fn, inputs, seed=1):
     return [o.detach() for o in outs], [t.grad for t in inputs if t.is_floating_point()]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 8), (2, (3, 5), 4, 72), (2, (16, 16), 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 8), (2, (3, 5), 4, 72), (2, (16, 16), 2, 64),
+                                        (1, (2, 3), 3, 36)])
 def test_qk_norm_rope_backward_matches_reference(dtype, B, grid, H, D):
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype)

@@ -59,6 +59,44 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
     s32, c32 = shift.float(), scale.float()
     close(ops.rms_norm_modulate(x, weight, s32, c32, 1e-6),
           reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype)
+    # backward, float32 weight and modulation (read in place by the float16 staging)
+    y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
+    for fused, ref, inputs in [
+            (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6),
+             (x, weight, s32, c32)),
+            (lambda *a: ops.gated_residual_rms_norm_modulate(*a, 1e-6),
+             lambda *a: reference.gated_residual_rms_norm_modulate(*a, 1e-6), (x, g32, y, weight, s32, c32))]:
+        _, grads = _grads(fused, inputs)
+        _, grads_ref = _grads(ref, inputs)
+        for a, b in zip(grads, grads_ref):
+            assert a.dtype == b.dtype
+            mag = max(b.float().abs().max().item(), 1.0)
+            close(a / mag, b / mag, dtype, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_rounding_points(dtype):
+    """The spec's rounding points, element for element: x' stored in x's dtype
+    before its statistics, the normalised value rounded to it before the weight,
+    everything after in float32 and rounded once. Emulated in float32 here; only
+    the order of the row sums differs, so almost every element must be equal
+    (skipping a rounding point leaves about 73% equal)."""
+    B, L, C = 2, 64, 1152
+    x, y = torch.randn(B, L, C, dtype=dtype) * 2, torch.randn(B, L, C, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C)).to(dtype)
+    sh, sc, gate = (torch.randn(B, L, 3 * C, dtype=dtype) * 0.5).chunk(3, -1)
+
+    def emulate(xs):
+        xf = xs.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float()
+        return (n * w.float() * (1 + sc.float()) + sh.float()).to(dtype)
+
+    x_res = (x.float() + gate.float() * y.float()).to(dtype)
+    xo, out_res = ops.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6)
+    assert torch.equal(xo, x_res)
+    for out, expect in [(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), emulate(x)), (out_res, emulate(x_res))]:
+        assert (out == expect).float().mean().item() > 0.995
+        close(out, expect, dtype)
 
 
 def _grads(fn, inputs):
@@ -88,9 +126,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 768)])
+@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 768), (3, 37, 1155)])
 def test_backward_matches_reference(case, dtype, per_token, B, L, C):
     pick, fused, ref = CASES[case]
     x = torch.randn(B, L, C, dtype=dtype)
@@ -163,16 +201,17 @@ def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("per_token", [False, True])
-def test_thread_counts(threads, case, per_token):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_thread_counts(threads, case, per_token, dtype):
     """Each CPU thread takes one contiguous range of rows and runs each row's
     last pass together with the next row's first: uneven ranges, ranges of
     one row and empty ranges (4 rows over 5 threads) must not change a
     forward (rows are independent) and must keep the backward right."""
     pick, fused, ref = CASES[case]
     B, L, C = 2, 2, 72
-    x, y = torch.randn(B, L, C), torch.randn(B, L, C)
-    w = 1 + 0.1 * torch.randn(C)
-    sh, sc, g = (t.contiguous() for t in mods(B, L, C, torch.float32, per_token, k=3))
+    x, y = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C)).to(dtype)
+    sh, sc, g = (t.contiguous() for t in mods(B, L, C, dtype, per_token, k=3))
     inputs = pick(x, y, w, sh, sc, g)
     before = torch.get_num_threads()
     try:
@@ -189,6 +228,6 @@ def test_thread_counts(threads, case, per_token):
         assert torch.equal(a, b)
     outs_ref, grads_ref = _grads(ref, inputs)
     for a, b in zip(outs, outs_ref):
-        close(a, b, torch.float32)
+        close(a, b, dtype)
     for a, b in zip(grads, grads_ref):
-        close(a, b, torch.float32, 4.0)
+        close(a, b, dtype, 4.0)

@@ -77,6 +77,17 @@ std::vector<A> widen_row(const void* weight, int64_t C) {
 template <class T>
 constexpr bool staged_v = std::is_same_v<T, f16_t>;
 
+// v rounded to R's precision and stored as T (R is T, or float16 for float16
+// values staged as float).
+template <class T, class R, class A>
+inline T store_rounded(A v) {
+  if constexpr (std::is_same_v<T, R>) {
+    return store<T>(v);
+  } else {
+    return store<T>(round_to<R>(v));
+  }
+}
+
 // src[0, n) as float.
 template <class T>
 inline void widen_to_float(const T* __restrict src, float* __restrict dst, int64_t n) {

@@ -134,7 +134,9 @@ void with_flags(Fn&& fn, bool first, Rest... rest) {
 
 // The forward's two passes over a row, element by element, so that one loop
 // can run pass 2 of row r together with pass 1 of row r + 1.
-template <class T, class W, class M, bool kResidual>
+// T, W, M: the element types read and written; R: the type whose rounding
+// points apply (T itself, or float16 for float16 rows staged as float).
+template <class T, class W, class M, class R, bool kResidual>
 struct ForwardRow {
   using A = acc_t<T>;
   // Pass 1 operands: x (and y, gate, x_out for the residual form); buf
@@ -166,7 +168,7 @@ struct ForwardRow {
   // Pass 1 at c: the value the norm reads (x' as stored, or x widened).
   A first(int64_t c) const {
     if constexpr (kResidual) {
-      const T v = store<T>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
+      const T v = store_rounded<T, R>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
       x_out[c] = v;
       widen.buf[c] = load<A>(v);
       return widen.buf[c];
@@ -179,62 +181,153 @@ struct ForwardRow {
   // modulate, store.
   void second(int64_t c, const A* __restrict w) const {
     out[c] = store<T>(
-        nm::modulate<A>(round_to<T>((xrow[c] - mean) * rinv), w[c], load<A>(shift[c]), load<A>(scale[c])));
+        nm::modulate<A>(round_to<R>((xrow[c] - mean) * rinv), w[c], load<A>(shift[c]), load<A>(scale[c])));
   }
 };
 
-// Rows are split into one contiguous range per thread. Within a range, pass 2
-// of row r (modulate and store) runs in the same loop as pass 1 of row r + 1
-// (load, residual, statistics): a pass over one row alone keeps too few
-// memory streams in flight to reach DRAM bandwidth on large inputs.
-template <class T, class W, class M>
-void forward_impl(const NormModulateForward& p) {
+// Rows [r0, r1) of p, by the calling thread. Pass 2 of row r (modulate and
+// store) runs in the same loop as pass 1 of row r + 1 (load, residual,
+// statistics): a pass over one row alone keeps too few memory streams in
+// flight to reach DRAM bandwidth on large inputs. xbuf: 2 * C scratch; w: the
+// weight row in the accumulation type (ones for the weight-free LayerNorm).
+template <class T, class W, class M, class R>
+void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>* xbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
-  const int64_t rows = p.B * p.L, C = p.C;
+  const int64_t C = p.C;
   const bool norm = p.kind != NormKind::none;
   const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
   const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
+  with_flags([&](auto residual_c) {
+    using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
+    if (r0 >= r1) return;
+    Row cur(p, r0, xbuf);
+    A sum, sq;
+    first_pass<A>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
+    for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
+      const Row next(p, r, xbuf);
+      first_pass<A>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
+    }
+    for (int64_t r = r0; r < r1 && norm; ++r) {
+      // (the last row of the range redoes its own pass 1 into the other
+      // buffer, which keeps this loop free of branches)
+      Row next(p, r + 1 < r1 ? r + 1 : r, xbuf + ((r + 1 - r0) & 1) * C);
+      // the operands of the next iteration that the hardware prefetcher misses
+      shift_ahead(r + 1, r1);
+      scale_ahead(r + 1, r1);
+      gate_ahead(r + 2, r1);
+      finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
+      A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t c = 0; c < C; ++c) {
+        cur.second(c, w);
+        const A f = next.first(c);
+        s += f;
+        q += f * f;
+      }
+      sum = s;
+      sq = q;
+      cur = next;
+    }
+  }, p.residual);
+}
+
+// One contiguous range of rows per thread.
+template <class T, class W, class M>
+void forward_impl(const NormModulateForward& p) {
+  using A = acc_t<T>;
 #pragma omp parallel
   {
-    const auto [r0, r1] = thread_rows(rows);
-    // Row buffers in the accumulation type: two for the rows being
-    // normalised, and the weight (ones for the weight-free LayerNorm).
-    std::vector<A> xbuf(2 * C);
-    const std::vector<A> wbuf = widen_row<W, A>(p.weight, C);
-    const A* __restrict w = wbuf.data();
-    with_flags([&](auto residual_c) {
-      using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
-      if (r0 >= r1) return;
-      Row cur(p, r0, xbuf.data());
-      A sum, sq;
-      first_pass<A>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
-      for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
-        const Row next(p, r, xbuf.data());
-        first_pass<A>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
-      }
-      for (int64_t r = r0; r < r1 && norm; ++r) {
-        // (the last row of the range redoes its own pass 1 into the other
-        // buffer, which keeps this loop free of branches)
-        Row next(p, r + 1 < r1 ? r + 1 : r, xbuf.data() + ((r + 1 - r0) & 1) * C);
-        // the operands of the next iteration that the hardware prefetcher misses
-        shift_ahead(r + 1, r1);
-        scale_ahead(r + 1, r1);
-        gate_ahead(r + 2, r1);
-        finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
-        A s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t c = 0; c < C; ++c) {
-          cur.second(c, w);
-          const A f = next.first(c);
-          s += f;
-          q += f * f;
-        }
-        sum = s;
-        sq = q;
-        cur = next;
-      }
-    }, p.residual);
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    std::vector<A> xbuf(2 * p.C);
+    const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
+    forward_rows<T, W, M, T>(p, r0, r1, xbuf.data(), w.data());
+  }
+}
+
+// Staging of float16 operands (see staged_v): blocks of rows of one sample,
+// [n, C] float rows per operand, sized to stay in the L2 cache.
+struct StagedBlocks {
+  int64_t C, max_rows;
+  std::vector<float> buf;
+  int64_t used = 0;
+
+  StagedBlocks(int64_t C, int operands) : C(C) {
+    constexpr int64_t kStageBytes = 256 * 1024;
+    max_rows = std::max<int64_t>(1, kStageBytes / (int64_t(operands) * C * int64_t(sizeof(float))));
+    buf.resize(size_t(operands) * size_t(max_rows) * size_t(C));
+  }
+  void reset() { used = 0; }
+  float* take(int64_t rows) {
+    float* p = buf.data() + used;
+    used += rows * C;
+    return p;
+  }
+  // Rows [l0, l0 + n) of sample b of operand r (stored as S), readable as
+  // float rows of a one-sample problem: the operand itself when it is float,
+  // else its rows widened into the buffer (one row when per sample).
+  template <class S>
+  Rows in(const Rows& r, int64_t b, int64_t l0, int64_t n) {
+    if (!r.ptr) return r;
+    const S* src = row<S>(r, b, l0);
+    if constexpr (std::is_same_v<S, float>) {
+      return {src, 0, r.stride_l};
+    } else {
+      const int64_t rows = r.per_token() ? n : 1;
+      float* dst = take(rows);
+      for (int64_t i = 0; i < rows; ++i) widen_to_float(src + i * r.stride_l, dst + i * C, C);
+      return {dst, 0, r.per_token() ? C : 0};
+    }
+  }
+  // Where a one-sample problem writes rows that end up in (b, l0 + i) of out.
+  template <class S>
+  MutRows out(const MutRows& o, int64_t b, int64_t l0, int64_t n) {
+    if (!o.ptr) return o;
+    if constexpr (std::is_same_v<S, float>) return {row<S>(o, b, l0), 0, o.stride_l};
+    return {take(n), 0, C};
+  }
+  // Narrows the staged rows of `staged` into out (no-op when out is float).
+  template <class S>
+  void narrow(const MutRows& staged, const MutRows& o, int64_t b, int64_t l0, int64_t n) const {
+    if constexpr (!std::is_same_v<S, float>) {
+      if (!o.ptr) return;
+      for (int64_t i = 0; i < n; ++i)
+        narrow_from_float(static_cast<const float*>(staged.ptr) + i * C, row<S>(o, b, l0 + i), C);
+    }
+  }
+};
+
+// float16 x: each thread stages blocks of its rows and runs the float loops
+// with float16 rounding points on them.
+template <class W, class M>
+void forward_staged(const NormModulateForward& p) {
+  using T = f16_t;
+  const int64_t C = p.C;
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    std::vector<float> xbuf(2 * C);
+    const std::vector<float> w = widen_row<W, float>(p.weight, C);
+    StagedBlocks stage(C, 7);
+    for (int64_t r = r0; r < r1;) {
+      const int64_t b = r / p.L, l0 = r % p.L;
+      const int64_t n = std::min({r1 - r, p.L - l0, stage.max_rows});
+      stage.reset();
+      NormModulateForward s = p;
+      s.B = 1;
+      s.L = n;
+      s.x = stage.in<T>(p.x, b, l0, n);
+      s.y = stage.in<T>(p.y, b, l0, n);
+      s.gate = stage.in<M>(p.gate, b, l0, n);
+      s.shift = stage.in<M>(p.shift, b, l0, n);
+      s.scale = stage.in<M>(p.scale, b, l0, n);
+      s.out = stage.out<T>(p.out, b, l0, n);
+      s.x_out = stage.out<T>(p.x_out, b, l0, n);
+      forward_rows<float, float, float, T>(s, 0, n, xbuf.data(), w.data());
+      stage.narrow<T>(s.out, p.out, b, l0, n);
+      stage.narrow<T>(s.x_out, p.x_out, b, l0, n);
+      r += n;
+    }
   }
 }
 
@@ -249,137 +342,222 @@ inline void sum_or_store(A* __restrict acc, O* __restrict out, int64_t c, A v) {
   }
 }
 
-template <class T, class W, class M>
-void backward_impl(const NormModulateBackward& p) {
+// Per-thread sums over rows: the weight gradient [C], and the per-sample
+// operands' gradients, sample b's row at shift + b * C (and so on).
+template <class A>
+struct RowSums {
+  A* w;
+  A* shift;
+  A* scale;
+  A* gate;
+  RowSums at_sample(int64_t b, int64_t C) const { return {w, shift + b * C, scale + b * C, gate + b * C}; }
+};
+
+// Rows [r0, r1) of p, by the calling thread: gradients of per-token operands
+// stored, of the weight and per-sample operands added into sums. xbuf: 2 * C
+// and dbuf: C scratch; w: the weight row (ones without one).
+template <class T, class W, class M, class R>
+void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<acc_t<T>> sums, acc_t<T>* xbuf,
+                   acc_t<T>* dbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
-  const int64_t rows = p.B * p.L, C = p.C;
+  const int64_t C = p.C;
   const bool norm = p.kind != NormKind::none;
   const bool has_weight = p.weight != nullptr;
-  // What is reduced over rows: [C] for the weight, [B, C] per per-sample operand.
   const bool sum_shift = norm && !p.shift.per_token();
   const bool sum_scale = norm && !p.scale.per_token();
   const bool sum_gate = p.residual && !p.gate.per_token();
-  const int threads = num_threads();
   const RowPrefetch scale_ahead = norm ? RowPrefetch::of<M>(p.scale, p.L, C) : RowPrefetch{};
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  const int64_t stride = C * (1 + p.B * 3);  // per-thread accumulator block
-  std::vector<A> acc(size_t(threads) * size_t(stride), A(0));
+  A* __restrict acc_w = sums.w;
+  // As in the forward: pass 1 of row r + 1 runs in the same loop as pass 3 of row r.
+  // Row r of x, widened into the buffer of its parity within the range.
+  auto widen_at = [&](int64_t r, int64_t slot) {
+    return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf + ((slot - r0) & 1) * C};
+  };
+  A sum = 0, sq = 0;  // pass 1 sums of the current row
+  if (norm && r0 < r1) first_pass<A>(C, widen_at(r0, r0), sum, sq);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.L, l = r % p.L;
+    // (the last row of the range re-reads itself into the other buffer,
+    // which keeps this loop free of branches)
+    const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r, r + 1);
+    const A* __restrict xrow = widen_at(r, r).values();
+    scale_ahead(r + 1, r1);  // (see RowPrefetch)
+    gate_ahead(r + 1, r1);
+    A mean = 0, rinv = 0, dot = 0, mean_d = 0;
+    A* __restrict d = dbuf;
+    if (norm) {
+      finish_stats<A>(p.kind, xrow, C, sum, sq, p.eps, mean, rinv);
+      // Pass 2: d out / d xhat, its two row reductions, and the gradients of
+      // the weight, shift and scale.
+      const T* go = row<T>(p.grad_out, b, l);
+      const M* sc = row<M>(p.scale, b, l);
+      A sum_d = 0;
+      // The row's scalars and pointers are captured by value: captured by
+      // reference, a float could alias the float stores in the loop, and
+      // GCC kept some flag combinations scalar (bfloat16 backward 4x slower).
+      with_flags([&, mean, rinv, xrow, d, w, acc_w](auto has_w, auto sum_sh, auto sum_sc) {
+        using SumShift = decltype(sum_sh);
+        using SumScale = decltype(sum_sc);
+        A* __restrict acc_sh = sums.shift + b * C;
+        A* __restrict acc_sc = sums.scale + b * C;
+        M* __restrict gsh = static_cast<M*>(p.grad_shift) + (SumShift::value ? 0 : r * C);
+        M* __restrict gsc = static_cast<M*>(p.grad_scale) + (SumScale::value ? 0 : r * C);
+#pragma omp simd reduction(+ : dot, sum_d)
+        for (int64_t c = 0; c < C; ++c) {
+          const A xh = (xrow[c] - mean) * rinv;
+          const A n = round_to<R>(xh);  // the forward's rounding point
+          const A g = load<A>(go[c]);
+          const A a = A(1) + load<A>(sc[c]);
+          const A ga = g * a;
+          const A dc = ga * w[c];
+          d[c] = dc;
+          dot += dc * xh;
+          sum_d += dc;
+          if constexpr (decltype(has_w)::value) acc_w[c] += ga * n;
+          sum_or_store<SumShift>(acc_sh, gsh, c, g);
+          sum_or_store<SumScale>(acc_sc, gsc, c, g * n * w[c]);
+        }
+      }, has_weight, sum_shift, sum_scale);
+      dot /= A(C);
+      mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
+    }
+    // Pass 3: grad_x (plus the gradient that reached x' directly), and the
+    // residual's grad_y and grad_gate; with pass 1 of the next row.
+    T* __restrict grad_x = static_cast<T*>(p.grad_x) + r * C;
+    const T* gxo = p.residual && p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
+    const T* y = p.residual ? row<T>(p.y, b, l) : nullptr;
+    const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
+    T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
+    // (row scalars and pointers by value, as in pass 2)
+    with_flags([&, mean, rinv, mean_d, dot, xrow, d, next](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+      using SumGate = decltype(sum_g);
+      A* __restrict acc_g = sums.gate + b * C;
+      M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
+      A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t c = 0; c < C; ++c) {
+        A gx = 0;
+        if constexpr (decltype(norm_c)::value) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
+        if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
+        grad_x[c] = store<T>(gx);
+        if constexpr (decltype(residual_c)::value) {
+          grad_y[c] = store<T>(gx * load<A>(gate[c]));
+          sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
+        }
+        if constexpr (decltype(norm_c)::value) {
+          const A f = next(c);
+          s += f;
+          q += f * f;
+        }
+      }
+      sum = s;
+      sq = q;
+    }, norm, p.residual, gxo != nullptr, sum_gate);
+  }
+}
 
+// The backward's sums over rows, one block per thread, added up in thread
+// order at the end (deterministic for a thread count).
+template <class A>
+struct ThreadSums {
+  int64_t C, B, stride;
+  int threads;
+  std::vector<A> acc;
+
+  ThreadSums(const NormModulateBackward& p)
+      : C(p.C), B(p.B), stride(p.C * (1 + 3 * p.B)), threads(num_threads()),
+        acc(size_t(threads) * size_t(stride), A(0)) {}
+  RowSums<A> mine() {
+    A* m = acc.data() + size_t(thread_id()) * size_t(stride);
+    return {m, m + C, m + C + B * C, m + C + 2 * B * C};
+  }
+  template <class W, class M>
+  void store(const NormModulateBackward& p) const {
+    auto reduce_into = [&](int64_t offset, int64_t n, auto* out) {
+      using O = std::remove_pointer_t<decltype(out)>;
+      for (int64_t i = 0; i < n; ++i) {
+        A s = 0;
+        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(offset + i)];
+        out[i] = ddt::store<O>(s);
+      }
+    };
+    const bool norm = p.kind != NormKind::none;
+    if (norm && p.weight != nullptr) reduce_into(0, C, static_cast<W*>(p.grad_weight));
+    if (norm && !p.shift.per_token()) reduce_into(C, B * C, static_cast<M*>(p.grad_shift));
+    if (norm && !p.scale.per_token()) reduce_into(C + B * C, B * C, static_cast<M*>(p.grad_scale));
+    if (p.residual && !p.gate.per_token()) reduce_into(C + 2 * B * C, B * C, static_cast<M*>(p.grad_gate));
+  }
+};
+
+template <class T, class W, class M>
+void backward_impl(const NormModulateBackward& p) {
+  using A = acc_t<T>;
+  ThreadSums<A> sums(p);
 #pragma omp parallel
   {
-    // Row buffers (L1-resident for DDT widths): two for widened rows, d out /
-    // d xhat, and the weight (ones without one, so one loop serves both norms).
-    std::vector<A> xbuf(2 * C), dbuf(C);
-    const std::vector<A> wbuf = widen_row<W, A>(p.weight, C);
-    const A* __restrict w = wbuf.data();
-    A* mine = acc.data() + size_t(thread_id()) * size_t(stride);
-    A* __restrict acc_w = mine;
-    A* acc_shift = mine + C;
-    A* acc_scale = acc_shift + p.B * C;
-    A* acc_gate = acc_scale + p.B * C;
-    // As in the forward: one contiguous range of rows per thread, and pass 1
-    // of row r + 1 runs in the same loop as pass 3 of row r.
-    const auto [r0, r1] = thread_rows(rows);
-    // Row r of x, widened into the buffer of its parity within the range.
-    auto widen_at = [&](int64_t r, int64_t slot) {
-      return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf.data() + ((slot - r0) & 1) * C};
-    };
-    A sum = 0, sq = 0;  // pass 1 sums of the current row
-    if (norm && r0 < r1) first_pass<A>(C, widen_at(r0, r0), sum, sq);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / p.L, l = r % p.L;
-      // (the last row of the range re-reads itself into the other buffer,
-      // which keeps this loop free of branches)
-      const WidenRow<T> next = widen_at(r + 1 < r1 ? r + 1 : r, r + 1);
-      const A* __restrict xrow = widen_at(r, r).values();
-      scale_ahead(r + 1, r1);  // (see RowPrefetch)
-      gate_ahead(r + 1, r1);
-      A mean = 0, rinv = 0, dot = 0, mean_d = 0;
-      A* __restrict d = dbuf.data();
-      if (norm) {
-        finish_stats<A>(p.kind, xrow, C, sum, sq, p.eps, mean, rinv);
-        // Pass 2: d out / d xhat, its two row reductions, and the gradients of
-        // the weight, shift and scale.
-        const T* go = row<T>(p.grad_out, b, l);
-        const M* sc = row<M>(p.scale, b, l);
-        A sum_d = 0;
-        // The row's scalars and pointers are captured by value: captured by
-        // reference, a float could alias the float stores in the loop, and
-        // GCC kept some flag combinations scalar (bfloat16 backward 4x slower).
-        with_flags([&, mean, rinv, xrow, d, w, acc_w](auto has_w, auto sum_sh, auto sum_sc) {
-          using SumShift = decltype(sum_sh);
-          using SumScale = decltype(sum_sc);
-          A* __restrict acc_sh = acc_shift + b * C;
-          A* __restrict acc_sc = acc_scale + b * C;
-          M* __restrict gsh = static_cast<M*>(p.grad_shift) + (SumShift::value ? 0 : r * C);
-          M* __restrict gsc = static_cast<M*>(p.grad_scale) + (SumScale::value ? 0 : r * C);
-#pragma omp simd reduction(+ : dot, sum_d)
-          for (int64_t c = 0; c < C; ++c) {
-            const A xh = (xrow[c] - mean) * rinv;
-            const A n = round_to<T>(xh);  // the forward's rounding point
-            const A g = load<A>(go[c]);
-            const A a = A(1) + load<A>(sc[c]);
-            const A ga = g * a;
-            const A dc = ga * w[c];
-            d[c] = dc;
-            dot += dc * xh;
-            sum_d += dc;
-            if constexpr (decltype(has_w)::value) acc_w[c] += ga * n;
-            sum_or_store<SumShift>(acc_sh, gsh, c, g);
-            sum_or_store<SumScale>(acc_sc, gsc, c, g * n * w[c]);
-          }
-        }, has_weight, sum_shift, sum_scale);
-        dot /= A(C);
-        mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
-      }
-      // Pass 3: grad_x (plus the gradient that reached x' directly), and the
-      // residual's grad_y and grad_gate; with pass 1 of the next row.
-      T* __restrict grad_x = static_cast<T*>(p.grad_x) + r * C;
-      const T* gxo = p.residual && p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
-      const T* y = p.residual ? row<T>(p.y, b, l) : nullptr;
-      const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
-      T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
-      // (row scalars and pointers by value, as in pass 2)
-      with_flags([&, mean, rinv, mean_d, dot, xrow, d, next](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
-        using SumGate = decltype(sum_g);
-        A* __restrict acc_g = acc_gate + b * C;
-        M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
-        A s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t c = 0; c < C; ++c) {
-          A gx = 0;
-          if constexpr (decltype(norm_c)::value) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
-          if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
-          grad_x[c] = store<T>(gx);
-          if constexpr (decltype(residual_c)::value) {
-            grad_y[c] = store<T>(gx * load<A>(gate[c]));
-            sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
-          }
-          if constexpr (decltype(norm_c)::value) {
-            const A f = next(c);
-            s += f;
-            q += f * f;
-          }
-        }
-        sum = s;
-        sq = q;
-      }, norm, p.residual, gxo != nullptr, sum_gate);
+    // Row buffers (L1-resident for DDT widths): two for widened rows and d out / d xhat.
+    std::vector<A> xbuf(2 * p.C), dbuf(p.C);
+    const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    backward_rows<T, W, M, T>(p, r0, r1, sums.mine(), xbuf.data(), dbuf.data(), w.data());
+  }
+  sums.template store<W, M>(p);
+}
+
+// float16 x (see forward_staged). Gradients of per-token operands are
+// computed in float and narrowed once; the sums stay float until the end.
+template <class W, class M>
+void backward_staged(const NormModulateBackward& p) {
+  using T = f16_t;
+  const int64_t C = p.C;
+  ThreadSums<float> sums(p);
+#pragma omp parallel
+  {
+    std::vector<float> xbuf(2 * C), dbuf(C);
+    const std::vector<float> w = widen_row<W, float>(p.weight, C);
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    const RowSums<float> mine = sums.mine();
+    StagedBlocks stage(C, 11);
+    // the [B*L, C] gradient outputs as rows of a [B, L, C] operand
+    auto rows_of = [&](void* ptr) { return MutRows{ptr, p.L * C, C}; };
+    auto per_token = [&](bool summed, void* ptr) { return summed ? MutRows{} : rows_of(ptr); };
+    const bool norm = p.kind != NormKind::none;
+    const MutRows grad_x = rows_of(p.grad_x), grad_y = p.residual ? rows_of(p.grad_y) : MutRows{};
+    const MutRows grad_gate = per_token(!p.residual || !p.gate.per_token(), p.grad_gate);
+    const MutRows grad_shift = per_token(!norm || !p.shift.per_token(), p.grad_shift);
+    const MutRows grad_scale = per_token(!norm || !p.scale.per_token(), p.grad_scale);
+    for (int64_t r = r0; r < r1;) {
+      const int64_t b = r / p.L, l0 = r % p.L;
+      const int64_t n = std::min({r1 - r, p.L - l0, stage.max_rows});
+      stage.reset();
+      NormModulateBackward s = p;
+      s.B = 1;
+      s.L = n;
+      s.grad_out = stage.in<T>(p.grad_out, b, l0, n);
+      s.grad_x_out = stage.in<T>(p.grad_x_out, b, l0, n);
+      s.x = stage.in<T>(p.x, b, l0, n);
+      s.y = stage.in<T>(p.y, b, l0, n);
+      s.gate = stage.in<M>(p.gate, b, l0, n);
+      s.scale = stage.in<M>(p.scale, b, l0, n);
+      const MutRows gx = stage.out<T>(grad_x, b, l0, n), gy = stage.out<T>(grad_y, b, l0, n);
+      const MutRows gg = stage.out<M>(grad_gate, b, l0, n), gsh = stage.out<M>(grad_shift, b, l0, n);
+      const MutRows gsc = stage.out<M>(grad_scale, b, l0, n);
+      s.grad_x = gx.ptr;
+      s.grad_y = gy.ptr;
+      s.grad_gate = gg.ptr;
+      s.grad_shift = gsh.ptr;
+      s.grad_scale = gsc.ptr;
+      backward_rows<float, float, float, T>(s, 0, n, mine.at_sample(b, C), xbuf.data(), dbuf.data(), w.data());
+      stage.narrow<T>(gx, grad_x, b, l0, n);
+      stage.narrow<T>(gy, grad_y, b, l0, n);
+      stage.narrow<M>(gg, grad_gate, b, l0, n);
+      stage.narrow<M>(gsh, grad_shift, b, l0, n);
+      stage.narrow<M>(gsc, grad_scale, b, l0, n);
+      r += n;
     }
   }
-
-  // Sum the per-thread accumulators in thread order (deterministic).
-  auto reduce_into = [&](int64_t offset, int64_t n, auto* out) {
-    using O = std::remove_pointer_t<decltype(out)>;
-    for (int64_t i = 0; i < n; ++i) {
-      A s = 0;
-      for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(offset + i)];
-      out[i] = store<O>(s);
-    }
-  };
-  if (norm && has_weight) reduce_into(0, C, static_cast<W*>(p.grad_weight));
-  if (sum_shift) reduce_into(C, p.B * C, static_cast<M*>(p.grad_shift));
-  if (sum_scale) reduce_into(C + p.B * C, p.B * C, static_cast<M*>(p.grad_scale));
-  if (sum_gate) reduce_into(C + 2 * p.B * C, p.B * C, static_cast<M*>(p.grad_gate));
+  sums.template store<W, M>(p);
 }
 
 }  // namespace
@@ -395,10 +573,22 @@ void dispatch(const P& p, Fn&& fn) {
 }
 
 void norm_modulate_forward(const NormModulateForward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) { forward_impl<decltype(t), decltype(w), decltype(m)>(p); });
+  dispatch(p, [&](auto t, auto w, auto m) {
+    if constexpr (staged_v<decltype(t)>) {
+      forward_staged<decltype(w), decltype(m)>(p);
+    } else {
+      forward_impl<decltype(t), decltype(w), decltype(m)>(p);
+    }
+  });
 }
 void norm_modulate_backward(const NormModulateBackward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) { backward_impl<decltype(t), decltype(w), decltype(m)>(p); });
+  dispatch(p, [&](auto t, auto w, auto m) {
+    if constexpr (staged_v<decltype(t)>) {
+      backward_staged<decltype(w), decltype(m)>(p);
+    } else {
+      backward_impl<decltype(t), decltype(w), decltype(m)>(p);
+    }
+  });
 }
 
 }  // namespace cpu

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 
@@ -43,44 +44,74 @@ std::vector<A> widen_weights(const QkNormRope& p) {
   return wv;
 }
 
+// One token's q and k: RMSNorm, weight, rotation. token: its packed [3, H, D]
+// row, of element type S (T, or float when staged); R: the type whose rounding
+// point applies; out_row(part, h) -> where head h of q (part 0) or k goes.
+template <class S, class R, class A, class OutRow>
+void forward_token(const QkNormRope& p, const S* token, int64_t l, const A* wv, A* xv, A* rinv, OutRow&& out_row) {
+  const int64_t D = p.D, half = D / 2;
+  const float* __restrict rope = p.rope + l * half * 2;
+  for (int part = 0; part < 2; ++part) {
+    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, xv, rinv);
+    const A* __restrict w = wv + part * D;
+    for (int64_t h = 0; h < p.H; ++h) {
+      const A* __restrict xa = xv + h * D;
+      const A r = rinv[h];
+      using O = std::remove_pointer_t<std::invoke_result_t<OutRow&, int, int64_t>>;
+      O* __restrict out = out_row(part, h);
+#pragma omp simd
+      for (int64_t m = 0; m < half; ++m) {
+        const A u0 = round_to<R>(xa[2 * m] * r) * w[2 * m];
+        const A u1 = round_to<R>(xa[2 * m + 1] * r) * w[2 * m + 1];
+        A r0, r1;
+        qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
+        out[2 * m] = store<O>(r0);
+        out[2 * m + 1] = store<O>(r1);
+      }
+    }
+  }
+}
+
+// v is copied as it is.
+template <class T>
+void copy_v(const QkNormRope& p, const T* qkv, T* v_out, int64_t b, int64_t l) {
+  for (int64_t h = 0; h < p.H; ++h) {
+    const T* v = qkv + qk::packed(p, b, l, 2, h);
+    std::copy(v, v + p.D, v_out + qk::split(p, b, h, l));
+  }
+}
+
 template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
   T* outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
-  T* v_out = static_cast<T*>(p.v);
-  const int64_t D = p.D, half = D / 2;
+  const int64_t D = p.D, HD = p.H * D;
 #pragma omp parallel
   {
     // Per thread: the weights, and one token's q (or k) heads with their 1/RMS.
     const std::vector<A> wv = widen_weights<W, A>(p);
-    std::vector<A> xv(p.H * D), rinv(p.H);
+    std::vector<A> xv(HD), rinv(p.H);
+    // float16 (see staged_v): the token's q and k, and the results, as float
+    std::vector<float> staged(staged_v<T> ? 4 * HD : 0);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
-      const float* __restrict rope = p.rope + l * half * 2;
-      for (int part = 0; part < 2; ++part) {
-        widen_heads<T, A>(qkv + qk::packed(p, b, l, part, 0), p.H, D, p.eps, xv.data(), rinv.data());
-        const A* __restrict w = wv.data() + part * D;
-        for (int64_t h = 0; h < p.H; ++h) {
-          const A* __restrict xa = xv.data() + h * D;
-          const A r = rinv[h];
-          T* __restrict out = outs[part] + qk::split(p, b, h, l);
-#pragma omp simd
-          for (int64_t m = 0; m < half; ++m) {
-            const A u0 = round_to<T>(xa[2 * m] * r) * w[2 * m];
-            const A u1 = round_to<T>(xa[2 * m + 1] * r) * w[2 * m + 1];
-            A r0, r1;
-            qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
-            out[2 * m] = store<T>(r0);
-            out[2 * m + 1] = store<T>(r1);
-          }
-        }
+      const T* token = qkv + qk::packed(p, b, l, 0, 0);
+      if constexpr (staged_v<T>) {
+        float* in = staged.data();
+        float* res = in + 2 * HD;
+        widen_to_float(token, in, 2 * HD);
+        forward_token<float, T>(p, in, l, wv.data(), xv.data(), rinv.data(),
+                                [&](int part, int64_t h) { return res + (part * p.H + h) * D; });
+        for (int part = 0; part < 2; ++part)
+          for (int64_t h = 0; h < p.H; ++h)
+            narrow_from_float(res + (part * p.H + h) * D, outs[part] + qk::split(p, b, h, l), D);
+      } else {
+        forward_token<T, T>(p, token, l, wv.data(), xv.data(), rinv.data(),
+                            [&](int part, int64_t h) { return outs[part] + qk::split(p, b, h, l); });
       }
-      for (int64_t h = 0; h < p.H; ++h) {
-        const T* v = qkv + qk::packed(p, b, l, 2, h);
-        std::copy(v, v + D, v_out + qk::split(p, b, h, l));
-      }
+      copy_v(p, qkv, static_cast<T*>(p.v), b, l);
     }
   }
 }
@@ -99,62 +130,101 @@ void prefetch_next_token(const QkNormRope& p, const T* const* grads, int64_t b, 
   }
 }
 
+// Scratch of one thread for the backward of a token.
+template <class A>
+struct TokenScratch {
+  std::vector<A> xv, rinv, xhat, gn;
+  TokenScratch(const QkNormRope& p) : xv(p.H * p.D), rinv(p.H), xhat(p.D), gn(p.D) {}
+};
+
+// The gradient of one token's packed q and k rows (gx: [2, H, D], element type
+// O) from the incoming gradients grad_row(part, h) (element type S, D values;
+// unused for a part whose gradient is missing: zero). acc: the weight
+// gradients' sums [2, D]. S, R as in forward_token.
+template <class S, class O, class R, class A, class GradRow>
+void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* has_grad, GradRow&& grad_row,
+                    const A* wv, A* acc, TokenScratch<A>& t, O* gx_token) {
+  const int64_t D = p.D, half = D / 2;
+  const float* rope = p.rope + l * half * 2;
+  for (int part = 0; part < 2; ++part) {
+    if (!has_grad[part]) {
+      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<O>(A(0)));
+      continue;
+    }
+    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, t.xv.data(), t.rinv.data());
+    for (int64_t h = 0; h < p.H; ++h) {
+      const A* __restrict x = t.xv.data() + h * D;
+      O* __restrict gx = gx_token + (part * p.H + h) * D;
+      const S* __restrict g = grad_row(part, h);
+      const A r = t.rinv[h];
+      const A* __restrict w = wv + part * D;
+      A* __restrict acc_w = acc + part * D;
+      A* __restrict xh = t.xhat.data();
+      A* __restrict gnv = t.gn.data();
+      A dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t m = 0; m < half; ++m) {
+        // d/du of a rotation is the inverse rotation of the incoming gradient.
+        A gu0, gu1;
+        qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
+        const A xh0 = x[2 * m] * r, xh1 = x[2 * m + 1] * r;
+        acc_w[2 * m] += gu0 * round_to<R>(xh0);
+        acc_w[2 * m + 1] += gu1 * round_to<R>(xh1);
+        const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
+        xh[2 * m] = xh0;
+        xh[2 * m + 1] = xh1;
+        gnv[2 * m] = gn0;
+        gnv[2 * m + 1] = gn1;
+        dot += gn0 * xh0 + gn1 * xh1;
+      }
+      dot /= A(D);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) gx[d] = store<O>(r * (gnv[d] - xh[d] * dot));
+    }
+  }
+}
+
 template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
   const T* grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
+  const bool has_grad[2] = {grads[0] != nullptr, grads[1] != nullptr};
   const T* grad_v = static_cast<const T*>(p.grad_v);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  const int64_t D = p.D, half = D / 2;
+  const int64_t D = p.D, HD = p.H * D;
   const int threads = num_threads();
   std::vector<A> acc(size_t(threads) * 2 * D, A(0));
 #pragma omp parallel
   {
     A* mine = acc.data() + size_t(thread_id()) * 2 * D;
     const std::vector<A> wv = widen_weights<W, A>(p);
-    std::vector<A> xv(p.H * D), rinv(p.H), xhat(D), gn(D);
+    TokenScratch<A> scratch(p);
+    // float16 (see staged_v): the token's q and k, their incoming gradients
+    // and their gradients, as float
+    std::vector<float> staged(staged_v<T> ? 6 * HD : 0);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
-      const float* rope = p.rope + l * half * 2;
       if (l + 1 < p.L) prefetch_next_token(p, grads, b, l + 1);
-      for (int part = 0; part < 2; ++part) {
-        if (grads[part] == nullptr) {
-          T* gx = grad_qkv + qk::packed(p, b, l, part, 0);
-          std::fill(gx, gx + p.H * D, store<T>(A(0)));
-          continue;
-        }
-        widen_heads<T, A>(qkv + qk::packed(p, b, l, part, 0), p.H, D, p.eps, xv.data(), rinv.data());
-        for (int64_t h = 0; h < p.H; ++h) {
-          const A* __restrict x = xv.data() + h * D;
-          T* __restrict gx = grad_qkv + qk::packed(p, b, l, part, h);
-          const T* __restrict g = grads[part] + qk::split(p, b, h, l);
-          const A r = rinv[h];
-          const A* __restrict w = wv.data() + part * D;
-          A* __restrict acc_w = mine + part * D;
-          A* __restrict xh = xhat.data();
-          A* __restrict gnv = gn.data();
-          A dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t m = 0; m < half; ++m) {
-            // d/du of a rotation is the inverse rotation of the incoming gradient.
-            A gu0, gu1;
-            qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
-            const A xh0 = x[2 * m] * r, xh1 = x[2 * m + 1] * r;
-            acc_w[2 * m] += gu0 * round_to<T>(xh0);
-            acc_w[2 * m + 1] += gu1 * round_to<T>(xh1);
-            const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
-            xh[2 * m] = xh0;
-            xh[2 * m + 1] = xh1;
-            gnv[2 * m] = gn0;
-            gnv[2 * m + 1] = gn1;
-            dot += gn0 * xh0 + gn1 * xh1;
-          }
-          dot /= A(D);
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(r * (gnv[d] - xh[d] * dot));
-        }
+      const T* token = qkv + qk::packed(p, b, l, 0, 0);
+      T* gx_token = grad_qkv + qk::packed(p, b, l, 0, 0);
+      if constexpr (staged_v<T>) {
+        float* in = staged.data();
+        float* g = in + 2 * HD;
+        float* gx = g + 2 * HD;
+        widen_to_float(token, in, 2 * HD);
+        for (int part = 0; part < 2; ++part)
+          for (int64_t h = 0; h < p.H && has_grad[part]; ++h)
+            widen_to_float(grads[part] + qk::split(p, b, h, l), g + (part * p.H + h) * D, D);
+        backward_token<float, float, T>(p, in, l, has_grad,
+                                        [&](int part, int64_t h) { return g + (part * p.H + h) * D; },
+                                        wv.data(), mine, scratch, gx);
+        narrow_from_float(gx, gx_token, 2 * HD);
+      } else {
+        backward_token<T, T, T>(p, token, l, has_grad,
+                                [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); },
+                                wv.data(), mine, scratch, gx_token);
       }
       for (int64_t h = 0; h < p.H; ++h) {
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);
