@@ -1,6 +1,6 @@
 """Benchmark: fused block ops vs the eager reference and torch.compile of it.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--full]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--full] [--dtypes float32,bfloat16]
 
 For each op (norm+modulate, gated residual + norm+modulate, q/k norm +
 rotary, SwiGLU, final LayerNorm+modulate), forward and forward+backward, at
@@ -21,7 +21,8 @@ copy is timed in the rotation with the forwards (`copy_s`, `copy_GBs`, and
 point rather than a ceiling there, since a forward that mostly reads can move
 more bytes per second than a copy. Also times a whole DDT-B/2 forward with the
 fused backend against the reference backend. Writes
-benchmarks/results/ops_<device>.json (or --out).
+benchmarks/results/ops_<device>.json (or --out); a grid of other dtypes
+(--dtypes float16) goes to ops_<device>_<dtypes>.json, a result of its own.
 """
 from __future__ import annotations
 
@@ -308,12 +309,20 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--per-sample", action="store_true",
                    help="also time the norm ops with per-sample shift/scale/gate ([B, 1, C], the encoder's case)")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated dtypes of the grid (float32, bfloat16, float16; default float32,bfloat16); "
+                        "the whole-model rows are timed for the float32 and bfloat16 among them")
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/ops_<device>.json)")
     args = p.parse_args(argv)
     chosen = [op for op in args.ops.split(",") if op]
     unknown = sorted(set(chosen) - set(OPS))
     if unknown:
         p.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    dtype_names = [d for d in args.dtypes.split(",") if d]
+    bad = sorted(set(dtype_names) - {"float32", "bfloat16", "float16"})
+    if bad or not dtype_names:
+        p.error(f"--dtypes: unknown dtype(s) {', '.join(bad) or '(none given)'}; choose from float32, bfloat16, float16")
+    dtypes = tuple(getattr(torch, d) for d in dtype_names)
     device = torch.device(args.device)
     machine = machine_info(device)  # before the runs: its load average shows competing work
     if not all(ddt_fast._extension.has_kernel(op, device.type.upper()) for op in OPS):
@@ -326,7 +335,7 @@ def main(argv=None):
         shapes = [(32, 256, 1152, torch.bfloat16), (32, 1024, 1152, torch.bfloat16)]
     else:
         batches = (4, 32) if args.full or device.type == "cuda" else (4,)
-        shapes = list(itertools.product(batches, (256, 1024), (768, 1152), (torch.float32, torch.bfloat16)))
+        shapes = list(itertools.product(batches, (256, 1024), (768, 1152), dtypes))
     # A fresh process runs its first few hundred milliseconds of kernels slowly
     # (thread pool start-up, first-touch page faults): run one case untimed first.
     bench_case(OPS[0], *shapes[0][:3], shapes[0][3], device, 3, compile_ref=False)
@@ -349,14 +358,16 @@ def main(argv=None):
     # machine's noise; bf16 GEMMs are emulated there (~5 s a forward).
     cpu_repeats = {torch.float32: 15, torch.bfloat16: 5}
     model_rows = [bench_model(device, dt, cpu_repeats[dt] if device.type == "cpu" else 20)
-                  for dt in (torch.float32, torch.bfloat16)]
+                  for dt in (torch.float32, torch.bfloat16) if dt in dtypes]
     for r in model_rows:
         print(f"whole {r['model']} forward ({r['dtype']}, B={r['batch']}, L={r['tokens']}): reference "
               f"{r['reference_s'] * 1e3:.1f} ms, fused {r['fused_s'] * 1e3:.1f} ms, x{r['speedup']:.2f}")
     summary = {}
     if device.type == "cpu" and not args.quick:
         for op in ("rms_norm_modulate", "gated_residual_rms_norm_modulate"):
-            mine = [r for r in rows if r["op"] == op]
+            mine = [r for r in rows if r["op"] == op and r["dtype"] in ("float32", "bfloat16")]  # the targets' dtypes
+            if not mine:
+                continue
             summary[op] = {k: min(r[k] for r in mine) for k in TARGETS}
             summary[op]["meets_targets"] = all(summary[op][k] >= v for k, v in TARGETS.items())
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
@@ -381,10 +392,13 @@ def main(argv=None):
                         cell += f" ({r[f'{name}_graph_pct_peak']:.0f}%)"
                 cols.append(cell)
             print(f"{_label(r):46s} L={r['L']:5d} " + "; ".join(cols))
-    suffix = "_quick" if args.quick else "_xl" if args.xl_only else ""
-    path = write_json(args.out or result_path(f"ops_{device_tag(device)}{suffix}.json"),
-                      {"machine": machine, "rows": rows, "model": model_rows,
-                       "cpu_targets": TARGETS, "summary": summary})
+    # another set of dtypes is another result (its own file and README table), not a newer one
+    variant = "" if dtype_names == ["float32", "bfloat16"] or args.quick or args.xl_only else "_".join(dtype_names)
+    suffix = "_quick" if args.quick else "_xl" if args.xl_only else f"_{variant}" if variant else ""
+    payload = {"machine": machine, "rows": rows, "model": model_rows, "cpu_targets": TARGETS, "summary": summary}
+    if variant:
+        payload["variant"] = variant
+    path = write_json(args.out or result_path(f"ops_{device_tag(device)}{suffix}.json"), payload)
     print("wrote", path)
 
 

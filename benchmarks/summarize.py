@@ -103,7 +103,8 @@ def ops_section(d: dict) -> str:
                        f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
 )
     note = [f"- {d['note']}"] if d.get("note") else []
-    return "\n".join([f"**Fused block ops** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
+    title = "Fused block ops" + (f", {d['variant'].replace('_', ' and ')} grid" if d.get("variant") else "")
+    return "\n".join([f"**{title}** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])
 
 
@@ -308,7 +309,7 @@ def render_files(paths, base: str = ROOT, include_quick: bool = False) -> str:
             d = json.load(f)
         if d.get("quick") and not include_quick:
             continue
-        key = (device_of(d), kind_of(path))
+        key = (device_of(d), kind_of(path), d.get("variant", ""))  # e.g. the float16 grid beside the main one
         date = (d.get("machine") or {}).get("date_utc", "")
         if key not in newest or date > newest[key][0]:
             newest[key] = (date, path, d)
@@ -318,8 +319,8 @@ def render_files(paths, base: str = ROOT, include_quick: bool = False) -> str:
         if len(devices) > 1:
             parts.append(f"### {dev}")
         for kind in SECTIONS:
-            if (dev, kind) in newest:
-                _, path, d = newest[(dev, kind)]
+            for key in sorted(k for k in newest if k[:2] == (dev, kind)):
+                _, path, d = newest[key]
                 parts.append(f"{render_one(kind, d)}\n\n(from `{os.path.relpath(path, base)}`)")
     return "\n\n".join(parts)
 

@@ -139,5 +139,26 @@ def test_summarize_renders_newest_result_per_device_and_kind(tmp_path):
     assert "| fwd | 1.5 |" in md
 
 
+def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
+    def ops(date, variant=None, dtype="float32"):
+        row = {"op": "swiglu", "B": 4, "L": 256, "C": 768, "dtype": dtype, "fused_fwd_s": 1e-3, "fwd_vs_eager": 2.0,
+               "fwdbwd_vs_eager": 2.0, "bwd_vs_eager": 2.0}
+        d = {"machine": {"date_utc": date, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
+             "rows": [row]}
+        return dict(d, variant=variant) if variant else d
+
+    (tmp_path / "ops_cpu.json").write_text(json.dumps(ops("2026-01-01")))
+    (tmp_path / "ops_cpu_float16.json").write_text(json.dumps(ops("2026-02-01", "float16", "float16")))
+    md = summarize.render_files(summarize.result_files(str(tmp_path)), base=str(tmp_path))
+    assert "(from `ops_cpu.json`)" in md and "(from `ops_cpu_float16.json`)" in md  # the newer variant replaces nothing
+    assert md.index("**Fused block ops** (") < md.index("**Fused block ops, float16 grid** (")
+
+
+def test_bench_ops_rejects_unknown_dtypes():
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "unknown dtype(s) float8" in r.stderr
+
+
 def test_readme_results_are_generated_from_the_json():
     assert summarize.main(["--check"]) == 0, "README.md results are stale: run python benchmarks/summarize.py"
