@@ -18,3 +18,10 @@ def close(actual, expected, dtype, scale=1.0):
     tol = TOL[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale,
                                rtol=tol["rtol"] * scale)
+
+
+def close_relative(actual, expected, dtype, scale=1.0):
+    """close() after dividing both by the expected tensor's largest magnitude (at least 1):
+    for 16-bit gradients summed over many rows, which carry the rounding of each addend."""
+    mag = max(expected.float().abs().max().item(), 1.0)
+    close(actual / mag, expected / mag, dtype, scale)

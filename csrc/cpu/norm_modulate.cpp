@@ -257,7 +257,19 @@ struct StagedBlocks {
     max_rows = std::max<int64_t>(1, kStageBytes / (int64_t(operands) * C * int64_t(sizeof(float))));
     buf.resize(size_t(operands) * size_t(max_rows) * size_t(C));
   }
-  void reset() { used = 0; }
+  // fn(b, l0, n) for blocks of rows [r0, r1) of a [B, L] grid: rows l0 .. l0 + n
+  // of sample b, at most max_rows and never across samples; the buffer is
+  // free again for every block.
+  template <class Fn>
+  void for_each_block(int64_t r0, int64_t r1, int64_t L, Fn&& fn) {
+    for (int64_t r = r0; r < r1;) {
+      const int64_t b = r / L, l0 = r % L;
+      const int64_t n = std::min({r1 - r, L - l0, max_rows});
+      used = 0;
+      fn(b, l0, n);
+      r += n;
+    }
+  }
   float* take(int64_t rows) {
     float* p = buf.data() + used;
     used += rows * C;
@@ -309,10 +321,7 @@ void forward_staged(const NormModulateForward& p) {
     std::vector<float> xbuf(2 * C);
     const std::vector<float> w = widen_row<W, float>(p.weight, C);
     StagedBlocks stage(C, 7);
-    for (int64_t r = r0; r < r1;) {
-      const int64_t b = r / p.L, l0 = r % p.L;
-      const int64_t n = std::min({r1 - r, p.L - l0, stage.max_rows});
-      stage.reset();
+    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
       NormModulateForward s = p;
       s.B = 1;
       s.L = n;
@@ -326,8 +335,7 @@ void forward_staged(const NormModulateForward& p) {
       forward_rows<float, float, float, T>(s, 0, n, xbuf.data(), w.data());
       stage.narrow<T>(s.out, p.out, b, l0, n);
       stage.narrow<T>(s.x_out, p.x_out, b, l0, n);
-      r += n;
-    }
+    });
   }
 }
 
@@ -527,10 +535,7 @@ void backward_staged(const NormModulateBackward& p) {
     const MutRows grad_gate = per_token(!p.residual || !p.gate.per_token(), p.grad_gate);
     const MutRows grad_shift = per_token(!norm || !p.shift.per_token(), p.grad_shift);
     const MutRows grad_scale = per_token(!norm || !p.scale.per_token(), p.grad_scale);
-    for (int64_t r = r0; r < r1;) {
-      const int64_t b = r / p.L, l0 = r % p.L;
-      const int64_t n = std::min({r1 - r, p.L - l0, stage.max_rows});
-      stage.reset();
+    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
       NormModulateBackward s = p;
       s.B = 1;
       s.L = n;
@@ -554,8 +559,7 @@ void backward_staged(const NormModulateBackward& p) {
       stage.narrow<M>(gg, grad_gate, b, l0, n);
       stage.narrow<M>(gsh, grad_shift, b, l0, n);
       stage.narrow<M>(gsc, grad_scale, b, l0, n);
-      r += n;
-    }
+    });
   }
   sums.template store<W, M>(p);
 }
