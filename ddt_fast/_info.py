@@ -64,7 +64,8 @@ def info() -> Dict[str, Any]:
 def _dispatch_state() -> Dict[str, str]:
     from ddt_fast.ops import dispatch
 
-    return {"backend": dispatch.get_backend(), "attention": dispatch.get_attention_backend()}
+    return {"backend": dispatch.get_backend(), "attention": dispatch.get_attention_backend(),
+            "cpu_linear": dispatch.get_cpu_linear()}
 
 
 def _cpu_huge_pages() -> Dict[str, Any]:

@@ -21,6 +21,15 @@ from ddt_fast import ops
 Tensor = torch.Tensor
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, init and state-dict keys) through
+    `ops.linear`, which runs 16-bit products in float32 on CPUs without 16-bit
+    matrix instructions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -37,9 +46,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10.0):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
+            Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
         self.max_period = max_period
@@ -78,7 +87,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int):
         super().__init__()
-        self.proj = nn.Linear(in_features, hidden_size, bias=True)
+        self.proj = Linear(in_features, hidden_size, bias=True)
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.proj(patches)
@@ -89,10 +98,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.proj = Linear(dim, dim, bias=True)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         # q/k RMSNorm + 2D rotary, softmax attention, heads merged: [B, L, C]
@@ -107,9 +116,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         hidden = int(2 * int(dim * mlp_ratio) / 3)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
@@ -125,7 +134,7 @@ class DDTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = RMSNorm(hidden_size, eps=1e-6)
         self.mlp = FeedForward(hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def modulation(self, cond: Tensor) -> Tuple[Tensor, ...]:
         """`shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp` (views of one GEMM)."""
@@ -227,8 +236,8 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, out_features: int):
         super().__init__()
         self.eps = 1e-6
-        self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-        self.linear = nn.Linear(hidden_size, out_features, bias=True)
+        self.adaLN_modulation = nn.Sequential(Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = Linear(hidden_size, out_features, bias=True)
 
     def modulation(self, s: Tensor) -> Tuple[Tensor, Tensor]:
         return self.adaLN_modulation(s).chunk(2, dim=-1)

@@ -10,15 +10,19 @@ import functools
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ddt_fast.ops import dispatch, fused, reference  # noqa: F401  (fused: registrations)
 from ddt_fast.ops.dispatch import (
     get_attention_backend,
     get_backend,
+    get_cpu_linear,
     set_attention_backend,
     set_backend,
+    set_cpu_linear,
     use_backend,
 )
+from ddt_fast.ops.float32_linear import float32_linear
 
 Tensor = torch.Tensor
 
@@ -87,6 +91,27 @@ def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight:
             and _kernel_takes(x, (weight,), (gate, shift, scale))):
         return _fused("gated_residual_rms_norm_modulate")(x, gate, y, weight, shift, scale, eps)
     return reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, eps)
+
+
+# Operand dtypes autocast casts to its own dtype before a linear layer.
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`F.linear`, except that 16-bit products on a CPU without 16-bit matrix
+    instructions run in float32 (same numbers up to summation order, 5-7x
+    faster; `dispatch.use_float32_linear`), also under CPU autocast."""
+    if x.device.type == "cpu":
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            takes = all(t.dtype in _AUTOCAST_CASTS for t in operands)
+        else:
+            dtype = x.dtype
+            takes = all(t.dtype == dtype for t in operands)
+        if takes and dispatch.use_float32_linear(x, dtype):
+            return float32_linear(x, weight, bias, dtype)
+    return F.linear(x, weight, bias)
 
 
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
@@ -162,6 +187,11 @@ def plan(device: torch.device) -> dict:
     qkv_probe = torch.empty(1, 1, 3 * 72, device=probe.device, dtype=torch.bfloat16)
     if dispatch.use_fused_qkv_attention(qkv_probe, 1):
         rows["attention"] = "ddt (fused q/k norm + rotary prologue)"
+    # 16-bit linear layers (a bf16 probe of a typical row count)
+    rows_probe = torch.empty(dispatch.FLOAT32_LINEAR_MIN_ROWS, 8, device=device if device.type == "cpu" else "meta",
+                             dtype=torch.bfloat16)
+    rows["linear_16bit"] = ("float32" if device.type == "cpu"
+                            and dispatch.use_float32_linear(rows_probe, torch.bfloat16) else "native")
     return rows
 
 
@@ -169,5 +199,6 @@ __all__ = [
     "MODEL_OPS", "KERNEL_OPS", "rms_norm_modulate", "layer_norm_modulate", "gated_residual",
     "gated_residual_rms_norm_modulate", "swiglu", "rope_frequencies", "qk_norm_rope",
     "attention", "qkv_attention", "plan", "reference", "dispatch", "get_backend", "set_backend",
-    "get_attention_backend", "set_attention_backend", "use_backend",
+    "get_attention_backend", "set_attention_backend", "use_backend", "linear", "get_cpu_linear",
+    "set_cpu_linear",
 ]

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddt_fast.models.ddt import Linear
+
 Tensor = torch.Tensor
 
 DINOV2_MODELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
@@ -26,8 +28,8 @@ class Projector(nn.Sequential):
     """`Linear(C, C) -> SiLU -> Linear(C, C) -> SiLU -> Linear(C, out)` (keys 0, 2, 4)."""
 
     def __init__(self, hidden_size: int, out_dim: int):
-        super().__init__(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
-                         nn.SiLU(), nn.Linear(hidden_size, out_dim))
+        super().__init__(Linear(hidden_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size),
+                         nn.SiLU(), Linear(hidden_size, out_dim))
 
 
 def check_align_layer(align_layer: int, num_blocks: int) -> int:
