@@ -354,9 +354,11 @@ def main(argv=None):
               f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
               f"{row['bwd_vs_eager']:11.2f}", flush=True)
     # On a CPU the fused ops are a small share of a forward (GEMMs dominate):
-    # more interleaved repeats for float32 (~0.8 s a forward) to see past the
-    # machine's noise; bf16 GEMMs are emulated there (~5 s a forward).
-    cpu_repeats = {torch.float32: 15, torch.bfloat16: 5}
+    # more interleaved repeats (~0.8 s a forward) to see past the machine's
+    # noise. The reference backend's bf16 GEMMs are PyTorch's (5-7x slower
+    # than float32 without bf16 matrix instructions, ~5 s a forward); ddt_fast
+    # multiplies in float32 there (ops.linear).
+    cpu_repeats = {torch.float32: 15, torch.bfloat16: 8}
     model_rows = [bench_model(device, dt, cpu_repeats[dt] if device.type == "cpu" else 20)
                   for dt in (torch.float32, torch.bfloat16) if dt in dtypes]
     for r in model_rows:
