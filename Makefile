@@ -46,6 +46,7 @@ bench: build
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_sampling.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_training.py --precision bf16 --repeats 2  # the reference bf16 step takes minutes on a CPU without bf16 matrix instructions
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/summarize.py
 

@@ -1,6 +1,7 @@
 """Benchmark: training-step throughput (forward, backward, AdamW, EMA).
 
-    python benchmarks/bench_training.py [--model DDT-B/2] [--batch 2] [--latent 32] [--compile | --no-compile] [--quick]
+    python benchmarks/bench_training.py [--model DDT-B/2] [--batch 2] [--latent 32] [--precision fp32|bf16]
+        [--compile | --no-compile] [--quick]
 
 One `Trainer.train_step` of a randomly initialised model on random latents
 (32x32 latents: 256 tokens at patch 2), same process, same batch, timed in
@@ -8,7 +9,10 @@ rotation:
   (a) reference backend (`DDT_FAST_BACKEND=reference`: eager PyTorch ops);
   (b) ddt_fast's fused ops (the default backend);
   (c) `torch.compile` of the reference backend (default on a GPU; --compile on the CPU).
-Writes benchmarks/results/training_<device>.json.
+Writes benchmarks/results/training_<device>.json (`--precision bf16`:
+training_<device>_bf16.json, a result of its own). With bf16 autocast on a CPU
+without bf16 matrix instructions, (b) also multiplies in float32 (ops.linear)
+where the reference runs PyTorch's bf16 kernels.
 """
 from __future__ import annotations
 
@@ -98,10 +102,14 @@ def main(argv=None):
         print(f"  {k:22s} {r['seconds']:8.3f} s  {r['images_per_s']:8.2f} img/s  x{r['speedup_vs_reference']:.2f}")
     if compile_s is not None:
         print(f"  (first compiled step, compilation included: {compile_s:.1f} s)")
-    path = write_json(result_path(f"training_{device_tag(device)}{'_quick' if args.quick else ''}.json"), {
+    # a bf16 run is a result of its own beside the float32 one (its own README table)
+    variant = "" if args.precision == "fp32" else args.precision
+    name = f"training_{device_tag(device)}{'_' + variant if variant else ''}{'_quick' if args.quick else ''}.json"
+    path = write_json(result_path(name), {
         "machine": machine, "model": args.model, "batch": args.batch, "tokens": tokens,
         "precision": args.precision, "results": rows, "compile_seconds": compile_s,
-        "targets_gpu": {"fused_vs_reference": 1.5, "fused_vs_compiled": 1.15}})
+        "targets_gpu": {"fused_vs_reference": 1.5, "fused_vs_compiled": 1.15},
+        **({"variant": variant} if variant else {})})
     print("wrote", path)
 
 

@@ -154,6 +154,24 @@ def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
     assert md.index("**Fused block ops** (") < md.index("**Fused block ops, float16 grid** (")
 
 
+def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
+    import bench_training
+
+    monkeypatch.setattr(bench_training, "result_path", lambda name: str(tmp_path / name))
+    bench_training.main(["--quick", "--precision", "bf16", "--repeats", "1", "--device", "cpu"])
+    d = json.loads((tmp_path / "training_cpu_bf16_quick.json").read_text())
+    assert d["variant"] == "bf16" and d["precision"] == "bf16"
+    assert set(d["results"]) == {"a_reference", "b_fused"}
+    # the summary keeps it beside the float32 result, under its own table
+    fp32 = dict(d, precision="fp32", quick=False)
+    fp32.pop("variant")
+    (tmp_path / "training_cpu.json").write_text(json.dumps(fp32))
+    (tmp_path / "training_cpu_bf16.json").write_text(json.dumps(dict(d, quick=False)))
+    md = summarize.render_files(summarize.result_files(str(tmp_path)), base=str(tmp_path))
+    assert "(from `training_cpu.json`)" in md and "(from `training_cpu_bf16.json`)" in md
+    assert ", fp32;" in md and ", bf16;" in md
+
+
 def test_bench_ops_rejects_unknown_dtypes():
     r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)

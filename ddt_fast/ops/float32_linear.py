@@ -40,16 +40,19 @@ class Float32Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        g = grad.float()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight.float()).to(x.dtype)
-        rows = g.reshape(-1, g.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = (rows.t() @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0).to(weight.dtype)
+        # (a backward called inside an autocast region would cast these float32
+        # products back to 16 bits, onto the slow kernels)
+        with torch.autocast("cpu", enabled=False):
+            x, weight = ctx.saved_tensors
+            g = grad.float()
+            grad_x = grad_w = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ weight.float()).to(x.dtype)
+            rows = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = (rows.t() @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = rows.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b
 
 

@@ -240,14 +240,17 @@ class Trainer:
             if d.eps is not None:
                 x0 = x0 + batch["std"].to(dev, non_blocking=True) * d.eps
             y = batch["y"].to(dev, non_blocking=True)
-            with autocast:
-                features = None
-                if self.feature_encoder is not None:
-                    with torch.no_grad():
-                        features = self.feature_encoder(batch["image"].to(dev, non_blocking=True))
-                with self._sync(m == len(micro_batches) - 1):
+            features = None
+            if self.feature_encoder is not None:
+                with torch.no_grad(), autocast:
+                    features = self.feature_encoder(batch["image"].to(dev, non_blocking=True))
+            with self._sync(m == len(micro_batches) - 1):
+                with autocast:
                     out = self.wrapped(x0, y, d, features)
-                    (out["loss"] / len(micro_batches)).backward()
+                # outside autocast, as PyTorch recommends: the backward runs in the
+                # dtypes the forward chose, and explicit float32 work in a backward
+                # (ops.linear's CPU path) is not cast back to bf16
+                (out["loss"] / len(micro_batches)).backward()
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / len(micro_batches)
         names = sorted(totals)
