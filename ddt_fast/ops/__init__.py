@@ -187,11 +187,8 @@ def plan(device: torch.device) -> dict:
     qkv_probe = torch.empty(1, 1, 3 * 72, device=probe.device, dtype=torch.bfloat16)
     if dispatch.use_fused_qkv_attention(qkv_probe, 1):
         rows["attention"] = "ddt (fused q/k norm + rotary prologue)"
-    # 16-bit linear layers (a bf16 probe of a typical row count)
-    rows_probe = torch.empty(dispatch.FLOAT32_LINEAR_MIN_ROWS, 8, device=device if device.type == "cpu" else "meta",
-                             dtype=torch.bfloat16)
-    rows["linear_16bit"] = ("float32" if device.type == "cpu"
-                            and dispatch.use_float32_linear(rows_probe, torch.bfloat16) else "native")
+    # bf16 linear layers of FLOAT32_LINEAR_MIN_ROWS rows or more
+    rows["linear_16bit"] = "float32" if dispatch.float32_linear_applies(device, torch.bfloat16) else "native"
     return rows
 
 

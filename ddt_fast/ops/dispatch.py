@@ -209,16 +209,20 @@ def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
 FLOAT32_LINEAR_MIN_ROWS = 16
 
 
-def use_float32_linear(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a linear layer whose operands are `dtype` (their own dtype, or
-    autocast's) on x's device computes in float32: CPU, bfloat16/float16, at
-    least FLOAT32_LINEAR_MIN_ROWS rows, not the reference backend (the
-    published path), and `float32` mode or `auto` without native 16-bit
-    matrix instructions."""
+def float32_linear_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether linear layers with `dtype` operands (their own dtype, or
+    autocast's) on `device` compute in float32 when large enough: CPU,
+    bfloat16/float16, not the reference backend (the published path), and
+    `float32` mode or `auto` without native 16-bit matrix instructions."""
     mode = _state["cpu_linear"]
-    if (mode == "native" or _state["backend"] == "reference" or x.device.type != "cpu"
+    if (mode == "native" or _state["backend"] == "reference" or device.type != "cpu"
             or dtype not in _NATIVE_MATMUL_FEATURES):
         return False
-    if x.numel() < FLOAT32_LINEAR_MIN_ROWS * max(1, x.shape[-1]):
-        return False
     return mode == "float32" or not cpu_has_native_matmul(dtype)
+
+
+def use_float32_linear(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """`float32_linear_applies` to x's device, and x has at least
+    FLOAT32_LINEAR_MIN_ROWS rows."""
+    return (x.numel() >= FLOAT32_LINEAR_MIN_ROWS * max(1, x.shape[-1])
+            and float32_linear_applies(x.device, dtype))
