@@ -98,6 +98,62 @@ def test_16bit_rounding_points(dtype):
         close(out, expect, dtype)
 
 
+@pytest.mark.parametrize("C", [73, 1155, 1152])
+def test_bfloat16_odd_widths_and_misaligned_rows(C):
+    """bfloat16 rows of even width run as 32-bit words of two elements; odd
+    widths take the element loop. Both against the reference, with every
+    modulation row starting at an odd element (views of a [B, L, 6C + 1]
+    tensor past its first column), so words straddle 4-byte boundaries."""
+    B, L, dtype = 2, 9, torch.bfloat16
+    x, y = torch.randn(B, L, C, dtype=dtype) * 2, torch.randn(B, L, C, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C)).to(dtype)
+    for per_token in (False, True):
+        t = torch.randn(B, L if per_token else 1, 6 * C + 1, dtype=dtype) * 0.5
+        sh, sc, gate, *_ = t[..., 1:].chunk(6, dim=-1)
+        assert sh.storage_offset() % 2 == 1
+        close(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.rms_norm_modulate(x, w, sh, sc, 1e-6), dtype)
+        close(ops.layer_norm_modulate(x, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6), dtype)
+        close(ops.gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
+        for a, b in zip(ops.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+                        reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6)):
+            close(a, b, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [72, 73])
+def test_nan_and_inf_propagate_like_the_reference(dtype, C):
+    """NaN and inf in x, y, gate and shift, and a float32 weight holding a NaN
+    whose low mantissa bits are set (0x7fffffff): every output is NaN (or inf)
+    exactly where the reference's is. Rounding that NaN to bfloat16 without a
+    NaN test would carry into the sign and give -0 (the bfloat16 word loop
+    relies on NaNs having zero low bits and makes such weights canonical)."""
+    B, L = 2, 6
+    x, y = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
+    sh, sc, gate = (t.contiguous() for t in mods(B, L, C, dtype, True, k=3))
+    x[0, 1, 3] = float("nan")
+    x[1, 2, 5] = float("inf")
+    y[0, 3, 7] = float("nan")
+    gate[1, 4, 2] = float("inf")
+    sh[0, 5, 11] = float("nan")
+    sh[1, 0, 9] = float("-inf")
+    w = 1 + 0.1 * torch.randn(C)
+    w.view(torch.int32)[13] = 0x7FFFFFFF
+    for weight in (w, w.to(dtype)):
+        outs = [ops.rms_norm_modulate(x, weight, sh, sc, 1e-6), ops.layer_norm_modulate(x, sh, sc, 1e-6),
+                ops.gated_residual(x, gate, y), *ops.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6)]
+        refs = [reference.rms_norm_modulate(x, weight, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6),
+                reference.gated_residual(x, gate, y),
+                *reference.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6)]
+        for i, (a, b) in enumerate(zip(outs, refs)):
+            a, b = a.float(), b.float()
+            assert torch.equal(a.isnan(), b.isnan()), (i, a.isnan().sum().item(), b.isnan().sum().item())
+            assert torch.equal(a.isinf(), b.isinf()), i
+            assert torch.equal(a[a.isinf()], b[b.isinf()]), i
+            finite = a.isfinite()
+            close(a[finite], b[finite], dtype, scale=2.0)
+        assert outs[0][..., 13].isnan().all() and outs[4][..., 13].isnan().all()
+
+
 def _grads(fn, inputs):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     outs = fn(*inputs)
@@ -199,7 +255,7 @@ def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_thread_counts(threads, case, per_token, dtype):
     """Each CPU thread takes one contiguous range of rows and runs each row's
     last pass together with the next row's first: uneven ranges, ranges of

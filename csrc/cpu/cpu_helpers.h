@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -68,6 +69,25 @@ std::vector<A> widen_row(const void* weight, int64_t C) {
     for (int64_t c = 0; c < C; ++c) w[c] = load<A>(static_cast<const W*>(weight)[c]);
   return w;
 }
+
+// bfloat16 rows as 32-bit words of two elements (element 2i in the low half,
+// 2i + 1 in the high half). A loop over words widens each half with one shift
+// or mask and packs two rounded results with one shift and one or; a loop
+// over elements spends a widening unpack and a narrowing pack and permute per
+// vector on moving between 16- and 32-bit lanes. Element-wise math runs on
+// both halves alike, so only row sums see a different order.
+namespace bf16_pairs {
+inline uint32_t load(const bf16_t* p, int64_t i) {
+  uint32_t w;
+  std::memcpy(&w, p + 2 * i, 4);  // (any alignment; no aliasing through uint32_t)
+  return w;
+}
+inline void store(bf16_t* p, int64_t i, uint32_t w) { std::memcpy(p + 2 * i, &w, 4); }
+inline float lo(uint32_t w) { return bits_to_float(w << 16); }
+inline float hi(uint32_t w) { return bits_to_float(w & 0xffff0000u); }
+// The word of two float bit patterns already rounded to bfloat16 (low 16 bits zero).
+inline uint32_t pack(uint32_t lo_bits, uint32_t hi_bits) { return (lo_bits >> 16) | hi_bits; }
+}  // namespace bf16_pairs
 
 // float16 on the CPU: GCC 12 does not vectorise _Float16 conversions, so
 // the kernels stage float16 operands through float rows (converted with the

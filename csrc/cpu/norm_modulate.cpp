@@ -245,6 +245,170 @@ void forward_impl(const NormModulateForward& p) {
   }
 }
 
+// bfloat16 x and modulation (the bf16 model and autocast), even C: the same
+// two passes over rows of 32-bit words of two elements (see bf16_pairs), with
+// no float row buffer: pass 2 re-reads its row (x, or x' as just stored) from
+// L1. Every float operand is a widened bfloat16 or a weight whose NaNs are
+// made canonical, so the roundings skip their NaN test. Same values as
+// forward_impl up to the order of the row sums. 1.3-1.7x faster on a Zen 3.
+namespace pairs {
+
+using bf16_pairs::hi;
+using bf16_pairs::lo;
+using bf16_pairs::pack;
+using Word = uint32_t;
+
+inline uint32_t rounded(float v) { return bf16_rounded_bits_of_bf16_nans(v); }
+
+struct RowPtrs {
+  const bf16_t* x;
+  const bf16_t* y;
+  const bf16_t* gate;
+  bf16_t* x_out;
+  const bf16_t* shift;
+  const bf16_t* scale;
+  bf16_t* out;
+  const bf16_t* normed;  // what pass 2 normalises: x, or x' (x_out)
+
+  RowPtrs(const NormModulateForward& p, int64_t r) {
+    const int64_t b = r / p.L, l = r % p.L;
+    const bool norm = p.kind != NormKind::none;
+    x = row<bf16_t>(p.x, b, l);
+    y = p.residual ? row<bf16_t>(p.y, b, l) : nullptr;
+    gate = p.residual ? row<bf16_t>(p.gate, b, l) : nullptr;
+    x_out = p.residual ? row<bf16_t>(p.x_out, b, l) : nullptr;
+    shift = norm ? row<bf16_t>(p.shift, b, l) : nullptr;
+    scale = norm ? row<bf16_t>(p.scale, b, l) : nullptr;
+    out = norm ? row<bf16_t>(p.out, b, l) : nullptr;
+    normed = p.residual ? x_out : x;
+  }
+};
+
+// Pass 1 at word i: the two values the norm reads (x' stored first when kResidual).
+template <bool kResidual>
+inline void first(const bf16_t* __restrict x, const bf16_t* __restrict y, const bf16_t* __restrict gate,
+                  bf16_t* __restrict x_out, int64_t i, float& v0, float& v1) {
+  const Word xw = bf16_pairs::load(x, i);
+  if constexpr (kResidual) {
+    const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
+    const uint32_t r0 = rounded(nm::residual<float>(lo(xw), lo(gw), lo(yw)));
+    const uint32_t r1 = rounded(nm::residual<float>(hi(xw), hi(gw), hi(yw)));
+    bf16_pairs::store(x_out, i, pack(r0, r1));
+    v0 = bits_to_float(r0);
+    v1 = bits_to_float(r1);
+  } else {
+    v0 = lo(xw);
+    v1 = hi(xw);
+  }
+}
+
+// Pass 2 at word i: round the normalised values (the spec's rounding point), modulate, pack.
+inline Word second(const bf16_t* __restrict normed, const bf16_t* __restrict shift, const bf16_t* __restrict scale,
+                   const float* __restrict w0, const float* __restrict w1, int64_t i, float mean, float rinv) {
+  const Word xw = bf16_pairs::load(normed, i), sh = bf16_pairs::load(shift, i), sc = bf16_pairs::load(scale, i);
+  const float n0 = bits_to_float(rounded((lo(xw) - mean) * rinv));
+  const float n1 = bits_to_float(rounded((hi(xw) - mean) * rinv));
+  return pack(rounded(nm::modulate<float>(n0, w0[i], lo(sh), lo(sc))),
+              rounded(nm::modulate<float>(n1, w1[i], hi(sh), hi(sc))));
+}
+
+// Rows [r0, r1) of p by the calling thread; w0/w1: the weight's even and odd elements.
+template <bool kResidual>
+void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w0,
+          const float* __restrict w1) {
+  const int64_t n = p.C / 2;
+  if (r0 >= r1) return;
+  if (p.kind == NormKind::none) {  // x' alone
+    for (int64_t r = r0; r < r1; ++r) {
+      const RowPtrs row(p, r);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        float v0, v1;
+        first<kResidual>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
+      }
+    }
+    return;
+  }
+  const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
+  const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
+  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
+  // Mean (0 for RMSNorm) and 1/std of a row from its pass 1 sums (LayerNorm:
+  // a second pass for the variance about the mean, as finish_stats).
+  auto stats = [&](const bf16_t* __restrict normed, float sum, float sq, float& mean, float& rinv) {
+    mean = 0;
+    if (p.kind == NormKind::layer) {
+      mean = sum / float(p.C);
+      float dev = 0;
+#pragma omp simd reduction(+ : dev)
+      for (int64_t i = 0; i < n; ++i) {
+        const Word xw = bf16_pairs::load(normed, i);
+        const float d0 = lo(xw) - mean, d1 = hi(xw) - mean;
+        dev += d0 * d0 + d1 * d1;
+      }
+      sq = dev;
+    }
+    rinv = nm::inv_std<float>(sq / float(p.C), p.eps);
+  };
+  RowPtrs cur(p, r0);
+  float sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum, sq)
+  for (int64_t i = 0; i < n; ++i) {
+    float v0, v1;
+    first<kResidual>(cur.x, cur.y, cur.gate, cur.x_out, i, v0, v1);
+    sum += v0 + v1;
+    sq += v0 * v0 + v1 * v1;
+  }
+  // Pass 2 of row r in one loop with pass 1 of row r + 1 (as forward_rows).
+  for (int64_t r = r0; r + 1 < r1; ++r) {
+    const RowPtrs next(p, r + 1);
+    shift_ahead(r + 1, r1);
+    scale_ahead(r + 1, r1);
+    gate_ahead(r + 2, r1);
+    float mean, rinv;
+    stats(cur.normed, sum, sq, mean, rinv);
+    float s = 0, q = 0;
+    bf16_t* __restrict out = cur.out;
+#pragma omp simd reduction(+ : s, q)
+    for (int64_t i = 0; i < n; ++i) {
+      bf16_pairs::store(out, i, second(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
+      float v0, v1;
+      first<kResidual>(next.x, next.y, next.gate, next.x_out, i, v0, v1);
+      s += v0 + v1;
+      q += v0 * v0 + v1 * v1;
+    }
+    sum = s;
+    sq = q;
+    cur = next;
+  }
+  float mean, rinv;
+  stats(cur.normed, sum, sq, mean, rinv);
+  bf16_t* __restrict out = cur.out;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    bf16_pairs::store(out, i, second(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
+}
+
+template <class W>
+void forward(const NormModulateForward& p) {
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
+    std::vector<float> w0(p.C / 2), w1(p.C / 2);
+    // A float32 weight's NaN may carry low bits into the rounding: made the
+    // default NaN's pattern (still NaN, still propagates).
+    auto canonical = [](float v) { return v != v ? bits_to_float(0x7fc00000u) : v; };
+    for (int64_t i = 0; i < p.C / 2; ++i) {
+      w0[i] = canonical(w[2 * i]);
+      w1[i] = canonical(w[2 * i + 1]);
+    }
+    if (p.residual) rows<true>(p, r0, r1, w0.data(), w1.data());
+    else rows<false>(p, r0, r1, w0.data(), w1.data());
+  }
+}
+
+}  // namespace pairs
+
 // Staging of float16 operands (see staged_v): blocks of rows of one sample,
 // [n, C] float rows per operand, sized to stay in the L2 cache.
 struct StagedBlocks {
@@ -578,10 +742,14 @@ void dispatch(const P& p, Fn&& fn) {
 
 void norm_modulate_forward(const NormModulateForward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
-    if constexpr (staged_v<decltype(t)>) {
+    using T = decltype(t);
+    if constexpr (staged_v<T>) {
       forward_staged<decltype(w), decltype(m)>(p);
+    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
+      if (p.C % 2 == 0) pairs::forward<decltype(w)>(p);
+      else forward_impl<T, decltype(w), decltype(m)>(p);
     } else {
-      forward_impl<decltype(t), decltype(w), decltype(m)>(p);
+      forward_impl<T, decltype(w), decltype(m)>(p);
     }
   });
 }
