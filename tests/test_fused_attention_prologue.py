@@ -77,6 +77,32 @@ def test_qk_norm_rope_16bit_rounding_points(dtype):
         close(got, expect, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qk_norm_rope_nan_and_inf_propagate_like_the_reference(dtype):
+    """NaN and inf in q and k, and a float32 weight holding a NaN with low
+    mantissa bits set (0x7fffffff, which bfloat16 rounding without a NaN test
+    would turn into -0): NaN and inf exactly where the reference has them."""
+    B, H, D, grid = 2, 3, 72, (2, 3)
+    L = grid[0] * grid[1]
+    qkv = torch.randn(B, L, 3 * H * D, dtype=dtype)
+    qkv[0, 1, 5] = float("nan")  # q, head 0
+    qkv[1, 4, H * D + D + 7] = float("inf")  # k, head 1
+    qw = 1 + 0.2 * torch.randn(D)
+    qw.view(torch.int32)[9] = 0x7FFFFFFF
+    kw = 1 + 0.2 * torch.randn(D)
+    freqs = rope_table(*grid, D)
+    for weights in ((qw, kw), (qw.to(dtype), kw.to(dtype))):
+        outs = ops.qk_norm_rope(qkv, *weights, H, torch.view_as_real(freqs), 1e-6)
+        refs = reference.qk_norm_rope(qkv, *weights, H, freqs, 1e-6)
+        for a, b in zip(outs, refs):
+            a, b = a.float(), b.float()
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.isinf(), b.isinf())
+            finite = a.isfinite()
+            close(a[finite], b[finite], dtype)
+        assert outs[0][..., 8:10].isnan().all()  # the NaN weight's rotary pair, every token
+
+
 def _loss_grads(fn, inputs, seed=1):
     inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     outs = fn(*inputs)

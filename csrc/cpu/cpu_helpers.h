@@ -87,6 +87,19 @@ inline float lo(uint32_t w) { return bits_to_float(w << 16); }
 inline float hi(uint32_t w) { return bits_to_float(w & 0xffff0000u); }
 // The word of two float bit patterns already rounded to bfloat16 (low 16 bits zero).
 inline uint32_t pack(uint32_t lo_bits, uint32_t hi_bits) { return (lo_bits >> 16) | hi_bits; }
+// Rounding inside a word loop whose float operands are all widened bfloat16
+// values or went through split() (see bf16_rounded_bits_of_bf16_nans).
+inline uint32_t rounded(float v) { return bf16_rounded_bits_of_bf16_nans(v); }
+// A float row of 2n values (a weight, a rotary table row) as its even and odd
+// elements, in the word loop's order; a NaN becomes the default NaN's pattern,
+// whose low bits are zero (still NaN, still propagates).
+inline void split(const float* __restrict row, int64_t n, float* __restrict even, float* __restrict odd) {
+  auto canonical = [](float v) { return v != v ? bits_to_float(0x7fc00000u) : v; };
+  for (int64_t i = 0; i < n; ++i) {
+    even[i] = canonical(row[2 * i]);
+    odd[i] = canonical(row[2 * i + 1]);
+  }
+}
 }  // namespace bf16_pairs
 
 // float16 on the CPU: GCC 12 does not vectorise _Float16 conversions, so

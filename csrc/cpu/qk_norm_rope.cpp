@@ -116,6 +116,75 @@ void forward_impl(const QkNormRope& p) {
   }
 }
 
+// bfloat16 (the bf16 model and autocast): each rotary pair (v[2m], v[2m+1])
+// is one 32-bit word (see bf16_pairs), so the rotation reads and writes words
+// with no interleaving shuffles, and no widened copy of the token is kept:
+// the statistics pass and the rotation both read the row from L1. The
+// weights and this token's (cos, sin) are split into even and odd planes
+// (NaNs made canonical), so the roundings skip their NaN test. Same values
+// as forward_impl up to the order of the sums of squares.
+namespace pairs {
+
+using bf16_pairs::hi;
+using bf16_pairs::lo;
+using bf16_pairs::rounded;
+
+template <class W>
+void forward(const QkNormRope& p) {
+  const bf16_t* qkv = static_cast<const bf16_t*>(p.qkv);
+  bf16_t* outs[2] = {static_cast<bf16_t*>(p.q), static_cast<bf16_t*>(p.k)};
+  const int64_t D = p.D, half = D / 2;
+#pragma omp parallel
+  {
+    // [q | k] weights' even and odd elements; this token's cos and sin; 1/RMS per head
+    const std::vector<float> wv = widen_weights<W, float>(p);
+    std::vector<float> w0(D), w1(D), cos_l(half), sin_l(half), rinv(p.H);
+    for (int part = 0; part < 2; ++part)
+      bf16_pairs::split(wv.data() + part * D, half, w0.data() + part * half, w1.data() + part * half);
+#pragma omp for schedule(static)
+    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
+      const int64_t b = bl / p.L, l = bl % p.L;
+      bf16_pairs::split(p.rope + l * half * 2, half, cos_l.data(), sin_l.data());
+      for (int part = 0; part < 2; ++part) {
+        const bf16_t* heads = qkv + qk::packed(p, b, l, part, 0);
+        // every head's statistics before any rotation (as widen_heads)
+        for (int64_t h = 0; h < p.H; ++h) {
+          const bf16_t* __restrict x = heads + h * D;
+          float sq = 0;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t i = 0; i < half; ++i) {
+            const uint32_t xw = bf16_pairs::load(x, i);
+            sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
+          }
+          rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
+        }
+        const float* __restrict wa = w0.data() + part * half;
+        const float* __restrict wb = w1.data() + part * half;
+        const float* __restrict c = cos_l.data();
+        const float* __restrict s = sin_l.data();
+        for (int64_t h = 0; h < p.H; ++h) {
+          const bf16_t* __restrict x = heads + h * D;
+          bf16_t* __restrict out = outs[part] + qk::split(p, b, h, l);
+          const float r = rinv[h];
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            const uint32_t xw = bf16_pairs::load(x, i);
+            // the spec's rounding point, then weight and rotation in float
+            const float u0 = bits_to_float(rounded(lo(xw) * r)) * wa[i];
+            const float u1 = bits_to_float(rounded(hi(xw) * r)) * wb[i];
+            float r0, r1;
+            qk::rotate<float>(u0, u1, c[i], s[i], r0, r1);
+            bf16_pairs::store(out, i, bf16_pairs::pack(rounded(r0), rounded(r1)));
+          }
+        }
+      }
+      copy_v(p, qkv, static_cast<bf16_t*>(p.v), b, l);
+    }
+  }
+}
+
+}  // namespace pairs
+
 // Software prefetch of token l's incoming q and k gradients, read in the
 // [B, H, L, D] layout: one short row (D elements) per head, 2H streams that
 // the hardware prefetcher does not follow (bfloat16 backward 1.15-1.25x faster
@@ -258,7 +327,13 @@ void dispatch(const QkNormRope& p, Fn&& fn) {
 }  // namespace
 
 void qk_norm_rope_forward(const QkNormRope& p) {
-  dispatch(p, [&](auto t, auto w) { forward_impl<decltype(t), decltype(w)>(p); });
+  dispatch(p, [&](auto t, auto w) {
+    if constexpr (std::is_same_v<decltype(t), bf16_t>) {
+      pairs::forward<decltype(w)>(p);
+    } else {
+      forward_impl<decltype(t), decltype(w)>(p);
+    }
+  });
 }
 
 void qk_norm_rope_backward(const QkNormRope& p) {
