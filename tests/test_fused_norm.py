@@ -59,13 +59,14 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
     s32, c32 = shift.float(), scale.float()
     close(ops.rms_norm_modulate(x, weight, s32, c32, 1e-6),
           reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype)
-    # backward, float32 weight and modulation (read in place by the float16 staging)
+    # backward, float32 weight with 16-bit modulation (autocast; the bfloat16
+    # word loops) and with float32 modulation (read in place by the float16 staging)
     y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
-    for fused, ref, inputs in [
-            (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6),
-             (x, weight, s32, c32)),
-            (lambda *a: ops.gated_residual_rms_norm_modulate(*a, 1e-6),
-             lambda *a: reference.gated_residual_rms_norm_modulate(*a, 1e-6), (x, g32, y, weight, s32, c32))]:
+    rms = (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6))
+    grn = (lambda *a: ops.gated_residual_rms_norm_modulate(*a, 1e-6),
+           lambda *a: reference.gated_residual_rms_norm_modulate(*a, 1e-6))
+    for (fused, ref), inputs in [(rms, (x, weight, shift, scale)), (grn, (x, gate, y, weight, shift, scale)),
+                                 (rms, (x, weight, s32, c32)), (grn, (x, g32, y, weight, s32, c32))]:
         _, grads = _grads(fused, inputs)
         _, grads_ref = _grads(ref, inputs)
         for a, b in zip(grads, grads_ref):

@@ -283,6 +283,25 @@ struct RowPtrs {
   }
 };
 
+// Mean (0 for RMSNorm) and 1/std of a row of C values from its pass 1 sums
+// (LayerNorm: a second pass for the variance about the mean, as finish_stats).
+inline void row_stats(NormKind kind, const bf16_t* __restrict x, int64_t C, double eps, float sum, float sq,
+                      float& mean, float& rinv) {
+  mean = 0;
+  if (kind == NormKind::layer) {
+    mean = sum / float(C);
+    float dev = 0;
+#pragma omp simd reduction(+ : dev)
+    for (int64_t i = 0; i < C / 2; ++i) {
+      const Word xw = bf16_pairs::load(x, i);
+      const float e0 = lo(xw) - mean, e1 = hi(xw) - mean;
+      dev += e0 * e0 + e1 * e1;
+    }
+    sq = dev;
+  }
+  rinv = nm::inv_std<float>(sq / float(C), eps);
+}
+
 // Pass 1 at word i: the two values the norm reads (x' stored first when kResidual).
 template <bool kResidual>
 inline void first(const bf16_t* __restrict x, const bf16_t* __restrict y, const bf16_t* __restrict gate,
@@ -331,22 +350,8 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
   const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
   const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
   const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
-  // Mean (0 for RMSNorm) and 1/std of a row from its pass 1 sums (LayerNorm:
-  // a second pass for the variance about the mean, as finish_stats).
-  auto stats = [&](const bf16_t* __restrict normed, float sum, float sq, float& mean, float& rinv) {
-    mean = 0;
-    if (p.kind == NormKind::layer) {
-      mean = sum / float(p.C);
-      float dev = 0;
-#pragma omp simd reduction(+ : dev)
-      for (int64_t i = 0; i < n; ++i) {
-        const Word xw = bf16_pairs::load(normed, i);
-        const float d0 = lo(xw) - mean, d1 = hi(xw) - mean;
-        dev += d0 * d0 + d1 * d1;
-      }
-      sq = dev;
-    }
-    rinv = nm::inv_std<float>(sq / float(p.C), p.eps);
+  auto stats = [&](const bf16_t* normed, float sum, float sq, float& mean, float& rinv) {
+    row_stats(p.kind, normed, p.C, p.eps, sum, sq, mean, rinv);
   };
   RowPtrs cur(p, r0);
   float sum = 0, sq = 0;
@@ -630,9 +635,12 @@ struct ThreadSums {
   int threads;
   std::vector<A> acc;
 
-  ThreadSums(const NormModulateBackward& p)
+  // planes: each C-row of sums holds its even elements, then its odd ones (pairs::backward)
+  bool planes;
+
+  ThreadSums(const NormModulateBackward& p, bool planes = false)
       : C(p.C), B(p.B), stride(p.C * (1 + 3 * p.B)), threads(num_threads()),
-        acc(size_t(threads) * size_t(stride), A(0)) {}
+        acc(size_t(threads) * size_t(stride), A(0)), planes(planes) {}
   RowSums<A> mine() {
     A* m = acc.data() + size_t(thread_id()) * size_t(stride);
     return {m, m + C, m + C + B * C, m + C + 2 * B * C};
@@ -642,8 +650,10 @@ struct ThreadSums {
     auto reduce_into = [&](int64_t offset, int64_t n, auto* out) {
       using O = std::remove_pointer_t<decltype(out)>;
       for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = i % C;
+        const int64_t at = offset + (planes ? i - c + (c % 2) * (C / 2) + c / 2 : i);
         A s = 0;
-        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(offset + i)];
+        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(at)];
         out[i] = ddt::store<O>(s);
       }
     };
@@ -669,6 +679,182 @@ void backward_impl(const NormModulateBackward& p) {
   }
   sums.template store<W, M>(p);
 }
+
+// bfloat16 backward over 32-bit words (as pairs::forward), for the same
+// operands: no float row buffers for x (passes 2 and 3 re-read its words), d
+// out / d xhat kept as even and odd planes, and the per-thread sums (weight,
+// per-sample modulation) in the same plane order, put back in element order
+// when they are added up (ThreadSums with planes). The row loops are
+// functions of their own: every operand a parameter, so the word stores
+// (memcpy, which may alias anything) do not force them to be reloaded.
+namespace pairs {
+
+// Pass 2 of a row: d out / d xhat (into d0/d1) with its two row sums, and
+// the gradients of the weight, shift and scale (summed when per sample: acc_*).
+template <bool kHasW, bool kSumShift, bool kSumScale>
+void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go,
+                    const bf16_t* __restrict sc, const float* __restrict w0, const float* __restrict w1, float mean,
+                    float rinv, float* __restrict d0, float* __restrict d1, float* __restrict acc_w0,
+                    float* __restrict acc_w1, float* __restrict acc_sh0, float* __restrict acc_sh1,
+                    float* __restrict acc_sc0, float* __restrict acc_sc1, bf16_t* __restrict gsh,
+                    bf16_t* __restrict gsc, float& dot_out, float& sum_d_out) {
+  float dot = 0, sum_d = 0;
+#pragma omp simd reduction(+ : dot, sum_d)
+  for (int64_t i = 0; i < n; ++i) {
+    const Word xw = bf16_pairs::load(x, i), gw = bf16_pairs::load(go, i), sw = bf16_pairs::load(sc, i);
+    const float xh0 = (lo(xw) - mean) * rinv, xh1 = (hi(xw) - mean) * rinv;
+    const float n0 = bits_to_float(rounded(xh0)), n1 = bits_to_float(rounded(xh1));  // the forward's rounding point
+    const float ga0 = lo(gw) * (1.f + lo(sw)), ga1 = hi(gw) * (1.f + hi(sw));
+    const float dc0 = ga0 * w0[i], dc1 = ga1 * w1[i];
+    d0[i] = dc0;
+    d1[i] = dc1;
+    dot += dc0 * xh0 + dc1 * xh1;
+    sum_d += dc0 + dc1;
+    if constexpr (kHasW) {
+      acc_w0[i] += ga0 * n0;
+      acc_w1[i] += ga1 * n1;
+    }
+    if constexpr (kSumShift) {
+      acc_sh0[i] += lo(gw);
+      acc_sh1[i] += hi(gw);
+    } else {
+      bf16_pairs::store(gsh, i, gw);  // d out / d shift = grad_out
+    }
+    const float gs0 = lo(gw) * n0 * w0[i], gs1 = hi(gw) * n1 * w1[i];
+    if constexpr (kSumScale) {
+      acc_sc0[i] += gs0;
+      acc_sc1[i] += gs1;
+    } else {
+      bf16_pairs::store(gsc, i, pack(rounded(gs0), rounded(gs1)));
+    }
+  }
+  dot_out = dot;
+  sum_d_out = sum_d;
+}
+
+// Pass 3 of a row: grad_x (plus the gradient that reached x' directly: gxo),
+// the residual's grad_y and grad_gate (summed when per sample: acc_g*); and
+// pass 1 of the next row (xnext), whose sums it returns.
+template <bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
+void backward_pass3(int64_t n, const bf16_t* __restrict x, const float* __restrict d0, const float* __restrict d1,
+                    float mean, float rinv, float mean_d, float dot, const bf16_t* __restrict gxo,
+                    const bf16_t* __restrict y, const bf16_t* __restrict gate, bf16_t* __restrict grad_x,
+                    bf16_t* __restrict grad_y, bf16_t* __restrict ggate, float* __restrict acc_g0,
+                    float* __restrict acc_g1, const bf16_t* __restrict xnext, float& sum_out, float& sq_out) {
+  float s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t i = 0; i < n; ++i) {
+    float gx0 = 0, gx1 = 0;
+    if constexpr (kNorm) {
+      const Word xw = bf16_pairs::load(x, i);
+      gx0 = rinv * (d0[i] - mean_d - (lo(xw) - mean) * rinv * dot);
+      gx1 = rinv * (d1[i] - mean_d - (hi(xw) - mean) * rinv * dot);
+    }
+    if constexpr (kHasGxo) {
+      const Word ow = bf16_pairs::load(gxo, i);
+      gx0 += lo(ow);
+      gx1 += hi(ow);
+    }
+    bf16_pairs::store(grad_x, i, pack(rounded(gx0), rounded(gx1)));
+    if constexpr (kResidual) {
+      const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
+      bf16_pairs::store(grad_y, i, pack(rounded(gx0 * lo(gw)), rounded(gx1 * hi(gw))));
+      const float gg0 = gx0 * lo(yw), gg1 = gx1 * hi(yw);
+      if constexpr (kSumGate) {
+        acc_g0[i] += gg0;
+        acc_g1[i] += gg1;
+      } else {
+        bf16_pairs::store(ggate, i, pack(rounded(gg0), rounded(gg1)));
+      }
+    }
+    if constexpr (kNorm) {
+      const Word nw = bf16_pairs::load(xnext, i);
+      s += lo(nw) + hi(nw);
+      q += lo(nw) * lo(nw) + hi(nw) * hi(nw);
+    }
+  }
+  sum_out = s;
+  sq_out = q;
+}
+
+// Rows [r0, r1) of p by the calling thread: as backward_rows. d0/d1: C/2
+// scratch each; w0/w1: the weight's even and odd elements (ones without one).
+inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* d0,
+                          float* d1, const float* w0, const float* w1) {
+  const int64_t C = p.C, n = C / 2;
+  const bool norm = p.kind != NormKind::none;
+  const bool sum_shift = norm && !p.shift.per_token();
+  const bool sum_scale = norm && !p.scale.per_token();
+  const bool sum_gate = p.residual && !p.gate.per_token();
+  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<bf16_t>(p.scale, p.L, C) : RowPrefetch{};
+  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<bf16_t>(p.gate, p.L, C) : RowPrefetch{};
+  auto x_row = [&](int64_t r) { return row<bf16_t>(p.x, r / p.L, r % p.L); };
+  // Pass 1 sums of the current row; pass 1 of row r + 1 runs in pass 3 of row r.
+  float sum = 0, sq = 0;
+  if (norm && r0 < r1) {
+    const bf16_t* __restrict x = x_row(r0);
+#pragma omp simd reduction(+ : sum, sq)
+    for (int64_t i = 0; i < n; ++i) {
+      const Word xw = bf16_pairs::load(x, i);
+      sum += lo(xw) + hi(xw);
+      sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.L, l = r % p.L;
+    const bf16_t* xr = x_row(r);
+    const bf16_t* xnext = x_row(r + 1 < r1 ? r + 1 : r);  // (the last row re-reads itself: reads only)
+    scale_ahead(r + 1, r1);  // (see RowPrefetch)
+    gate_ahead(r + 1, r1);
+    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
+    if (norm) {
+      row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
+      const bf16_t* go = row<bf16_t>(p.grad_out, b, l);
+      const bf16_t* sc = row<bf16_t>(p.scale, b, l);
+      bf16_t* gsh = static_cast<bf16_t*>(p.grad_shift) + (sum_shift ? 0 : r * C);
+      bf16_t* gsc = static_cast<bf16_t*>(p.grad_scale) + (sum_scale ? 0 : r * C);
+      float* acc_sh = sums.shift + b * C;
+      float* acc_sc = sums.scale + b * C;
+      float sum_d = 0;
+      with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
+        backward_pass2<decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
+            n, xr, go, sc, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, acc_sh, acc_sh + n, acc_sc, acc_sc + n,
+            gsh, gsc, dot, sum_d);
+      }, p.weight != nullptr, sum_shift, sum_scale);
+      dot /= float(C);
+      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
+    }
+    const bf16_t* gxo = p.residual && p.grad_x_out.ptr ? row<bf16_t>(p.grad_x_out, b, l) : nullptr;
+    const bf16_t* y = p.residual ? row<bf16_t>(p.y, b, l) : nullptr;
+    const bf16_t* gate = p.residual ? row<bf16_t>(p.gate, b, l) : nullptr;
+    bf16_t* grad_y = p.residual ? static_cast<bf16_t*>(p.grad_y) + r * C : nullptr;
+    bf16_t* ggate = p.residual ? static_cast<bf16_t*>(p.grad_gate) + (sum_gate ? 0 : r * C) : nullptr;
+    float* acc_g = sums.gate + b * C;
+    with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+      backward_pass3<decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
+                     decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, gxo, y, gate,
+                                             static_cast<bf16_t*>(p.grad_x) + r * C, grad_y, ggate, acc_g,
+                                             acc_g + n, xnext, sum, sq);
+    }, norm, p.residual, gxo != nullptr, sum_gate);
+  }
+}
+
+template <class W>
+void backward(const NormModulateBackward& p) {
+  ThreadSums<float> sums(p, /*planes=*/true);
+#pragma omp parallel
+  {
+    const int64_t n = p.C / 2;
+    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
+    std::vector<float> w0(n), w1(n), d(p.C);
+    bf16_pairs::split(w.data(), n, w0.data(), w1.data());
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    backward_rows(p, r0, r1, sums.mine(), d.data(), d.data() + n, w0.data(), w1.data());
+  }
+  sums.template store<W, bf16_t>(p);
+}
+
+}  // namespace pairs
 
 // float16 x (see forward_staged). Gradients of per-token operands are
 // computed in float and narrowed once; the sums stay float until the end.
@@ -748,10 +934,14 @@ void norm_modulate_forward(const NormModulateForward& p) {
 }
 void norm_modulate_backward(const NormModulateBackward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
-    if constexpr (staged_v<decltype(t)>) {
+    using T = decltype(t);
+    if constexpr (staged_v<T>) {
       backward_staged<decltype(w), decltype(m)>(p);
+    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
+      if (p.C % 2 == 0) pairs::backward<decltype(w)>(p);
+      else backward_impl<T, decltype(w), decltype(m)>(p);
     } else {
-      backward_impl<decltype(t), decltype(w), decltype(m)>(p);
+      backward_impl<T, decltype(w), decltype(m)>(p);
     }
   });
 }
