@@ -171,10 +171,14 @@ def test_swiglu_forward_backward(dtype, shape):
         close(x, y, dtype, 2.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_swiglu_packed_halves_are_views_not_copies(dtype):
-    h = torch.randn(2, 5, 2 * 299, dtype=dtype)
-    a, b = h[..., :299], h[..., 299:]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width,start", [(299, 0), (300, 0), (300, 1)])
+def test_swiglu_packed_halves_are_views_not_copies(dtype, width, start):
+    """a and b as the two halves of one packed GEMM output; odd widths, and
+    halves starting at an odd element (bfloat16's 32-bit words straddling
+    4-byte boundaries)."""
+    h = torch.randn(2, 5, 2 * width + start, dtype=dtype) * 3
+    a, b = h[..., start:start + width], h[..., start + width:]
     assert not a.is_contiguous()
     close(ops.swiglu(a, b), reference.swiglu(a, b), dtype)
     _, grads = _loss_grads(lambda x, y: ops.swiglu(x, y), (a, b))
@@ -183,6 +187,18 @@ def test_swiglu_packed_halves_are_views_not_copies(dtype):
         close(x, y, dtype, 2.0)
     t = torch.randn(4, 3, 10).transpose(0, 1)  # leading dims that do not collapse: copied
     close(ops.swiglu(t, t), reference.swiglu(t, t), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [64, 65])
+def test_swiglu_nan_and_inf_propagate_like_the_reference(dtype, H):
+    a, b = torch.randn(3, H, dtype=dtype) * 3, torch.randn(3, H, dtype=dtype)
+    a[0, 3], b[1, 6], a[2, 9], b[2, 12] = float("nan"), float("nan"), float("inf"), float("inf")
+    out, ref = ops.swiglu(a, b).float(), reference.swiglu(a, b).float()
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == 2
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()], ref[ref.isinf()])
+    finite = out.isfinite()
+    close(out[finite], ref[finite], dtype)
 
 
 def test_swiglu_gradcheck_opcheck_errors():
