@@ -1,5 +1,8 @@
 """Fused norm + modulate family against the pure-PyTorch reference."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +156,52 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
             finite = a.isfinite()
             close(a[finite], b[finite], dtype, scale=2.0)
         assert outs[0][..., 13].isnan().all() and outs[4][..., 13].isnan().all()
+
+
+_F16_FORWARD_SCRIPT = """
+import sys, torch
+from ddt_fast import _extension
+assert _extension.available()
+f = torch.ops.ddt_fast
+torch.manual_seed(0)
+out = {}
+for C in (8, 73, 768, 1155):
+    for mod_dtype in (torch.float16, torch.float32):
+        for per_token in (False, True):
+            B, L = 2, 9
+            x, y = torch.randn(B, L, C, dtype=torch.float16) * 2, torch.randn(B, L, C, dtype=torch.float16)
+            w = (1 + 0.1 * torch.randn(C)).to(mod_dtype)
+            sh, sc, g = (torch.randn(B, L if per_token else 1, 3 * C) * 0.5).to(mod_dtype).chunk(3, -1)
+            out[(C, str(mod_dtype), per_token)] = [
+                f.rms_norm_modulate(x, w, sh, sc, 1e-6), f.layer_norm_modulate(x, sh, sc, 1e-6),
+                f.gated_residual(x, g, y), *f.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_float16_forward_in_loop_conversion_matches_staged(tmp_path):
+    """The float16 forward converts with F16C inside its row loops where the
+    build has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging
+    through float rows (the path of builds without it). Both must agree: x'
+    bit for bit, the normalised outputs up to the order of the row sums
+    (almost all elements equal, the rest within float16's tolerance); widths
+    with and without a tail of C % 8, float16 and float32 modulation."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {}
+    for mode in ("default", "staged"):
+        path = tmp_path / f"{mode}.pt"
+        env = dict(os.environ, DDT_FAST_CPU_F16_FORWARD=mode)
+        run = subprocess.run([sys.executable, "-c", _F16_FORWARD_SCRIPT, str(path)], capture_output=True, text=True,
+                             timeout=600, env=env, cwd=root)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs[mode] = torch.load(path)
+    assert outs["default"].keys() == outs["staged"].keys()
+    for key, results in outs["default"].items():
+        for i, (a, b) in enumerate(zip(results, outs["staged"][key])):
+            if i in (2, 3):  # x' of gated_residual and of the fused form: no sums involved
+                assert torch.equal(a, b), (key, i)
+            assert (a == b).float().mean().item() > 0.98, (key, i)
+            close(a, b, torch.float16)
 
 
 def _grads(fn, inputs):

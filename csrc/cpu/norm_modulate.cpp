@@ -9,7 +9,9 @@
 #include "ddt/dtype_dispatch.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -501,6 +503,114 @@ void forward_staged(const NormModulateForward& p) {
   }
 }
 
+// DDT_FAST_CPU_F16_FORWARD=staged: the float16 forward stages blocks of rows
+// through float (forward_staged, the path of builds without F16C) instead of
+// converting inside the row loops; a switch for comparing the two (tests,
+// benchmarks), read once per process.
+bool use_staged_f16_forward() {
+  static const bool staged = [] {
+    const char* env = std::getenv("DDT_FAST_CPU_F16_FORWARD");
+    return env != nullptr && std::string(env) == "staged";
+  }();
+  return staged;
+}
+
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+// float16 forward with the F16C conversions inside the row loops, 8 values per
+// instruction (explicit intrinsics: GCC does not vectorise _Float16
+// conversions), instead of staging blocks of rows through float (see
+// forward_staged): no extra passes through the staging rows, and the rounding
+// to float16 at the spec's rounding points is one conversion there and back.
+// Rows of C % 8 left-over elements finish in scalar code with the same math.
+namespace f16c {
+
+inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m128i halves(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void store8(f16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves(v)); }
+inline float sum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// Rows [r0, r1) of p by the calling thread (x float16, modulation M). Pass 1
+// (x' stored, the values the norm reads kept in xbuf as float, their sums),
+// then pass 2 (normalise, round to float16, modulate, store). w: the weight
+// row as float (ones without one); xbuf: C floats.
+template <class M, bool kResidual>
+void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w, float* __restrict xbuf) {
+  const int64_t C = p.C, C8 = C - C % 8;
+  const bool norm = p.kind != NormKind::none;
+  const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
+  const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
+  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.L, l = r % p.L;
+    shift_ahead(r + 1, r1);
+    scale_ahead(r + 1, r1);
+    gate_ahead(r + 1, r1);
+    const f16_t* __restrict x = row<f16_t>(p.x, b, l);
+    const f16_t* __restrict y = kResidual ? row<f16_t>(p.y, b, l) : nullptr;
+    const M* __restrict gate = kResidual ? row<M>(p.gate, b, l) : nullptr;
+    f16_t* __restrict x_out = kResidual ? row<f16_t>(p.x_out, b, l) : nullptr;
+    __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C8; c += 8) {
+      __m256 v = load8(x + c);
+      if constexpr (kResidual) {
+        const __m128i h = halves(_mm256_fmadd_ps(load8(gate + c), load8(y + c), v));  // x + gate * y, rounded once
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(x_out + c), h);
+        v = _mm256_cvtph_ps(h);
+      }
+      _mm256_storeu_ps(xbuf + c, v);
+      s8 = _mm256_add_ps(s8, v);
+      q8 = _mm256_fmadd_ps(v, v, q8);
+    }
+    float sum = sum8(s8), sq = sum8(q8);
+    for (int64_t c = C8; c < C; ++c) {
+      float v = load<float>(x[c]);
+      if constexpr (kResidual) {
+        x_out[c] = store<f16_t>(nm::residual<float>(v, load<float>(gate[c]), load<float>(y[c])));
+        v = load<float>(x_out[c]);
+      }
+      xbuf[c] = v;
+      sum += v;
+      sq += v * v;
+    }
+    if (!norm) continue;
+    float mean, rinv;
+    finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
+    const M* __restrict shift = row<M>(p.shift, b, l);
+    const M* __restrict scale = row<M>(p.scale, b, l);
+    f16_t* __restrict out = row<f16_t>(p.out, b, l);
+    const __m256 mean8 = _mm256_set1_ps(mean), rinv8 = _mm256_set1_ps(rinv), one = _mm256_set1_ps(1.f);
+    for (int64_t c = 0; c < C8; c += 8) {
+      // the spec's rounding point: the normalised value as float16
+      const __m256 n = _mm256_cvtph_ps(halves(_mm256_mul_ps(_mm256_sub_ps(load8(xbuf + c), mean8), rinv8)));
+      const __m256 nw = _mm256_mul_ps(n, load8(w + c));
+      store8(out + c, _mm256_fmadd_ps(nw, _mm256_add_ps(one, load8(scale + c)), load8(shift + c)));
+    }
+    for (int64_t c = C8; c < C; ++c)
+      out[c] = store<f16_t>(nm::modulate<float>(round_to<f16_t>((xbuf[c] - mean) * rinv), w[c],
+                                                load<float>(shift[c]), load<float>(scale[c])));
+  }
+}
+
+template <class W, class M>
+void forward(const NormModulateForward& p) {
+#pragma omp parallel
+  {
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
+    std::vector<float> xbuf(p.C);
+    if (p.residual) rows<M, true>(p, r0, r1, w.data(), xbuf.data());
+    else rows<M, false>(p, r0, r1, w.data(), xbuf.data());
+  }
+}
+
+}  // namespace f16c
+#endif
+
 // Either adds v into a per-thread sum over rows (per-sample operand) or stores
 // it as this row's gradient (per-token operand).
 template <class Sum, class A, class O>
@@ -923,6 +1033,12 @@ void norm_modulate_forward(const NormModulateForward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
     if constexpr (staged_v<T>) {
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+      if (!use_staged_f16_forward()) {
+        f16c::forward<decltype(w), decltype(m)>(p);
+        return;
+      }
+#endif
       forward_staged<decltype(w), decltype(m)>(p);
     } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
       if (p.C % 2 == 0) pairs::forward<decltype(w)>(p);
