@@ -158,7 +158,7 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
         assert outs[0][..., 13].isnan().all() and outs[4][..., 13].isnan().all()
 
 
-_F16_FORWARD_SCRIPT = """
+_F16_SCRIPT = """
 import sys, torch
 from ddt_fast import _extension
 assert _extension.available()
@@ -171,27 +171,32 @@ for C in (8, 73, 768, 1155):
             B, L = 2, 9
             x, y = torch.randn(B, L, C, dtype=torch.float16) * 2, torch.randn(B, L, C, dtype=torch.float16)
             w = (1 + 0.1 * torch.randn(C)).to(mod_dtype)
-            sh, sc, g = (torch.randn(B, L if per_token else 1, 3 * C) * 0.5).to(mod_dtype).chunk(3, -1)
-            out[(C, str(mod_dtype), per_token)] = [
-                f.rms_norm_modulate(x, w, sh, sc, 1e-6), f.layer_norm_modulate(x, sh, sc, 1e-6),
-                f.gated_residual(x, g, y), *f.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)]
+            m = (torch.randn(B, L if per_token else 1, 3 * C) * 0.5).to(mod_dtype)
+            leaves = [t.requires_grad_() for t in (x, y, w, m)]
+            sh, sc, g = m.chunk(3, -1)
+            outs = [f.rms_norm_modulate(x, w, sh, sc, 1e-6), f.layer_norm_modulate(x, sh, sc, 1e-6),
+                    f.gated_residual(x, g, y), *f.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)]
+            loss = sum((o.float() * torch.randn(o.shape)).sum() for o in outs)
+            loss.backward()
+            out[(C, str(mod_dtype), per_token)] = [o.detach() for o in outs] + [t.grad for t in leaves]
 torch.save(out, sys.argv[1])
 """
 
 
-def test_float16_forward_in_loop_conversion_matches_staged(tmp_path):
-    """The float16 forward converts with F16C inside its row loops where the
-    build has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging
-    through float rows (the path of builds without it). Both must agree: x'
-    bit for bit, the normalised outputs up to the order of the row sums
-    (almost all elements equal, the rest within float16's tolerance); widths
-    with and without a tail of C % 8, float16 and float32 modulation."""
+def test_float16_in_loop_conversion_matches_staged(tmp_path):
+    """The float16 forward and backward convert with F16C inside their row
+    loops where the build has F16C; DDT_FAST_CPU_F16_FORWARD=staged and
+    DDT_FAST_CPU_F16_BACKWARD=staged select the staging through float rows
+    (the paths of builds without it). Both must agree: x' bit for bit, the
+    normalised outputs up to the order of the row sums (almost all elements
+    equal), the gradients within float16's tolerance; widths with and
+    without a tail of C % 8, float16 and float32 modulation and weight."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {}
     for mode in ("default", "staged"):
         path = tmp_path / f"{mode}.pt"
-        env = dict(os.environ, DDT_FAST_CPU_F16_FORWARD=mode)
-        run = subprocess.run([sys.executable, "-c", _F16_FORWARD_SCRIPT, str(path)], capture_output=True, text=True,
+        env = dict(os.environ, DDT_FAST_CPU_F16_FORWARD=mode, DDT_FAST_CPU_F16_BACKWARD=mode)
+        run = subprocess.run([sys.executable, "-c", _F16_SCRIPT, str(path)], capture_output=True, text=True,
                              timeout=600, env=env, cwd=root)
         assert run.returncode == 0, run.stderr[-3000:]
         outs[mode] = torch.load(path)
@@ -200,8 +205,11 @@ def test_float16_forward_in_loop_conversion_matches_staged(tmp_path):
         for i, (a, b) in enumerate(zip(results, outs["staged"][key])):
             if i in (2, 3):  # x' of gated_residual and of the fused form: no sums involved
                 assert torch.equal(a, b), (key, i)
-            assert (a == b).float().mean().item() > 0.98, (key, i)
-            close(a, b, torch.float16)
+            if i < 5:  # forward outputs
+                assert (a == b).float().mean().item() > 0.98, (key, i)
+                close(a, b, torch.float16)
+            else:  # gradients of x, y, the weight and the modulation (sums over rows and ops)
+                close_relative(a, b, torch.float16, 2.0)
 
 
 def _grads(fn, inputs):

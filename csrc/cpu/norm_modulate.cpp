@@ -503,15 +503,21 @@ void forward_staged(const NormModulateForward& p) {
   }
 }
 
-// DDT_FAST_CPU_F16_FORWARD=staged: the float16 forward stages blocks of rows
-// through float (forward_staged, the path of builds without F16C) instead of
-// converting inside the row loops; a switch for comparing the two (tests,
+// DDT_FAST_CPU_F16_FORWARD=staged / DDT_FAST_CPU_F16_BACKWARD=staged: the
+// float16 forward / backward stage blocks of rows through float
+// (forward_staged / backward_staged, the paths of builds without F16C) instead
+// of converting inside the row loops; switches for comparing the two (tests,
 // benchmarks), read once per process.
+bool env_says_staged(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::string(env) == "staged";
+}
 bool use_staged_f16_forward() {
-  static const bool staged = [] {
-    const char* env = std::getenv("DDT_FAST_CPU_F16_FORWARD");
-    return env != nullptr && std::string(env) == "staged";
-  }();
+  static const bool staged = env_says_staged("DDT_FAST_CPU_F16_FORWARD");
+  return staged;
+}
+bool use_staged_f16_backward() {
+  static const bool staged = env_says_staged("DDT_FAST_CPU_F16_BACKWARD");
   return staged;
 }
 
@@ -631,6 +637,42 @@ struct RowSums {
   A* scale;
   A* gate;
   RowSums at_sample(int64_t b, int64_t C) const { return {w, shift + b * C, scale + b * C, gate + b * C}; }
+};
+
+// Row r's operands and outputs in the backward (the bfloat16 word loops and
+// the float16 F16C loops): per-token gradients at row r, per-sample ones
+// (summed) at the row's start, null where the op has none.
+template <class T, class M>
+struct BackwardRow {
+  const T* grad_out = nullptr;
+  const M* scale = nullptr;
+  M* grad_shift = nullptr;
+  M* grad_scale = nullptr;
+  const T* grad_x_out = nullptr;
+  const T* y = nullptr;
+  const M* gate = nullptr;
+  T* grad_x;
+  T* grad_y = nullptr;
+  M* grad_gate = nullptr;
+  RowSums<float> sums;  // this sample's rows of the per-thread sums
+
+  BackwardRow(const NormModulateBackward& p, RowSums<float> thread_sums, int64_t r)
+      : grad_x(static_cast<T*>(p.grad_x) + r * p.C), sums(thread_sums.at_sample(r / p.L, p.C)) {
+    const int64_t b = r / p.L, l = r % p.L, C = p.C;
+    if (p.kind != NormKind::none) {
+      grad_out = row<T>(p.grad_out, b, l);
+      scale = row<M>(p.scale, b, l);
+      grad_shift = static_cast<M*>(p.grad_shift) + (p.shift.per_token() ? r * C : 0);
+      grad_scale = static_cast<M*>(p.grad_scale) + (p.scale.per_token() ? r * C : 0);
+    }
+    if (p.residual) {
+      grad_x_out = p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
+      y = row<T>(p.y, b, l);
+      gate = row<M>(p.gate, b, l);
+      grad_y = static_cast<T*>(p.grad_y) + r * C;
+      grad_gate = static_cast<M*>(p.grad_gate) + (p.gate.per_token() ? r * C : 0);
+    }
+  }
 };
 
 // Rows [r0, r1) of p, by the calling thread: gradients of per-token operands
@@ -911,7 +953,7 @@ inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1,
     }
   }
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / p.L, l = r % p.L;
+    const BackwardRow<bf16_t, bf16_t> g(p, sums, r);
     const bf16_t* xr = x_row(r);
     const bf16_t* xnext = x_row(r + 1 < r1 ? r + 1 : r);  // (the last row re-reads itself: reads only)
     scale_ahead(r + 1, r1);  // (see RowPrefetch)
@@ -919,33 +961,21 @@ inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1,
     float mean = 0, rinv = 0, dot = 0, mean_d = 0;
     if (norm) {
       row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
-      const bf16_t* go = row<bf16_t>(p.grad_out, b, l);
-      const bf16_t* sc = row<bf16_t>(p.scale, b, l);
-      bf16_t* gsh = static_cast<bf16_t*>(p.grad_shift) + (sum_shift ? 0 : r * C);
-      bf16_t* gsc = static_cast<bf16_t*>(p.grad_scale) + (sum_scale ? 0 : r * C);
-      float* acc_sh = sums.shift + b * C;
-      float* acc_sc = sums.scale + b * C;
       float sum_d = 0;
       with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
         backward_pass2<decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-            n, xr, go, sc, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, acc_sh, acc_sh + n, acc_sc, acc_sc + n,
-            gsh, gsc, dot, sum_d);
+            n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
+            g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
       }, p.weight != nullptr, sum_shift, sum_scale);
       dot /= float(C);
       mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
     }
-    const bf16_t* gxo = p.residual && p.grad_x_out.ptr ? row<bf16_t>(p.grad_x_out, b, l) : nullptr;
-    const bf16_t* y = p.residual ? row<bf16_t>(p.y, b, l) : nullptr;
-    const bf16_t* gate = p.residual ? row<bf16_t>(p.gate, b, l) : nullptr;
-    bf16_t* grad_y = p.residual ? static_cast<bf16_t*>(p.grad_y) + r * C : nullptr;
-    bf16_t* ggate = p.residual ? static_cast<bf16_t*>(p.grad_gate) + (sum_gate ? 0 : r * C) : nullptr;
-    float* acc_g = sums.gate + b * C;
     with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
       backward_pass3<decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                     decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, gxo, y, gate,
-                                             static_cast<bf16_t*>(p.grad_x) + r * C, grad_y, ggate, acc_g,
-                                             acc_g + n, xnext, sum, sq);
-    }, norm, p.residual, gxo != nullptr, sum_gate);
+                     decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
+                                             g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
+                                             sum, sq);
+    }, norm, p.residual, g.grad_x_out != nullptr, sum_gate);
   }
 }
 
@@ -965,6 +995,159 @@ void backward(const NormModulateBackward& p) {
 }
 
 }  // namespace pairs
+
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+// float16 backward with F16C conversions inside the row loops (as
+// f16c::forward; DDT_FAST_CPU_F16_BACKWARD=staged selects backward_staged).
+// The vector code uses GCC's vector operators on __m256 so that it reads as
+// the scalar tails (and backward_rows) do.
+namespace f16c {
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void add8(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_loadu_ps(p) + v); }
+
+// Pass 2 of a row (as in backward_rows): d out / d xhat into d, its two row
+// sums, the gradients of the weight, shift and scale (summed when per sample).
+template <class M, bool kHasW, bool kSumShift, bool kSumScale>
+void backward_pass2(int64_t C, const float* __restrict x, const f16_t* __restrict go, const M* __restrict sc,
+                    const float* __restrict w, float mean, float rinv, float* __restrict d, float* __restrict acc_w,
+                    float* __restrict acc_sh, float* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc,
+                    float& dot_out, float& sum_d_out) {
+  const int64_t C8 = C - C % 8;
+  __m256 dot8 = _mm256_setzero_ps(), sum_d8 = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 xh = (load8(x + c) - mean) * rinv;
+    const __m256 n = _mm256_cvtph_ps(halves(xh));  // the forward's rounding point
+    const __m256 g = load8(go + c), wc = load8(w + c);
+    const __m256 ga = g * (1.f + load8(sc + c));
+    const __m256 dc = ga * wc;
+    store8(d + c, dc);
+    dot8 = _mm256_fmadd_ps(dc, xh, dot8);
+    sum_d8 = sum_d8 + dc;
+    if constexpr (kHasW) add8(acc_w + c, ga * n);
+    if constexpr (kSumShift) add8(acc_sh + c, g);
+    else store8(gsh + c, g);
+    if constexpr (kSumScale) add8(acc_sc + c, g * n * wc);
+    else store8(gsc + c, g * n * wc);
+  }
+  float dot = sum8(dot8), sum_d = sum8(sum_d8);
+  for (int64_t c = C8; c < C; ++c) {
+    const float xh = (x[c] - mean) * rinv;
+    const float n = round_to<f16_t>(xh);
+    const float g = load<float>(go[c]);
+    const float ga = g * (1.f + load<float>(sc[c]));
+    const float dc = ga * w[c];
+    d[c] = dc;
+    dot += dc * xh;
+    sum_d += dc;
+    if constexpr (kHasW) acc_w[c] += ga * n;
+    if constexpr (kSumShift) acc_sh[c] += g;
+    else gsh[c] = store<M>(g);
+    if constexpr (kSumScale) acc_sc[c] += g * n * w[c];
+    else gsc[c] = store<M>(g * n * w[c]);
+  }
+  dot_out = dot;
+  sum_d_out = sum_d;
+}
+
+// Pass 3 of a row: grad_x (plus gxo, the gradient that reached x' directly),
+// the residual's grad_y and grad_gate (summed when per sample).
+template <class M, bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
+void backward_pass3(int64_t C, const float* __restrict x, const float* __restrict d, float mean, float rinv,
+                    float mean_d, float dot, const f16_t* __restrict gxo, const f16_t* __restrict y,
+                    const M* __restrict gate, f16_t* __restrict grad_x, f16_t* __restrict grad_y,
+                    M* __restrict ggate, float* __restrict acc_g) {
+  const int64_t C8 = C - C % 8;
+  for (int64_t c = 0; c < C8; c += 8) {
+    __m256 gx = _mm256_setzero_ps();
+    if constexpr (kNorm) gx = rinv * (load8(d + c) - mean_d - (load8(x + c) - mean) * rinv * dot);
+    if constexpr (kHasGxo) gx = gx + load8(gxo + c);
+    store8(grad_x + c, gx);
+    if constexpr (kResidual) {
+      store8(grad_y + c, gx * load8(gate + c));
+      if constexpr (kSumGate) add8(acc_g + c, gx * load8(y + c));
+      else store8(ggate + c, gx * load8(y + c));
+    }
+  }
+  for (int64_t c = C8; c < C; ++c) {
+    float gx = 0;
+    if constexpr (kNorm) gx = rinv * (d[c] - mean_d - (x[c] - mean) * rinv * dot);
+    if constexpr (kHasGxo) gx += load<float>(gxo[c]);
+    grad_x[c] = store<f16_t>(gx);
+    if constexpr (kResidual) {
+      grad_y[c] = store<f16_t>(gx * load<float>(gate[c]));
+      if constexpr (kSumGate) acc_g[c] += gx * load<float>(y[c]);
+      else ggate[c] = store<M>(gx * load<float>(y[c]));
+    }
+  }
+}
+
+// Rows [r0, r1) of p by the calling thread. xbuf, d: C floats each; w: the
+// weight row as float (ones without one).
+template <class M>
+void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* xbuf,
+                   float* d, const float* w) {
+  const int64_t C = p.C, C8 = C - C % 8;
+  const bool norm = p.kind != NormKind::none;
+  const bool sum_shift = norm && !p.shift.per_token();
+  const bool sum_scale = norm && !p.scale.per_token();
+  const bool sum_gate = p.residual && !p.gate.per_token();
+  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<M>(p.scale, p.L, C) : RowPrefetch{};
+  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
+  for (int64_t r = r0; r < r1; ++r) {
+    const BackwardRow<f16_t, M> g(p, sums, r);
+    scale_ahead(r + 1, r1);  // (see RowPrefetch)
+    gate_ahead(r + 1, r1);
+    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
+    if (norm) {
+      // Pass 1: the row widened into xbuf, its sums.
+      const f16_t* __restrict x = row<f16_t>(p.x, r / p.L, r % p.L);
+      __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C8; c += 8) {
+        const __m256 v = load8(x + c);
+        store8(xbuf + c, v);
+        s8 = s8 + v;
+        q8 = _mm256_fmadd_ps(v, v, q8);
+      }
+      float sum = sum8(s8), sq = sum8(q8);
+      for (int64_t c = C8; c < C; ++c) {
+        xbuf[c] = load<float>(x[c]);
+        sum += xbuf[c];
+        sq += xbuf[c] * xbuf[c];
+      }
+      finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
+      float sum_d = 0;
+      with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
+        backward_pass2<M, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
+            C, xbuf, g.grad_out, g.scale, w, mean, rinv, d, sums.w, g.sums.shift, g.sums.scale, g.grad_shift,
+            g.grad_scale, dot, sum_d);
+      }, p.weight != nullptr, sum_shift, sum_scale);
+      dot /= float(C);
+      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
+    }
+    with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+      backward_pass3<M, decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
+                     decltype(sum_g)::value>(C, xbuf, d, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
+                                             g.grad_x, g.grad_y, g.grad_gate, g.sums.gate);
+    }, norm, p.residual, g.grad_x_out != nullptr, sum_gate);
+  }
+}
+
+template <class W, class M>
+void backward(const NormModulateBackward& p) {
+  ThreadSums<float> sums(p);
+#pragma omp parallel
+  {
+    std::vector<float> xbuf(p.C), d(p.C);
+    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
+    const auto [r0, r1] = thread_rows(p.B * p.L);
+    backward_rows<M>(p, r0, r1, sums.mine(), xbuf.data(), d.data(), w.data());
+  }
+  sums.template store<W, M>(p);
+}
+
+}  // namespace f16c
+#endif
 
 // float16 x (see forward_staged). Gradients of per-token operands are
 // computed in float and narrowed once; the sums stay float until the end.
@@ -1052,6 +1235,12 @@ void norm_modulate_backward(const NormModulateBackward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
     if constexpr (staged_v<T>) {
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+      if (!use_staged_f16_backward()) {
+        f16c::backward<decltype(w), decltype(m)>(p);
+        return;
+      }
+#endif
       backward_staged<decltype(w), decltype(m)>(p);
     } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
       if (p.C % 2 == 0) pairs::backward<decltype(w)>(p);
