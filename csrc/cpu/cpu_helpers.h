@@ -106,7 +106,8 @@ inline void split(const float* __restrict row, int64_t n, float* __restrict even
 // the kernels stage float16 operands through float rows (converted with the
 // F16C instructions, 8 at a time, when the build targets them), run their
 // float32 loops on them with float16's rounding points (round_to<f16_t>
-// vectorises), and narrow the results once.
+// vectorises), and narrow the results once. (The norm kernels convert inside
+// their row loops instead where the build has F16C: f16c in norm_modulate.cpp.)
 template <class T>
 constexpr bool staged_v = std::is_same_v<T, f16_t>;
 
