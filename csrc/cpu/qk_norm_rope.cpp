@@ -253,6 +253,89 @@ void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* 
   }
 }
 
+// bfloat16 backward of a token over words (as pairs::forward): the same math
+// as backward_token, with the weight gradient's sums kept as even and odd
+// planes per part (backward_impl puts them back in element order).
+namespace pairs {
+
+// One head: acc0/acc1 the weight gradient's even/odd sums; xh0..gn1: half
+// floats of scratch each. (A function of its own, every operand a parameter,
+// so the word stores do not force reloads.)
+inline void backward_head(int64_t half, const bf16_t* __restrict x, const bf16_t* __restrict g, float r,
+                          const float* __restrict w0, const float* __restrict w1, const float* __restrict c,
+                          const float* __restrict s, float* __restrict acc0, float* __restrict acc1,
+                          float* __restrict xh0, float* __restrict xh1, float* __restrict gn0,
+                          float* __restrict gn1, bf16_t* __restrict gx) {
+  float dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < half; ++i) {
+    const uint32_t gw = bf16_pairs::load(g, i), xw = bf16_pairs::load(x, i);
+    // d/du of a rotation is the inverse rotation of the incoming gradient.
+    float gu0, gu1;
+    qk::rotate<float>(lo(gw), hi(gw), c[i], -s[i], gu0, gu1);
+    const float a0 = lo(xw) * r, a1 = hi(xw) * r;
+    acc0[i] += gu0 * bits_to_float(rounded(a0));
+    acc1[i] += gu1 * bits_to_float(rounded(a1));
+    xh0[i] = a0;
+    xh1[i] = a1;
+    gn0[i] = gu0 * w0[i];
+    gn1[i] = gu1 * w1[i];
+    dot += gn0[i] * a0 + gn1[i] * a1;
+  }
+  dot /= float(2 * half);
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i)
+    bf16_pairs::store(gx, i, bf16_pairs::pack(rounded(r * (gn0[i] - xh0[i] * dot)), rounded(r * (gn1[i] - xh1[i] * dot))));
+}
+
+// Scratch and weights of one thread.
+struct BackwardScratch {
+  std::vector<float> w0, w1, cos_l, sin_l, rinv, xh0, xh1, gn0, gn1;
+  template <class W>
+  static BackwardScratch of(const QkNormRope& p) {
+    const int64_t D = p.D, half = D / 2;
+    BackwardScratch t{std::vector<float>(D), std::vector<float>(D), std::vector<float>(half),
+                      std::vector<float>(half), std::vector<float>(p.H), std::vector<float>(half),
+                      std::vector<float>(half), std::vector<float>(half), std::vector<float>(half)};
+    const std::vector<float> wv = widen_weights<W, float>(p);
+    for (int part = 0; part < 2; ++part)
+      bf16_pairs::split(wv.data() + part * D, half, t.w0.data() + part * half, t.w1.data() + part * half);
+    return t;
+  }
+};
+
+// One token (b, l): its packed q and k rows' gradients into gx_token; acc:
+// this thread's weight-gradient sums [2][even half | odd half].
+inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, int64_t l,
+                           const bf16_t* const* grads, float* acc, BackwardScratch& t, bf16_t* gx_token) {
+  const int64_t D = p.D, half = D / 2;
+  bf16_pairs::split(p.rope + l * half * 2, half, t.cos_l.data(), t.sin_l.data());
+  for (int part = 0; part < 2; ++part) {
+    const bf16_t* heads = token + part * p.H * D;
+    if (grads[part] == nullptr) {
+      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<bf16_t>(0.f));
+      continue;
+    }
+    for (int64_t h = 0; h < p.H; ++h) {
+      const bf16_t* __restrict x = heads + h * D;
+      float sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < half; ++i) {
+        const uint32_t xw = bf16_pairs::load(x, i);
+        sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
+      }
+      t.rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
+    }
+    for (int64_t h = 0; h < p.H; ++h)
+      backward_head(half, heads + h * D, grads[part] + qk::split(p, b, h, l), t.rinv[h], t.w0.data() + part * half,
+                    t.w1.data() + part * half, t.cos_l.data(), t.sin_l.data(), acc + part * D,
+                    acc + part * D + half, t.xh0.data(), t.xh1.data(), t.gn0.data(), t.gn1.data(),
+                    gx_token + (part * p.H + h) * D);
+  }
+}
+
+}  // namespace pairs
+
 template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
@@ -269,6 +352,8 @@ void backward_impl(const QkNormRope& p) {
     A* mine = acc.data() + size_t(thread_id()) * 2 * D;
     const std::vector<A> wv = widen_weights<W, A>(p);
     TokenScratch<A> scratch(p);
+    // bfloat16 (see pairs): its own scratch; the sums in plane order
+    auto pairs_scratch = std::is_same_v<T, bf16_t> ? pairs::BackwardScratch::of<W>(p) : pairs::BackwardScratch{};
     // float16 (see staged_v): the token's q and k, their incoming gradients
     // and their gradients, as float
     std::vector<float> staged(staged_v<T> ? 6 * HD : 0);
@@ -290,6 +375,8 @@ void backward_impl(const QkNormRope& p) {
                                         [&](int part, int64_t h) { return g + (part * p.H + h) * D; },
                                         wv.data(), mine, scratch, gx);
         narrow_from_float(gx, gx_token, 2 * HD);
+      } else if constexpr (std::is_same_v<T, bf16_t>) {
+        pairs::backward_token(p, token, b, l, grads, mine, pairs_scratch, gx_token);
       } else {
         backward_token<T, T, T>(p, token, l, has_grad,
                                 [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); },
@@ -307,10 +394,13 @@ void backward_impl(const QkNormRope& p) {
     }
   }
   W* outs[2] = {static_cast<W*>(p.grad_q_weight), static_cast<W*>(p.grad_k_weight)};
+  // (bfloat16: each part's sums hold its even elements, then its odd ones)
+  constexpr bool kPlanes = std::is_same_v<T, bf16_t>;
   for (int part = 0; part < 2; ++part)
     for (int64_t d = 0; d < D; ++d) {
+      const int64_t at = part * D + (kPlanes ? (d % 2) * (D / 2) + d / 2 : d);
       A s = 0;
-      for (int t = 0; t < threads; ++t) s += acc[size_t(t) * 2 * D + part * D + d];
+      for (int t = 0; t < threads; ++t) s += acc[size_t(t) * 2 * D + at];
       outs[part][d] = store<W>(s);
     }
 }
