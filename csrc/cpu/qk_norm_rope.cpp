@@ -129,6 +129,20 @@ using bf16_pairs::hi;
 using bf16_pairs::lo;
 using bf16_pairs::rounded;
 
+// 1/RMS of each of a token's H heads (D values each, as words) into rinv.
+inline void heads_rinv(const QkNormRope& p, const bf16_t* heads, float* rinv) {
+  for (int64_t h = 0; h < p.H; ++h) {
+    const bf16_t* __restrict x = heads + h * p.D;
+    float sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < p.D / 2; ++i) {
+      const uint32_t xw = bf16_pairs::load(x, i);
+      sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
+    }
+    rinv[h] = nm::inv_std<float>(sq / float(p.D), p.eps);
+  }
+}
+
 template <class W>
 void forward(const QkNormRope& p) {
   const bf16_t* qkv = static_cast<const bf16_t*>(p.qkv);
@@ -147,17 +161,7 @@ void forward(const QkNormRope& p) {
       bf16_pairs::split(p.rope + l * half * 2, half, cos_l.data(), sin_l.data());
       for (int part = 0; part < 2; ++part) {
         const bf16_t* heads = qkv + qk::packed(p, b, l, part, 0);
-        // every head's statistics before any rotation (as widen_heads)
-        for (int64_t h = 0; h < p.H; ++h) {
-          const bf16_t* __restrict x = heads + h * D;
-          float sq = 0;
-#pragma omp simd reduction(+ : sq)
-          for (int64_t i = 0; i < half; ++i) {
-            const uint32_t xw = bf16_pairs::load(x, i);
-            sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
-          }
-          rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
-        }
+        heads_rinv(p, heads, rinv.data());  // every head's statistics before any rotation (as widen_heads)
         const float* __restrict wa = w0.data() + part * half;
         const float* __restrict wb = w1.data() + part * half;
         const float* __restrict c = cos_l.data();
@@ -316,16 +320,7 @@ inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, 
       std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<bf16_t>(0.f));
       continue;
     }
-    for (int64_t h = 0; h < p.H; ++h) {
-      const bf16_t* __restrict x = heads + h * D;
-      float sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t i = 0; i < half; ++i) {
-        const uint32_t xw = bf16_pairs::load(x, i);
-        sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
-      }
-      t.rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
-    }
+    heads_rinv(p, heads, t.rinv.data());
     for (int64_t h = 0; h < p.H; ++h)
       backward_head(half, heads + h * D, grads[part] + qk::split(p, b, h, l), t.rinv[h], t.w0.data() + part * half,
                     t.w1.data() + part * half, t.cos_l.data(), t.sin_l.data(), acc + part * D,
