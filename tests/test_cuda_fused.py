@@ -3,12 +3,10 @@
 Run it on a GPU before adding an op to ddt_fast/ops/verified.py.
 """
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from script_outputs import script_outputs
 from tolerances import close
 
 from ddt_fast import _extension, models, ops
@@ -129,22 +127,12 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _script_outputs(script, path, env):
-    """Run `script` (which saves its outputs to argv[1]) in a fresh process with
-    `env` added (kernel switches are read once per process); load what it saved."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, **env), cwd=root)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(path)
-
-
 def test_norm_backward_rows_switch_agrees(tmp_path):
     """DDT_FAST_NORM_BACKWARD=rows selects the scalar backward (row kernel plus
     a column pass) everywhere; it must give the packed backward's values up to
     float32 summation order."""
-    packed = _script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "packed.pt", {"DDT_FAST_NORM_BACKWARD": "packed"})
-    rows = _script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "rows.pt", {"DDT_FAST_NORM_BACKWARD": "rows"})
+    packed = script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "packed.pt", {"DDT_FAST_NORM_BACKWARD": "packed"})
+    rows = script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "rows.pt", {"DDT_FAST_NORM_BACKWARD": "rows"})
     assert packed.keys() == rows.keys()
     for key in packed:
         for a, b in zip(packed[key], rows[key]):
@@ -167,7 +155,7 @@ def test_norm_forward_staged_switch_identical(tmp_path):
     """DDT_FAST_NORM_FORWARD=staged (blocks of rows of one sample staging the
     weight and per-sample shift/scale/gate in shared memory) must give the
     default packed forward's results bit for bit, tails of L included."""
-    raw, staged = (_script_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v})
+    raw, staged = (script_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v})
                    for v in ("raw", "staged"))
     assert raw.keys() == staged.keys()
     for key in raw:

@@ -1,11 +1,9 @@
 """Fused norm + modulate family against the pure-PyTorch reference."""
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from script_outputs import script_outputs
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
@@ -191,15 +189,9 @@ def test_float16_in_loop_conversion_matches_staged(tmp_path):
     normalised outputs up to the order of the row sums (almost all elements
     equal), the gradients within float16's tolerance; widths with and
     without a tail of C % 8, float16 and float32 modulation and weight."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    outs = {}
-    for mode in ("default", "staged"):
-        path = tmp_path / f"{mode}.pt"
-        env = dict(os.environ, DDT_FAST_CPU_F16_FORWARD=mode, DDT_FAST_CPU_F16_BACKWARD=mode)
-        run = subprocess.run([sys.executable, "-c", _F16_SCRIPT, str(path)], capture_output=True, text=True,
-                             timeout=600, env=env, cwd=root)
-        assert run.returncode == 0, run.stderr[-3000:]
-        outs[mode] = torch.load(path)
+    outs = {mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt",
+                                 {"DDT_FAST_CPU_F16_FORWARD": mode, "DDT_FAST_CPU_F16_BACKWARD": mode})
+            for mode in ("default", "staged")}
     assert outs["default"].keys() == outs["staged"].keys()
     for key, results in outs["default"].items():
         for i, (a, b) in enumerate(zip(results, outs["staged"][key])):

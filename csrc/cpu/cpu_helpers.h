@@ -87,6 +87,9 @@ inline float lo(uint32_t w) { return bits_to_float(w << 16); }
 inline float hi(uint32_t w) { return bits_to_float(w & 0xffff0000u); }
 // The word of two float bit patterns already rounded to bfloat16 (low 16 bits zero).
 inline uint32_t pack(uint32_t lo_bits, uint32_t hi_bits) { return (lo_bits >> 16) | hi_bits; }
+// Where element c of a row of C values sits when the row is kept as its even
+// elements followed by its odd ones (the word loops' per-thread sums).
+inline int64_t plane_index(int64_t c, int64_t C) { return (c % 2) * (C / 2) + c / 2; }
 // Rounding inside a word loop whose float operands are all widened bfloat16
 // values or went through split() (see bf16_rounded_bits_of_bf16_nans).
 inline uint32_t rounded(float v) { return bf16_rounded_bits_of_bf16_nans(v); }

@@ -15,6 +15,11 @@
 #include <type_traits>
 #include <vector>
 
+// The float16 loops with F16C conversions inside them (f16c below) need these.
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#define DDT_CPU_F16C_LOOPS 1
+#endif
+
 namespace ddt {
 namespace cpu {
 namespace {
@@ -352,9 +357,6 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
   const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
   const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
   const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
-  auto stats = [&](const bf16_t* normed, float sum, float sq, float& mean, float& rinv) {
-    row_stats(p.kind, normed, p.C, p.eps, sum, sq, mean, rinv);
-  };
   RowPtrs cur(p, r0);
   float sum = 0, sq = 0;
 #pragma omp simd reduction(+ : sum, sq)
@@ -371,7 +373,7 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
     scale_ahead(r + 1, r1);
     gate_ahead(r + 2, r1);
     float mean, rinv;
-    stats(cur.normed, sum, sq, mean, rinv);
+    row_stats(p.kind, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
     float s = 0, q = 0;
     bf16_t* __restrict out = cur.out;
 #pragma omp simd reduction(+ : s, q)
@@ -387,7 +389,7 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
     cur = next;
   }
   float mean, rinv;
-  stats(cur.normed, sum, sq, mean, rinv);
+  row_stats(p.kind, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
   bf16_t* __restrict out = cur.out;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
@@ -521,7 +523,7 @@ bool use_staged_f16_backward() {
   return staged;
 }
 
-#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#if defined(DDT_CPU_F16C_LOOPS)
 // float16 forward with the F16C conversions inside the row loops, 8 values per
 // instruction (explicit intrinsics: GCC does not vectorise _Float16
 // conversions), instead of staging blocks of rows through float (see
@@ -803,7 +805,7 @@ struct ThreadSums {
       using O = std::remove_pointer_t<decltype(out)>;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t c = i % C;
-        const int64_t at = offset + (planes ? i - c + (c % 2) * (C / 2) + c / 2 : i);
+        const int64_t at = offset + (planes ? i - c + bf16_pairs::plane_index(c, C) : i);
         A s = 0;
         for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(at)];
         out[i] = ddt::store<O>(s);
@@ -996,7 +998,7 @@ void backward(const NormModulateBackward& p) {
 
 }  // namespace pairs
 
-#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#if defined(DDT_CPU_F16C_LOOPS)
 // float16 backward with F16C conversions inside the row loops (as
 // f16c::forward; DDT_FAST_CPU_F16_BACKWARD=staged selects backward_staged).
 // The vector code uses GCC's vector operators on __m256 so that it reads as
@@ -1216,7 +1218,7 @@ void norm_modulate_forward(const NormModulateForward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
     if constexpr (staged_v<T>) {
-#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#if defined(DDT_CPU_F16C_LOOPS)
       if (!use_staged_f16_forward()) {
         f16c::forward<decltype(w), decltype(m)>(p);
         return;
@@ -1235,7 +1237,7 @@ void norm_modulate_backward(const NormModulateBackward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
     if constexpr (staged_v<T>) {
-#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+#if defined(DDT_CPU_F16C_LOOPS)
       if (!use_staged_f16_backward()) {
         f16c::backward<decltype(w), decltype(m)>(p);
         return;

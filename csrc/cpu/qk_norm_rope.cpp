@@ -207,6 +207,7 @@ void prefetch_next_token(const QkNormRope& p, const T* const* grads, int64_t b, 
 template <class A>
 struct TokenScratch {
   std::vector<A> xv, rinv, xhat, gn;
+  TokenScratch() = default;
   TokenScratch(const QkNormRope& p) : xv(p.H * p.D), rinv(p.H), xhat(p.D), gn(p.D) {}
 };
 
@@ -345,10 +346,11 @@ void backward_impl(const QkNormRope& p) {
 #pragma omp parallel
   {
     A* mine = acc.data() + size_t(thread_id()) * 2 * D;
-    const std::vector<A> wv = widen_weights<W, A>(p);
-    TokenScratch<A> scratch(p);
-    // bfloat16 (see pairs): its own scratch; the sums in plane order
-    auto pairs_scratch = std::is_same_v<T, bf16_t> ? pairs::BackwardScratch::of<W>(p) : pairs::BackwardScratch{};
+    // bfloat16 (see pairs): weights and scratch of its own, the sums in plane order
+    constexpr bool kWords = std::is_same_v<T, bf16_t>;
+    const std::vector<A> wv = kWords ? std::vector<A>{} : widen_weights<W, A>(p);
+    TokenScratch<A> scratch = kWords ? TokenScratch<A>{} : TokenScratch<A>(p);
+    auto pairs_scratch = kWords ? pairs::BackwardScratch::of<W>(p) : pairs::BackwardScratch{};
     // float16 (see staged_v): the token's q and k, their incoming gradients
     // and their gradients, as float
     std::vector<float> staged(staged_v<T> ? 6 * HD : 0);
@@ -370,7 +372,7 @@ void backward_impl(const QkNormRope& p) {
                                         [&](int part, int64_t h) { return g + (part * p.H + h) * D; },
                                         wv.data(), mine, scratch, gx);
         narrow_from_float(gx, gx_token, 2 * HD);
-      } else if constexpr (std::is_same_v<T, bf16_t>) {
+      } else if constexpr (kWords) {
         pairs::backward_token(p, token, b, l, grads, mine, pairs_scratch, gx_token);
       } else {
         backward_token<T, T, T>(p, token, l, has_grad,
@@ -393,7 +395,7 @@ void backward_impl(const QkNormRope& p) {
   constexpr bool kPlanes = std::is_same_v<T, bf16_t>;
   for (int part = 0; part < 2; ++part)
     for (int64_t d = 0; d < D; ++d) {
-      const int64_t at = part * D + (kPlanes ? (d % 2) * (D / 2) + d / 2 : d);
+      const int64_t at = part * D + (kPlanes ? bf16_pairs::plane_index(d, D) : d);
       A s = 0;
       for (int t = 0; t < threads; ++t) s += acc[size_t(t) * 2 * D + at];
       outs[part][d] = store<W>(s);
