@@ -113,15 +113,19 @@ struct WidenRow {
 
 // Pass 1 alone over a row: first(c) for every c, with the sum and sum of
 // squares of the values it returns.
-template <class A, class First>
+// Adds value f to the one row sum norm kind K needs: the sum of squares for
+// RMSNorm, the sum for LayerNorm (whose variance finish_stats takes about the mean).
+template <NormKind K, class A>
+inline void add_to_sums(A f, A& sum, A& sq) {
+  if constexpr (K == NormKind::rms) sq += f * f;
+  else sum += f;
+}
+
+template <NormKind K, class A, class First>
 void first_pass(int64_t C, const First& first, A& sum, A& sq) {
   A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
-  for (int64_t c = 0; c < C; ++c) {
-    const A f = first(c);
-    s += f;
-    q += f * f;
-  }
+  for (int64_t c = 0; c < C; ++c) add_to_sums<K>(first(c), s, q);
   sum = s;
   sq = q;
 }
@@ -185,10 +189,12 @@ struct ForwardRow {
   }
 
   // Pass 2 at c: round the normalised value to T (the spec's rounding point),
-  // modulate, store.
+  // modulate, store. K: RMSNorm skips the zero mean, the weight-free
+  // LayerNorm the multiply by one (same values).
+  template <NormKind K>
   void second(int64_t c, const A* __restrict w) const {
-    out[c] = store<T>(
-        nm::modulate<A>(round_to<R>((xrow[c] - mean) * rinv), w[c], load<A>(shift[c]), load<A>(scale[c])));
+    const A n = round_to<R>((K == NormKind::rms ? xrow[c] : xrow[c] - mean) * rinv);
+    out[c] = store<T>(nm::modulate<A>(n, K == NormKind::rms ? w[c] : A(1), load<A>(shift[c]), load<A>(scale[c])));
   }
 };
 
@@ -205,15 +211,16 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
   const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
   const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  with_flags([&](auto residual_c) {
+  with_flags([&](auto residual_c, auto layer_c) {
     using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
+    constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (or none)
     if (r0 >= r1) return;
     Row cur(p, r0, xbuf);
-    A sum, sq;
-    first_pass<A>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
+    A sum = 0, sq = 0;
+    first_pass<K>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
     for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
       const Row next(p, r, xbuf);
-      first_pass<A>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
+      first_pass<K>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
     }
     for (int64_t r = r0; r < r1 && norm; ++r) {
       // (the last row of the range redoes its own pass 1 into the other
@@ -223,20 +230,18 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
       shift_ahead(r + 1, r1);
       scale_ahead(r + 1, r1);
       gate_ahead(r + 2, r1);
-      finish_stats<A>(p.kind, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
+      finish_stats<A>(K, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
       A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
       for (int64_t c = 0; c < C; ++c) {
-        cur.second(c, w);
-        const A f = next.first(c);
-        s += f;
-        q += f * f;
+        cur.template second<K>(c, w);
+        add_to_sums<K>(next.first(c), s, q);
       }
       sum = s;
       sq = q;
       cur = next;
     }
-  }, p.residual);
+  }, p.residual, p.kind == NormKind::layer);
 }
 
 // One contiguous range of rows per thread.
@@ -327,45 +332,60 @@ inline void first(const bf16_t* __restrict x, const bf16_t* __restrict y, const 
   }
 }
 
-// Pass 2 at word i: round the normalised values (the spec's rounding point), modulate, pack.
+// Pass 2 at word i: round the normalised values (the spec's rounding point),
+// modulate, pack. The kind is a template argument so that RMSNorm skips the
+// zero mean and the weight-free LayerNorm the multiply by one (same values).
+template <NormKind K>
 inline Word second(const bf16_t* __restrict normed, const bf16_t* __restrict shift, const bf16_t* __restrict scale,
                    const float* __restrict w0, const float* __restrict w1, int64_t i, float mean, float rinv) {
   const Word xw = bf16_pairs::load(normed, i), sh = bf16_pairs::load(shift, i), sc = bf16_pairs::load(scale, i);
-  const float n0 = bits_to_float(rounded((lo(xw) - mean) * rinv));
-  const float n1 = bits_to_float(rounded((hi(xw) - mean) * rinv));
-  return pack(rounded(nm::modulate<float>(n0, w0[i], lo(sh), lo(sc))),
-              rounded(nm::modulate<float>(n1, w1[i], hi(sh), hi(sc))));
+  const auto normalised = [&](float v) { return bits_to_float(rounded((K == NormKind::rms ? v : v - mean) * rinv)); };
+  const float n0 = normalised(lo(xw)), n1 = normalised(hi(xw));
+  if constexpr (K == NormKind::rms) {
+    return pack(rounded(nm::modulate<float>(n0, w0[i], lo(sh), lo(sc))),
+                rounded(nm::modulate<float>(n1, w1[i], hi(sh), hi(sc))));
+  } else {
+    return pack(rounded(nm::modulate<float>(n0, 1.0f, lo(sh), lo(sc))),
+                rounded(nm::modulate<float>(n1, 1.0f, hi(sh), hi(sc))));
+  }
 }
 
-// Rows [r0, r1) of p by the calling thread; w0/w1: the weight's even and odd elements.
-template <bool kResidual>
+// x' alone (no norm): rows [r0, r1) of pass 1.
+inline void residual_rows(const NormModulateForward& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const RowPtrs row(p, r);
+#pragma omp simd
+    for (int64_t i = 0; i < p.C / 2; ++i) {
+      float v0, v1;
+      first<true>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
+    }
+  }
+}
+
+// Pass 1 at word i, with the one row sum kind K needs: the sum of squares for
+// RMSNorm, the sum for LayerNorm (whose variance row_stats takes about the mean).
+template <bool kResidual, NormKind K>
+inline void first_sums(const RowPtrs& row, int64_t i, float& sum, float& sq) {
+  float v0, v1;
+  first<kResidual>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
+  if constexpr (K == NormKind::rms) sq += v0 * v0 + v1 * v1;
+  else sum += v0 + v1;
+}
+
+// Rows [r0, r1) of p by the calling thread, p.kind == K; w0/w1: the weight's
+// even and odd elements.
+template <bool kResidual, NormKind K>
 void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w0,
           const float* __restrict w1) {
   const int64_t n = p.C / 2;
   if (r0 >= r1) return;
-  if (p.kind == NormKind::none) {  // x' alone
-    for (int64_t r = r0; r < r1; ++r) {
-      const RowPtrs row(p, r);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float v0, v1;
-        first<kResidual>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
-      }
-    }
-    return;
-  }
   const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
   const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
   const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
   RowPtrs cur(p, r0);
   float sum = 0, sq = 0;
 #pragma omp simd reduction(+ : sum, sq)
-  for (int64_t i = 0; i < n; ++i) {
-    float v0, v1;
-    first<kResidual>(cur.x, cur.y, cur.gate, cur.x_out, i, v0, v1);
-    sum += v0 + v1;
-    sq += v0 * v0 + v1 * v1;
-  }
+  for (int64_t i = 0; i < n; ++i) first_sums<kResidual, K>(cur, i, sum, sq);
   // Pass 2 of row r in one loop with pass 1 of row r + 1 (as forward_rows).
   for (int64_t r = r0; r + 1 < r1; ++r) {
     const RowPtrs next(p, r + 1);
@@ -373,27 +393,24 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
     scale_ahead(r + 1, r1);
     gate_ahead(r + 2, r1);
     float mean, rinv;
-    row_stats(p.kind, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
+    row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
     float s = 0, q = 0;
     bf16_t* __restrict out = cur.out;
 #pragma omp simd reduction(+ : s, q)
     for (int64_t i = 0; i < n; ++i) {
-      bf16_pairs::store(out, i, second(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
-      float v0, v1;
-      first<kResidual>(next.x, next.y, next.gate, next.x_out, i, v0, v1);
-      s += v0 + v1;
-      q += v0 * v0 + v1 * v1;
+      bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
+      first_sums<kResidual, K>(next, i, s, q);
     }
     sum = s;
     sq = q;
     cur = next;
   }
   float mean, rinv;
-  row_stats(p.kind, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
+  row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
   bf16_t* __restrict out = cur.out;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
-    bf16_pairs::store(out, i, second(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
+    bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
 }
 
 template <class W>
@@ -404,8 +421,14 @@ void forward(const NormModulateForward& p) {
     const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
     std::vector<float> w0(p.C / 2), w1(p.C / 2);
     bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
-    if (p.residual) rows<true>(p, r0, r1, w0.data(), w1.data());
-    else rows<false>(p, r0, r1, w0.data(), w1.data());
+    if (p.kind == NormKind::none) {
+      residual_rows(p, r0, r1);
+    } else {
+      with_flags([&](auto residual_c, auto layer_c) {
+        constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;
+        rows<decltype(residual_c)::value, K>(p, r0, r1, w0.data(), w1.data());
+      }, p.residual, p.kind == NormKind::layer);
+    }
   }
 }
 
@@ -699,7 +722,10 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
     return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf + ((slot - r0) & 1) * C};
   };
   A sum = 0, sq = 0;  // pass 1 sums of the current row
-  if (norm && r0 < r1) first_pass<A>(C, widen_at(r0, r0), sum, sq);
+  if (norm && r0 < r1) {
+    if (p.kind == NormKind::layer) first_pass<NormKind::layer>(C, widen_at(r0, r0), sum, sq);
+    else first_pass<NormKind::rms>(C, widen_at(r0, r0), sum, sq);
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.L, l = r % p.L;
     // (the last row of the range re-reads itself into the other buffer,
