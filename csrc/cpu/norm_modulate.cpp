@@ -143,6 +143,21 @@ void with_flags(Fn&& fn, bool first, Rest... rest) {
   else with_flags([&](auto... f) { fn(std::false_type{}, f...); }, rest...);
 }
 
+// with_kind(k, fn, flags...) calls fn(kind_c<k>{}, std::bool_constant<flag>{}...):
+// the norm kind as a compile-time value too (RMSNorm skips the zero mean and
+// the row sums it does not need, the weight-free LayerNorm its multiplies by one).
+template <NormKind K>
+using kind_c = std::integral_constant<NormKind, K>;
+template <class Fn, class... Flags>
+void with_kind(NormKind k, Fn&& fn, Flags... flags) {
+  auto as = [&](auto kind) { with_flags([&](auto... f) { fn(kind, f...); }, flags...); };
+  switch (k) {
+    case NormKind::rms: return as(kind_c<NormKind::rms>{});
+    case NormKind::layer: return as(kind_c<NormKind::layer>{});
+    case NormKind::none: return as(kind_c<NormKind::none>{});
+  }
+}
+
 // The forward's two passes over a row, element by element, so that one loop
 // can run pass 2 of row r together with pass 1 of row r + 1.
 // T, W, M: the element types read and written; R: the type whose rounding
@@ -211,9 +226,9 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
   const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
   const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  with_flags([&](auto residual_c, auto layer_c) {
+  with_kind(p.kind, [&](auto kind, auto residual_c) {
     using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
-    constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (or none)
+    constexpr NormKind K = decltype(kind)::value;
     if (r0 >= r1) return;
     Row cur(p, r0, xbuf);
     A sum = 0, sq = 0;
@@ -241,7 +256,7 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
       sq = q;
       cur = next;
     }
-  }, p.residual, p.kind == NormKind::layer);
+  }, p.residual);
 }
 
 // One contiguous range of rows per thread.
@@ -421,14 +436,10 @@ void forward(const NormModulateForward& p) {
     const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
     std::vector<float> w0(p.C / 2), w1(p.C / 2);
     bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
-    if (p.kind == NormKind::none) {
-      residual_rows(p, r0, r1);
-    } else {
-      with_flags([&](auto residual_c, auto layer_c) {
-        constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;
-        rows<decltype(residual_c)::value, K>(p, r0, r1, w0.data(), w1.data());
-      }, p.residual, p.kind == NormKind::layer);
-    }
+    with_kind(p.kind, [&](auto kind, auto residual_c) {
+      if constexpr (decltype(kind)::value == NormKind::none) residual_rows(p, r0, r1);
+      else rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
+    }, p.residual);
   }
 }
 
@@ -700,6 +711,37 @@ struct BackwardRow {
   }
 };
 
+// Pass 2 of a row of the backward: d out / d xhat (into d) with its two row
+// sums, and the gradients of the weight, shift and scale (summed when per
+// sample: acc_*; gsh/gsc are row r's when per token). kRms: RMSNorm (mean 0,
+// weight w), else the weight-free LayerNorm. A function of its own: with
+// every operand a parameter, GCC vectorises it for every flag combination.
+template <class T, class M, class R, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
+void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, const M* __restrict sc,
+                    const A* __restrict w, A mean, A rinv, A* __restrict d, A* __restrict acc_w,
+                    A* __restrict acc_sh, A* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc, A& dot_out,
+                    A& sum_d_out) {
+  using SumShift = std::bool_constant<kSumShift>;
+  using SumScale = std::bool_constant<kSumScale>;
+  A dot = 0, sum_d = 0;
+#pragma omp simd reduction(+ : dot, sum_d)
+  for (int64_t c = 0; c < C; ++c) {
+    const A xh = (kRms ? x[c] : x[c] - mean) * rinv;
+    const A n = round_to<R>(xh);  // the forward's rounding point
+    const A g = load<A>(go[c]);
+    const A ga = g * (A(1) + load<A>(sc[c]));
+    const A dc = kRms ? ga * w[c] : ga;
+    d[c] = dc;
+    dot += dc * xh;
+    if constexpr (!kRms) sum_d += dc;
+    if constexpr (kHasW) acc_w[c] += ga * n;
+    sum_or_store<SumShift>(acc_sh, gsh, c, g);
+    sum_or_store<SumScale>(acc_sc, gsc, c, kRms ? g * n * w[c] : g * n);
+  }
+  dot_out = dot;
+  sum_d_out = sum_d;
+}
+
 // Rows [r0, r1) of p, by the calling thread: gradients of per-token operands
 // stored, of the weight and per-sample operands added into sums. xbuf: 2 * C
 // and dbuf: C scratch; w: the weight row (ones without one).
@@ -743,32 +785,13 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
       const T* go = row<T>(p.grad_out, b, l);
       const M* sc = row<M>(p.scale, b, l);
       A sum_d = 0;
-      // The row's scalars and pointers are captured by value: captured by
-      // reference, a float could alias the float stores in the loop, and
-      // GCC kept some flag combinations scalar (bfloat16 backward 4x slower).
-      with_flags([&, mean, rinv, xrow, d, w, acc_w](auto has_w, auto sum_sh, auto sum_sc) {
-        using SumShift = decltype(sum_sh);
-        using SumScale = decltype(sum_sc);
-        A* __restrict acc_sh = sums.shift + b * C;
-        A* __restrict acc_sc = sums.scale + b * C;
-        M* __restrict gsh = static_cast<M*>(p.grad_shift) + (SumShift::value ? 0 : r * C);
-        M* __restrict gsc = static_cast<M*>(p.grad_scale) + (SumScale::value ? 0 : r * C);
-#pragma omp simd reduction(+ : dot, sum_d)
-        for (int64_t c = 0; c < C; ++c) {
-          const A xh = (xrow[c] - mean) * rinv;
-          const A n = round_to<R>(xh);  // the forward's rounding point
-          const A g = load<A>(go[c]);
-          const A a = A(1) + load<A>(sc[c]);
-          const A ga = g * a;
-          const A dc = ga * w[c];
-          d[c] = dc;
-          dot += dc * xh;
-          sum_d += dc;
-          if constexpr (decltype(has_w)::value) acc_w[c] += ga * n;
-          sum_or_store<SumShift>(acc_sh, gsh, c, g);
-          sum_or_store<SumScale>(acc_sc, gsc, c, g * n * w[c]);
-        }
-      }, has_weight, sum_shift, sum_scale);
+      M* gsh = static_cast<M*>(p.grad_shift) + (sum_shift ? 0 : r * C);
+      M* gsc = static_cast<M*>(p.grad_scale) + (sum_scale ? 0 : r * C);
+      with_flags([&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
+        backward_pass2<T, M, R, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
+                       decltype(sum_sc)::value>(C, xrow, go, sc, w, mean, rinv, d, acc_w, sums.shift + b * C,
+                                                sums.scale + b * C, gsh, gsc, dot, sum_d);
+      }, p.kind == NormKind::layer, has_weight, sum_shift, sum_scale);
       dot /= A(C);
       mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
     }
@@ -780,7 +803,9 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
     const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
     T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
     // (row scalars and pointers by value, as in pass 2)
-    with_flags([&, mean, rinv, mean_d, dot, xrow, d, next](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+    with_kind(p.kind, [&, mean, rinv, mean_d, dot, xrow, d, next](auto kind, auto residual_c, auto has_gxo,
+                                                                   auto sum_g) {
+      constexpr NormKind K = decltype(kind)::value;
       using SumGate = decltype(sum_g);
       A* __restrict acc_g = sums.gate + b * C;
       M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
@@ -788,22 +813,19 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
 #pragma omp simd reduction(+ : s, q)
       for (int64_t c = 0; c < C; ++c) {
         A gx = 0;
-        if constexpr (decltype(norm_c)::value) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
+        if constexpr (K == NormKind::rms) gx = rinv * (d[c] - xrow[c] * rinv * dot);  // (mean, mean_d: 0)
+        if constexpr (K == NormKind::layer) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
         if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
         grad_x[c] = store<T>(gx);
         if constexpr (decltype(residual_c)::value) {
           grad_y[c] = store<T>(gx * load<A>(gate[c]));
           sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
         }
-        if constexpr (decltype(norm_c)::value) {
-          const A f = next(c);
-          s += f;
-          q += f * f;
-        }
+        if constexpr (K != NormKind::none) add_to_sums<K>(next(c), s, q);  // (next(c) widens T rows: every c)
       }
       sum = s;
       sq = q;
-    }, norm, p.residual, gxo != nullptr, sum_gate);
+    }, p.residual, gxo != nullptr, sum_gate);
   }
 }
 
@@ -871,7 +893,7 @@ namespace pairs {
 
 // Pass 2 of a row: d out / d xhat (into d0/d1) with its two row sums, and
 // the gradients of the weight, shift and scale (summed when per sample: acc_*).
-template <bool kHasW, bool kSumShift, bool kSumScale>
+template <NormKind K, bool kHasW, bool kSumShift, bool kSumScale>
 void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go,
                     const bf16_t* __restrict sc, const float* __restrict w0, const float* __restrict w1, float mean,
                     float rinv, float* __restrict d0, float* __restrict d1, float* __restrict acc_w0,
@@ -881,15 +903,16 @@ void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restr
   float dot = 0, sum_d = 0;
 #pragma omp simd reduction(+ : dot, sum_d)
   for (int64_t i = 0; i < n; ++i) {
+    constexpr bool kRms = K == NormKind::rms;  // (else the weight-free LayerNorm)
     const Word xw = bf16_pairs::load(x, i), gw = bf16_pairs::load(go, i), sw = bf16_pairs::load(sc, i);
-    const float xh0 = (lo(xw) - mean) * rinv, xh1 = (hi(xw) - mean) * rinv;
+    const float xh0 = (kRms ? lo(xw) : lo(xw) - mean) * rinv, xh1 = (kRms ? hi(xw) : hi(xw) - mean) * rinv;
     const float n0 = bits_to_float(rounded(xh0)), n1 = bits_to_float(rounded(xh1));  // the forward's rounding point
     const float ga0 = lo(gw) * (1.f + lo(sw)), ga1 = hi(gw) * (1.f + hi(sw));
-    const float dc0 = ga0 * w0[i], dc1 = ga1 * w1[i];
+    const float dc0 = kRms ? ga0 * w0[i] : ga0, dc1 = kRms ? ga1 * w1[i] : ga1;
     d0[i] = dc0;
     d1[i] = dc1;
     dot += dc0 * xh0 + dc1 * xh1;
-    sum_d += dc0 + dc1;
+    if constexpr (!kRms) sum_d += dc0 + dc1;
     if constexpr (kHasW) {
       acc_w0[i] += ga0 * n0;
       acc_w1[i] += ga1 * n1;
@@ -900,7 +923,7 @@ void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restr
     } else {
       bf16_pairs::store(gsh, i, gw);  // d out / d shift = grad_out
     }
-    const float gs0 = lo(gw) * n0 * w0[i], gs1 = hi(gw) * n1 * w1[i];
+    const float gs0 = kRms ? lo(gw) * n0 * w0[i] : lo(gw) * n0, gs1 = kRms ? hi(gw) * n1 * w1[i] : hi(gw) * n1;
     if constexpr (kSumScale) {
       acc_sc0[i] += gs0;
       acc_sc1[i] += gs1;
@@ -915,17 +938,22 @@ void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restr
 // Pass 3 of a row: grad_x (plus the gradient that reached x' directly: gxo),
 // the residual's grad_y and grad_gate (summed when per sample: acc_g*); and
 // pass 1 of the next row (xnext), whose sums it returns.
-template <bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
+template <NormKind K, bool kResidual, bool kHasGxo, bool kSumGate>
 void backward_pass3(int64_t n, const bf16_t* __restrict x, const float* __restrict d0, const float* __restrict d1,
                     float mean, float rinv, float mean_d, float dot, const bf16_t* __restrict gxo,
                     const bf16_t* __restrict y, const bf16_t* __restrict gate, bf16_t* __restrict grad_x,
                     bf16_t* __restrict grad_y, bf16_t* __restrict ggate, float* __restrict acc_g0,
                     float* __restrict acc_g1, const bf16_t* __restrict xnext, float& sum_out, float& sq_out) {
+  constexpr bool kNorm = K != NormKind::none, kRms = K == NormKind::rms;
   float s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < n; ++i) {
     float gx0 = 0, gx1 = 0;
-    if constexpr (kNorm) {
+    if constexpr (kRms) {  // (mean and mean_d are 0)
+      const Word xw = bf16_pairs::load(x, i);
+      gx0 = rinv * (d0[i] - lo(xw) * rinv * dot);
+      gx1 = rinv * (d1[i] - hi(xw) * rinv * dot);
+    } else if constexpr (kNorm) {
       const Word xw = bf16_pairs::load(x, i);
       gx0 = rinv * (d0[i] - mean_d - (lo(xw) - mean) * rinv * dot);
       gx1 = rinv * (d1[i] - mean_d - (hi(xw) - mean) * rinv * dot);
@@ -949,8 +977,8 @@ void backward_pass3(int64_t n, const bf16_t* __restrict x, const float* __restri
     }
     if constexpr (kNorm) {
       const Word nw = bf16_pairs::load(xnext, i);
-      s += lo(nw) + hi(nw);
-      q += lo(nw) * lo(nw) + hi(nw) * hi(nw);
+      if constexpr (kRms) q += lo(nw) * lo(nw) + hi(nw) * hi(nw);
+      else s += lo(nw) + hi(nw);
     }
   }
   sum_out = s;
@@ -990,20 +1018,21 @@ inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1,
     if (norm) {
       row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
       float sum_d = 0;
-      with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
-        backward_pass2<decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
+      with_flags([&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
+        constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (norm only)
+        backward_pass2<K, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
             n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
             g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
-      }, p.weight != nullptr, sum_shift, sum_scale);
+      }, p.kind == NormKind::layer, p.weight != nullptr, sum_shift, sum_scale);
       dot /= float(C);
       mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
     }
-    with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
-      backward_pass3<decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
+    with_kind(p.kind, [&](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
+      backward_pass3<decltype(kind)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
                      decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
                                              g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
                                              sum, sq);
-    }, norm, p.residual, g.grad_x_out != nullptr, sum_gate);
+    }, p.residual, g.grad_x_out != nullptr, sum_gate);
   }
 }
 
