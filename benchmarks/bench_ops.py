@@ -7,6 +7,9 @@ rotary, SwiGLU, final LayerNorm+modulate), forward and forward+backward, at
 DDT-B (C=768, 12 heads of 64) and DDT-XL (C=1152, 16 heads of 72) shapes,
 with per-token modulation (the decoder's case; --per-sample adds the
 encoder's per-sample case for the norm ops). Same inputs, same process.
+The backward alone (`bwd_vs_eager`): on a CPU, timed around
+`torch.autograd.backward` inside each forward+backward call of the rotation
+(`*_bwd_s`, fastest call); on a GPU, (forward+backward) - forward.
 On a GPU also reports achieved bandwidth against the device's HBM peak:
 the bytes one forward must move (every input read once, every output written
 once) over the time per call of 20 back-to-back calls that alternate between
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 
 import torch
 import torch._dynamo
@@ -91,7 +95,10 @@ OPS = ["rms_norm_modulate", "gated_residual_rms_norm_modulate", "layer_norm_modu
 NORM_OPS = OPS[:3]  # the ops that take shift/scale (gate)
 
 
-def fwd_bwd(fn, inputs):
+def fwd_bwd(fn, inputs, backward_times=None):
+    """A forward and backward of fn on leaf copies of inputs. backward_times:
+    a list that receives the wall time of each backward alone (CPU: the
+    backward runs synchronously on the calling thread)."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
     grads = None
 
@@ -101,7 +108,10 @@ def fwd_bwd(fn, inputs):
         outs = outs if isinstance(outs, tuple) else (outs,)
         if grads is None:
             grads = [torch.ones_like(o) for o in outs]
+        t0 = time.perf_counter()
         torch.autograd.backward(outs, grads)
+        if backward_times is not None:
+            backward_times.append(time.perf_counter() - t0)
         for t in leaves:
             t.grad = None
 
@@ -132,8 +142,11 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
         dst = torch.empty_like(src)
         fwd_runs["copy"] = lambda: dst.copy_(src)
     fwd = timed_interleaved(fwd_runs, repeats, warmup=3, cuda=cuda)
-    both = timed_interleaved({name: fwd_bwd(fn, inputs) for name, fn in impls.items()}, max(5, repeats // 2),
-                             warmup=3, cuda=cuda)
+    # On a CPU each backward is also timed alone, inside the same rotation.
+    bwd_times = {name: [] for name in impls}
+    warmup = 3
+    both = timed_interleaved({name: fwd_bwd(fn, inputs, None if cuda else bwd_times[name])
+                              for name, fn in impls.items()}, max(5, repeats // 2), warmup=warmup, cuda=cuda)
     # Ratios use each implementation's fastest run (see timed_interleaved).
     for name in impls:
         row[f"{name}_fwd_s"] = fwd[name]["min_s"]
@@ -142,9 +155,13 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
         row[f"{name}_fwdbwd_median_s"] = both[name]["median_s"]
     row["fwd_vs_eager"] = row["eager_fwd_s"] / row["fused_fwd_s"]
     row["fwdbwd_vs_eager"] = row["eager_fwdbwd_s"] / row["fused_fwdbwd_s"]
-    # backward alone, as (fwd+bwd) - fwd
-    row["bwd_vs_eager"] = ((row["eager_fwdbwd_s"] - row["eager_fwd_s"])
-                           / max(row["fused_fwdbwd_s"] - row["fused_fwd_s"], 1e-9))
+    if cuda:  # backward alone, as (fwd+bwd) - fwd
+        row["bwd_vs_eager"] = ((row["eager_fwdbwd_s"] - row["eager_fwd_s"])
+                               / max(row["fused_fwdbwd_s"] - row["fused_fwd_s"], 1e-9))
+    else:  # backward alone, timed around torch.autograd.backward (warm-up calls dropped)
+        for name in impls:
+            row[f"{name}_bwd_s"] = min(bwd_times[name][warmup:])
+        row["bwd_vs_eager"] = row["eager_bwd_s"] / row["fused_bwd_s"]
     if compile_ref:
         row["fwd_vs_compile"] = row["compile_fwd_s"] / row["fused_fwd_s"]
         row["fwdbwd_vs_compile"] = row["compile_fwdbwd_s"] / row["fused_fwdbwd_s"]

@@ -172,6 +172,17 @@ def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     assert ", fp32;" in md and ", bf16;" in md
 
 
+def test_bench_ops_times_the_cpu_backward_directly():
+    import bench_ops
+
+    row = bench_ops.bench_case("layer_norm_modulate", 1, 16, 64, torch.float32, torch.device("cpu"), repeats=10,
+                               compile_ref=False)
+    for name in ("fused", "eager"):
+        # the backward alone is part of a forward+backward call, and is timed inside it
+        assert 0 < row[f"{name}_bwd_s"] < row[f"{name}_fwdbwd_s"]
+    assert row["bwd_vs_eager"] == row["eager_bwd_s"] / row["fused_bwd_s"]
+
+
 def test_bench_ops_rejects_unknown_dtypes():
     r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
