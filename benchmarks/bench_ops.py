@@ -317,7 +317,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="one small shape per op, no torch.compile")
     p.add_argument("--full", action="store_true", help="the whole grid (B 4 and 32); slow on a CPU")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved forward repeats per implementation (default 30 on a CPU, 20 on a GPU, 5 with "
+                        "--quick); forward+backward takes half as many, at least 5")
     p.add_argument("--xl-only", action="store_true",
                    help="DDT-XL shapes only (B 32, L 256 and 1024, C 1152, bf16), no torch.compile: "
                         "a short GPU run")
@@ -345,7 +347,9 @@ def main(argv=None):
     if not all(ddt_fast._extension.has_kernel(op, device.type.upper()) for op in OPS):
         sys.exit(f"the fused kernels are not built for {device.type}; run `make build` first")
     torch._dynamo.config.cache_size_limit = 256
-    repeats = args.repeats or (5 if args.quick else 20)
+    # (a CPU shared with other machines swings by +-15% between runs: more
+    # repeats there, so the fastest of them is a steadier estimate)
+    repeats = args.repeats or (5 if args.quick else 30 if device.type == "cpu" else 20)
     if args.quick:
         shapes = [(2, 256, 768, torch.float32)]
     elif args.xl_only:

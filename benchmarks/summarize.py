@@ -103,6 +103,11 @@ def ops_section(d: dict) -> str:
                        f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
 )
     note = [f"- {d['note']}"] if d.get("note") else []
+    if any("fused_bwd_s" in r for r in rows_in):
+        note.append("- bwd vs eager: the backward alone, timed around `torch.autograd.backward` inside each "
+                    "forward+backward call of the rotation")
+    else:
+        note.append("- bwd vs eager: (fastest forward+backward) - (fastest forward)")
     title = "Fused block ops" + (f", {d['variant'].replace('_', ' and ')} grid" if d.get("variant") else "")
     return "\n".join([f"**{title}** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
                       "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])
