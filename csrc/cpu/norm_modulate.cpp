@@ -15,11 +15,6 @@
 #include <type_traits>
 #include <vector>
 
-// The float16 loops with F16C conversions inside them (f16c below) need these.
-#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
-#define DDT_CPU_F16C_LOOPS 1
-#endif
-
 namespace ddt {
 namespace cpu {
 namespace {
@@ -539,42 +534,14 @@ void forward_staged(const NormModulateForward& p) {
   }
 }
 
-// DDT_FAST_CPU_F16_FORWARD=staged / DDT_FAST_CPU_F16_BACKWARD=staged: the
-// float16 forward / backward stage blocks of rows through float
-// (forward_staged / backward_staged, the paths of builds without F16C) instead
-// of converting inside the row loops; switches for comparing the two (tests,
-// benchmarks), read once per process.
-bool env_says_staged(const char* name) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::string(env) == "staged";
-}
-bool use_staged_f16_forward() {
-  static const bool staged = env_says_staged("DDT_FAST_CPU_F16_FORWARD");
-  return staged;
-}
-bool use_staged_f16_backward() {
-  static const bool staged = env_says_staged("DDT_FAST_CPU_F16_BACKWARD");
-  return staged;
-}
-
 #if defined(DDT_CPU_F16C_LOOPS)
-// float16 forward with the F16C conversions inside the row loops, 8 values per
-// instruction (explicit intrinsics: GCC does not vectorise _Float16
-// conversions), instead of staging blocks of rows through float (see
-// forward_staged): no extra passes through the staging rows, and the rounding
-// to float16 at the spec's rounding points is one conversion there and back.
-// Rows of C % 8 left-over elements finish in scalar code with the same math.
+// float16 forward with the F16C conversions inside the row loops (f16x8 in
+// cpu_helpers.h) instead of staging blocks of rows through float (see
+// forward_staged): no extra passes through the staging rows. Rows of C % 8
+// left-over elements finish in scalar code with the same math.
 namespace f16c {
 
-inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m128i halves(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline void store8(f16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves(v)); }
-inline float sum8(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
+using namespace f16x8;
 
 // Rows [r0, r1) of p by the calling thread (x float16, modulation M). Pass 1
 // (x' stored, the values the norm reads kept in xbuf as float, their sums),
@@ -628,7 +595,7 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
     const __m256 mean8 = _mm256_set1_ps(mean), rinv8 = _mm256_set1_ps(rinv), one = _mm256_set1_ps(1.f);
     for (int64_t c = 0; c < C8; c += 8) {
       // the spec's rounding point: the normalised value as float16
-      const __m256 n = _mm256_cvtph_ps(halves(_mm256_mul_ps(_mm256_sub_ps(load8(xbuf + c), mean8), rinv8)));
+      const __m256 n = rounded(_mm256_mul_ps(_mm256_sub_ps(load8(xbuf + c), mean8), rinv8));
       const __m256 nw = _mm256_mul_ps(n, load8(w + c));
       store8(out + c, _mm256_fmadd_ps(nw, _mm256_add_ps(one, load8(scale + c)), load8(shift + c)));
     }
@@ -1060,7 +1027,8 @@ void backward(const NormModulateBackward& p) {
 // the scalar tails (and backward_rows) do.
 namespace f16c {
 
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+using namespace f16x8;
+
 inline void add8(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_loadu_ps(p) + v); }
 
 // Pass 2 of a row (as in backward_rows): d out / d xhat into d, its two row
@@ -1074,7 +1042,7 @@ void backward_pass2(int64_t C, const float* __restrict x, const f16_t* __restric
   __m256 dot8 = _mm256_setzero_ps(), sum_d8 = _mm256_setzero_ps();
   for (int64_t c = 0; c < C8; c += 8) {
     const __m256 xh = (load8(x + c) - mean) * rinv;
-    const __m256 n = _mm256_cvtph_ps(halves(xh));  // the forward's rounding point
+    const __m256 n = rounded(xh);  // the forward's rounding point
     const __m256 g = load8(go + c), wc = load8(w + c);
     const __m256 ga = g * (1.f + load8(sc + c));
     const __m256 dc = ga * wc;

@@ -189,6 +189,77 @@ void forward(const QkNormRope& p) {
 
 }  // namespace pairs
 
+#if defined(DDT_CPU_F16C_LOOPS)
+// float16 with the F16C conversions inside the loops (f16x8 in cpu_helpers.h)
+// instead of staging each token through float (forward_impl's staged_v
+// path; DDT_FAST_CPU_F16_FORWARD=staged still selects it). A vector of 8
+// values holds 4 rotary pairs side by side, so the rotation is
+// u * (c, c) + swap(u) * (-s, s) with one in-lane shuffle, no
+// de-interleaving. A head's D % 8 left-over values (D is a multiple of 4)
+// finish in scalar code with the same math.
+namespace f16c {
+
+using namespace f16x8;
+
+template <class W>
+void forward(const QkNormRope& p) {
+  const f16_t* qkv = static_cast<const f16_t*>(p.qkv);
+  f16_t* outs[2] = {static_cast<f16_t*>(p.q), static_cast<f16_t*>(p.k)};
+  const int64_t D = p.D, D8 = D - D % 8, half = D / 2;
+#pragma omp parallel
+  {
+    const std::vector<float> wv = widen_weights<W, float>(p);  // [q_weight | k_weight]
+    // this token's (cos, cos) and (-sin, sin) per rotary pair; 1/RMS per head
+    std::vector<float> cos2(D), sin2(D), rinv(p.H);
+#pragma omp for schedule(static)
+    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
+      const int64_t b = bl / p.L, l = bl % p.L;
+      const float* rope = p.rope + l * half * 2;
+      for (int64_t m = 0; m < half; ++m) {
+        cos2[2 * m] = cos2[2 * m + 1] = rope[2 * m];
+        sin2[2 * m] = -rope[2 * m + 1];
+        sin2[2 * m + 1] = rope[2 * m + 1];
+      }
+      for (int part = 0; part < 2; ++part) {
+        const f16_t* heads = qkv + qk::packed(p, b, l, part, 0);
+        // every head's statistics before any rotation (as widen_heads)
+        for (int64_t h = 0; h < p.H; ++h) {
+          const f16_t* x = heads + h * D;
+          __m256 q8 = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D8; d += 8) q8 = _mm256_fmadd_ps(load8(x + d), load8(x + d), q8);
+          float sq = sum8(q8);
+          for (int64_t d = D8; d < D; ++d) sq += load<float>(x[d]) * load<float>(x[d]);
+          rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
+        }
+        const float* w = wv.data() + part * D;
+        for (int64_t h = 0; h < p.H; ++h) {
+          const f16_t* x = heads + h * D;
+          f16_t* out = outs[part] + qk::split(p, b, h, l);
+          const __m256 r8 = _mm256_set1_ps(rinv[h]);
+          for (int64_t d = 0; d < D8; d += 8) {
+            // the spec's rounding point, then weight and rotation in float
+            const __m256 u = _mm256_mul_ps(rounded(_mm256_mul_ps(load8(x + d), r8)), load8(w + d));
+            const __m256 swapped = _mm256_permute_ps(u, 0xb1);  // (u1, u0) of each pair
+            store8(out + d, _mm256_fmadd_ps(u, load8(cos2.data() + d), _mm256_mul_ps(swapped, load8(sin2.data() + d))));
+          }
+          for (int64_t d = D8; d < D; d += 2) {
+            const float u0 = round_to<f16_t>(load<float>(x[d]) * rinv[h]) * w[d];
+            const float u1 = round_to<f16_t>(load<float>(x[d + 1]) * rinv[h]) * w[d + 1];
+            float r0, r1;
+            qk::rotate<float>(u0, u1, cos2[d], sin2[d + 1], r0, r1);
+            out[d] = store<f16_t>(r0);
+            out[d + 1] = store<f16_t>(r1);
+          }
+        }
+      }
+      copy_v(p, qkv, static_cast<f16_t*>(p.v), b, l);
+    }
+  }
+}
+
+}  // namespace f16c
+#endif
+
 // Software prefetch of token l's incoming q and k gradients, read in the
 // [B, H, L, D] layout: one short row (D elements) per head, 2H streams that
 // the hardware prefetcher does not follow (bfloat16 backward 1.15-1.25x faster
@@ -418,6 +489,12 @@ void qk_norm_rope_forward(const QkNormRope& p) {
     if constexpr (std::is_same_v<decltype(t), bf16_t>) {
       pairs::forward<decltype(w)>(p);
     } else {
+#if defined(DDT_CPU_F16C_LOOPS)
+      if (std::is_same_v<decltype(t), f16_t> && !use_staged_f16_forward()) {
+        f16c::forward<decltype(w)>(p);
+        return;
+      }
+#endif
       forward_impl<decltype(t), decltype(w)>(p);
     }
   });
