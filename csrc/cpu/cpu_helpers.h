@@ -1,6 +1,7 @@
 // Helpers shared by the CPU kernels in this folder: the OpenMP team, row
-// ranges per thread, software prefetch, and the weight row in the
-// accumulation type.
+// ranges per thread, software prefetch, the weight row in the accumulation
+// type, bfloat16 pairs as 32-bit words (bf16_pairs), float16 staging and F16C
+// conversions (f16x8), and the float16 path switches.
 #pragma once
 
 #include <cstdint>

@@ -106,8 +106,6 @@ struct WidenRow {
   }
 };
 
-// Pass 1 alone over a row: first(c) for every c, with the sum and sum of
-// squares of the values it returns.
 // Adds value f to the one row sum norm kind K needs: the sum of squares for
 // RMSNorm, the sum for LayerNorm (whose variance finish_stats takes about the mean).
 template <NormKind K, class A>
@@ -116,6 +114,8 @@ inline void add_to_sums(A f, A& sum, A& sq) {
   else sum += f;
 }
 
+// Pass 1 alone over a row: first(c) for every c, with the row sum(s) kind K
+// needs of the values it returns.
 template <NormKind K, class A, class First>
 void first_pass(int64_t C, const First& first, A& sum, A& sq) {
   A s = 0, q = 0;
@@ -432,8 +432,10 @@ void forward(const NormModulateForward& p) {
     std::vector<float> w0(p.C / 2), w1(p.C / 2);
     bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
     with_kind(p.kind, [&](auto kind, auto residual_c) {
-      if constexpr (decltype(kind)::value == NormKind::none) residual_rows(p, r0, r1);
-      else rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
+      if constexpr (decltype(kind)::value != NormKind::none)
+        rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
+      else if (p.residual)  // (no norm and no residual: nothing to write)
+        residual_rows(p, r0, r1);
     }, p.residual);
   }
 }
@@ -769,7 +771,9 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
     const T* y = p.residual ? row<T>(p.y, b, l) : nullptr;
     const M* gate = p.residual ? row<M>(p.gate, b, l) : nullptr;
     T* __restrict grad_y = p.residual ? static_cast<T*>(p.grad_y) + r * C : nullptr;
-    // (row scalars and pointers by value, as in pass 2)
+    // The row's scalars and pointers are captured by value: captured by
+    // reference, a float could alias the float stores in the loop, and GCC
+    // kept some flag combinations scalar (bfloat16 backward 4x slower).
     with_kind(p.kind, [&, mean, rinv, mean_d, dot, xrow, d, next](auto kind, auto residual_c, auto has_gxo,
                                                                    auto sum_g) {
       constexpr NormKind K = decltype(kind)::value;
