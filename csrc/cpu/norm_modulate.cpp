@@ -349,15 +349,11 @@ template <NormKind K>
 inline Word second(const bf16_t* __restrict normed, const bf16_t* __restrict shift, const bf16_t* __restrict scale,
                    const float* __restrict w0, const float* __restrict w1, int64_t i, float mean, float rinv) {
   const Word xw = bf16_pairs::load(normed, i), sh = bf16_pairs::load(shift, i), sc = bf16_pairs::load(scale, i);
-  const auto normalised = [&](float v) { return bits_to_float(rounded((K == NormKind::rms ? v : v - mean) * rinv)); };
+  constexpr bool kRms = K == NormKind::rms;
+  const auto normalised = [&](float v) { return bits_to_float(rounded((kRms ? v : v - mean) * rinv)); };
   const float n0 = normalised(lo(xw)), n1 = normalised(hi(xw));
-  if constexpr (K == NormKind::rms) {
-    return pack(rounded(nm::modulate<float>(n0, w0[i], lo(sh), lo(sc))),
-                rounded(nm::modulate<float>(n1, w1[i], hi(sh), hi(sc))));
-  } else {
-    return pack(rounded(nm::modulate<float>(n0, 1.0f, lo(sh), lo(sc))),
-                rounded(nm::modulate<float>(n1, 1.0f, hi(sh), hi(sc))));
-  }
+  return pack(rounded(nm::modulate<float>(n0, kRms ? w0[i] : 1.f, lo(sh), lo(sc))),
+              rounded(nm::modulate<float>(n1, kRms ? w1[i] : 1.f, hi(sh), hi(sc))));
 }
 
 // x' alone (no norm): rows [r0, r1) of pass 1.
@@ -733,10 +729,8 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
     return WidenRow<T>{row<T>(p.x, r / p.L, r % p.L), xbuf + ((slot - r0) & 1) * C};
   };
   A sum = 0, sq = 0;  // pass 1 sums of the current row
-  if (norm && r0 < r1) {
-    if (p.kind == NormKind::layer) first_pass<NormKind::layer>(C, widen_at(r0, r0), sum, sq);
-    else first_pass<NormKind::rms>(C, widen_at(r0, r0), sum, sq);
-  }
+  if (norm && r0 < r1)
+    with_kind(p.kind, [&](auto kind) { first_pass<decltype(kind)::value>(C, widen_at(r0, r0), sum, sq); });
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / p.L, l = r % p.L;
     // (the last row of the range re-reads itself into the other buffer,
