@@ -257,7 +257,7 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     log(f"[1/5] training a class-conditional DDT on the 8x8 digits ({s.train_steps} steps, batch "
         f"{s.global_batch}, {s.device})")
     model, training = train_model(s)
-    model.save_pretrained(os.path.join(s.out_dir, "model"))
+    model.save_pretrained(os.path.join(s.out_dir, "model"), overwrite=True)  # the demo's own folder
     log(f"      {training['parameters']:,} parameters, final loss {training['final_loss']}, "
         f"{training['seconds_this_run']:.1f} s this run")
 
@@ -271,7 +271,7 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     log(f"[3/5] calibrating the DP schedule ({s.calib_samples} samples, {s.num_steps} steps)")
     cal = calibrate(model, _sampler(s), num_samples=s.calib_samples, seed=s.seed, latent_size=DIGIT_SIDE,
                     device=torch.device(s.device))
-    cal.save(os.path.join(s.out_dir, "calibration.json"))
+    cal.save(os.path.join(s.out_dir, "calibration.json"), overwrite=True)
 
     plan = schedules(s, cal)
     classes = [c for c in range(model.num_classes) for _ in range(s.per_class)]
@@ -298,7 +298,7 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
         pick = [i for i in range(len(classes)) if i % s.per_class < s.grid_per_class]
         grid_name = name.replace(" K=", "_K").replace(" ", "_") + ".png"
         save_png(make_grid(to_uint8(images[pick]), nrow=min(s.grid_per_class, s.per_class)),
-                 os.path.join(s.out_dir, "grids", grid_name))
+                 os.path.join(s.out_dir, "grids", grid_name), overwrite=True)
         rows.append({
             "schedule": name, "kind": sched.kind, "K": sched.budget, "steps": list(sched.steps),
             "wall_s": round(wall, 4), "accuracy": round(clf.accuracy(images, classes), 4),
@@ -313,7 +313,7 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     log("[5/5] cost-vs-budget plot and metrics")
     uniform_pts = [(r["K"], r["dp_cost"]) for r in rows if r["kind"] == "uniform"]
     plot_cost_curve(cal.curve(), os.path.join(s.out_dir, "cost_vs_budget.png"),
-                    points={"uniform": uniform_pts},
+                    points={"uniform": uniform_pts}, overwrite=True,
                     title=f"digits DDT, {s.num_steps} Euler steps, CFG {s.guidance}")
     by = {(r["kind"], r["K"]): r for r in rows}
     comparison = []
@@ -339,7 +339,8 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
         "dp_vs_uniform": comparison,
         "total_s": round(time.perf_counter() - t_start, 2),
     }
-    atomic_write_text(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n",
+                      overwrite=True)
     return metrics
 
 

@@ -6,6 +6,7 @@ from ddt_fast.models.checkpoint import (
     load_checkpoint,
     read_state_dict,
     save_pretrained,
+    weights_digest,
 )
 from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
 from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
@@ -13,5 +14,5 @@ from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config
 __all__ = [
     "DDT", "DDTBlock", "ModulationCache", "PRESETS", "create", "match_preset", "preset_config", "preset_names",
     "CheckpointError", "load_checkpoint", "read_state_dict", "infer_config", "save_pretrained",
-    "from_pretrained",
+    "from_pretrained", "weights_digest",
 ]

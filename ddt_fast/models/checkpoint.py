@@ -15,6 +15,7 @@ latents) when that factors.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ddt_fast._io import atomic_write, atomic_write_text
+from ddt_fast._io import atomic_write, atomic_write_text, exists_error
 from ddt_fast.models.ddt import DDT
 from ddt_fast.models.presets import PRESETS, match_preset
 
@@ -39,6 +40,23 @@ _STRIP = ("_orig_mod.", "module.")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read or does not fit the model."""
+
+
+def weights_digest(model_or_state_dict) -> str:
+    """Hex SHA-256 over a module's (or state dict's) tensors: names, dtypes,
+    shapes and bytes, in name order. Outputs record it, so a re-run with other
+    weights is told apart from a resume. Equal for the same weights on any
+    device; reads every parameter once (a few seconds for DDT-XL)."""
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -258,21 +276,28 @@ def load_checkpoint(path: str, ema: bool = True, num_encoder_blocks: Optional[in
 # save_pretrained / from_pretrained
 
 
-def save_pretrained(model: DDT, folder: str) -> None:
+def save_pretrained(model: DDT, folder: str, overwrite: bool = False) -> None:
     """`config.json` + `model.safetensors` in `folder` (created if needed); each
     file is written to a temporary name and renamed, so a crash never leaves a
-    half-written file in place of a good one."""
+    half-written file in place of a good one. Existing files are replaced only
+    with `overwrite=True`."""
     from safetensors.torch import save_file
 
     from ddt_fast._version import __version__
 
+    if not overwrite:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            if os.path.lexists(os.path.join(folder, name)):
+                raise exists_error(os.path.join(folder, name), "save_pretrained:",
+                                   "pass overwrite=True to replace the saved model")
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "library": "ddt_fast"}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "library": "ddt_fast"}),
+                 overwrite=overwrite)
     config = dict(model.config, architecture="DDT", ddt_fast_version=__version__)
 
-    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2))
+    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2), overwrite=overwrite)
 
 
 def from_pretrained(name_or_path: str, ema: bool = True, revision: Optional[str] = None,

@@ -298,11 +298,12 @@ class DDT(nn.Module):
             "num_classes": self.num_classes,
         }
 
-    def save_pretrained(self, folder: str) -> None:
-        """Write `config.json` + `model.safetensors` to `folder` (atomically)."""
+    def save_pretrained(self, folder: str, overwrite: bool = False) -> None:
+        """Write `config.json` + `model.safetensors` to `folder` (atomically;
+        existing files there are replaced only with `overwrite=True`)."""
         from ddt_fast.models.checkpoint import save_pretrained
 
-        save_pretrained(self, folder)
+        save_pretrained(self, folder, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "DDT":

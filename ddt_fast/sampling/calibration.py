@@ -73,9 +73,10 @@ class Calibration:
                 "similarity": self.similarity.tolist(),
                 "cost": [c for _, c in self.curve()]}
 
-    def save(self, path) -> None:
-        """JSON (settings, similarity, cost curve), written to a temporary file and renamed."""
-        atomic_write_text(path, json.dumps(self.to_dict()))
+    def save(self, path, overwrite: bool = False) -> None:
+        """JSON (settings, similarity, cost curve), written to a temporary file and
+        renamed; an existing `path` is replaced only with `overwrite=True`."""
+        atomic_write_text(path, json.dumps(self.to_dict()), overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "Calibration":

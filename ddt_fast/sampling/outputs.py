@@ -43,10 +43,11 @@ def decode_latents(latents: torch.Tensor, vae, scaling_factor: float = SD_VAE_SC
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png(image: np.ndarray, path: str) -> None:
+def save_png(image: np.ndarray, path: str, overwrite: bool = False) -> None:
+    """A uint8 image as a PNG file, crash-safe; an existing `path` is replaced only with `overwrite=True`."""
     from PIL import Image
 
-    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), overwrite=overwrite)
 
 
 def make_grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -61,18 +62,19 @@ def make_grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 2) -> n
     return grid
 
 
-def save_npz(path: str, arr_0: np.ndarray, **extra) -> None:
-    """`np.savez` under `arr_0` (what the ADM FID suite reads), written crash-safe."""
+def save_npz(path: str, arr_0: np.ndarray, overwrite: bool = False, **extra) -> None:
+    """`np.savez` under `arr_0` (what the ADM FID suite reads), written crash-safe;
+    an existing `path` is replaced only with `overwrite=True`."""
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, arr_0=arr_0, **extra)
 
-    atomic_write(path, write)
+    atomic_write(path, write, overwrite=overwrite)
 
 
 def plot_cost_curve(curve: Sequence[Tuple[int, float]], path: str,
                     points: Optional[Dict[str, List[Tuple[int, float]]]] = None,
-                    title: Optional[str] = None) -> None:
+                    title: Optional[str] = None, overwrite: bool = False) -> None:
     """The DP cost-vs-budget curve (log scale) as a PNG, with optional labelled
     points (e.g. the uniform schedules' costs under the same statistic)."""
     try:
@@ -97,5 +99,7 @@ def plot_cost_curve(curve: Sequence[Tuple[int, float]], path: str,
     if points:
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), overwrite=overwrite)
+    finally:
+        plt.close(fig)

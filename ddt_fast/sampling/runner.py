@@ -44,7 +44,7 @@ def _valid_shard(path: str, n: int) -> bool:
 
 def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int], out_dir: str, *,
                      batch_size: int = 16, vae=None, latent_size: int = 32, png: bool = True,
-                     grid: bool = True, progress: bool = True) -> str:
+                     grid: bool = True, progress: bool = True, overwrite: bool = False) -> str:
     """Sample `classes[i]` from `seeds[i]` for every i into `out_dir`; returns
     the path of the merged `.npz` (on every rank; rank 0 writes it)."""
     classes, seeds = list(map(int, classes)), list(map(int, seeds))
@@ -73,8 +73,8 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
             payload["images"] = decode_latents(latents, vae)
             if png:
                 for i, img in zip(idx, payload["images"]):
-                    save_png(img, os.path.join(out_dir, "images", f"{i:06d}.png"))
-        save_npz(_shard_path(out_dir, k), payload.pop("images", payload["latents"]), **payload)
+                    save_png(img, os.path.join(out_dir, "images", f"{i:06d}.png"), overwrite=True)
+        save_npz(_shard_path(out_dir, k), payload.pop("images", payload["latents"]), overwrite=True, **payload)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -87,13 +87,13 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
             with np.load(_shard_path(out_dir, k)) as z:
                 parts.append(z["arr_0"])
         arr = np.concatenate(parts)
-        save_npz(merged, arr, classes=np.asarray(classes), seeds=np.asarray(seeds))
+        save_npz(merged, arr, overwrite=True, classes=np.asarray(classes), seeds=np.asarray(seeds))
         if grid and vae is not None:
-            save_png(make_grid(arr[:64]), os.path.join(out_dir, "grid.png"))
+            save_png(make_grid(arr[:64]), os.path.join(out_dir, "grid.png"), overwrite=True)
         atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps({
             "num_samples": len(classes), "batch_size": batch_size, "world_size": world,
             "latent_size": latent_size, "decoded": vae is not None,
             "sampler": sampler.settings(), "mode": sampler.mode,
-            "schedule": sampler.schedule.to_dict()}, indent=1))
+            "schedule": sampler.schedule.to_dict()}, indent=1), overwrite=True)
     barrier()
     return merged

@@ -146,10 +146,11 @@ class Schedule:
             raise ValueError(f"schedule JSON is malformed: {e}") from None
         return cls.from_dict(d)
 
-    def save(self, path: "os.PathLike[str] | str") -> None:
-        """Write as JSON; a temporary file is renamed over ``path``, so an
-        interrupted save never leaves a half-written schedule behind."""
-        atomic_write_text(path, self.to_json(indent=1) + "\n")
+    def save(self, path: "os.PathLike[str] | str", overwrite: bool = False) -> None:
+        """Write as JSON; a temporary file is renamed to ``path``, so an
+        interrupted save never leaves a half-written schedule behind. An
+        existing ``path`` is replaced only with ``overwrite=True``."""
+        atomic_write_text(path, self.to_json(indent=1) + "\n", overwrite=overwrite)
 
     @classmethod
     def load(cls, path: "os.PathLike[str] | str") -> "Schedule":

@@ -104,7 +104,7 @@ def lightning_state_dict(model: Dict[str, torch.Tensor], ema: Dict[str, torch.Te
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     """Write `payload` (see the module docstring) crash-safe."""
     payload = dict(payload, format=FORMAT)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)  # the run's own folder
     return path
 
 
@@ -138,21 +138,23 @@ def split_weights(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Dict, Dict
 
 def save_lightning(path: str, model: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
                    proj: Optional[Dict[str, torch.Tensor]] = None, *, global_step: int = 0,
-                   hyper_parameters: Optional[Dict[str, Any]] = None, **extra) -> str:
+                   hyper_parameters: Optional[Dict[str, Any]] = None, overwrite: bool = False, **extra) -> str:
     """Write weights as a published-style Lightning checkpoint (`state_dict`
     with `denoiser.`, `ema_denoiser.`, `diffusion_trainer.proj.`, plus
-    `global_step`, `epoch` and `hyper_parameters`), crash-safe."""
+    `global_step`, `epoch` and `hyper_parameters`), crash-safe. An existing
+    `path` is replaced only with `overwrite=True`."""
     payload = {"state_dict": lightning_state_dict(model, ema, proj), "global_step": int(global_step), "epoch": 0,
                "hyper_parameters": hyper_parameters or {}, **extra}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
     return path
 
 
-def export_lightning(checkpoint: str, out_path: str) -> str:
+def export_lightning(checkpoint: str, out_path: str, overwrite: bool = False) -> str:
     """Write the weights of a training checkpoint as a published-style
     Lightning checkpoint (see `save_lightning`), for tools written for the
     published code."""
     ckpt = load_training_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     model, ema, proj = split_weights(ckpt["state_dict"])
     return save_lightning(out_path, model, ema, proj, global_step=ckpt["step"],
-                          hyper_parameters=ckpt.get("hyper_parameters", {}), ddt_fast_config=ckpt["config"])
+                          hyper_parameters=ckpt.get("hyper_parameters", {}), ddt_fast_config=ckpt["config"],
+                          overwrite=overwrite)

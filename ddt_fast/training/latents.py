@@ -102,7 +102,8 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
             tensors["std"] = torch.cat(stds).contiguous()
         from safetensors.torch import save_file
 
-        atomic_write(os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp))
+        atomic_write(os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp),
+                     overwrite=True)  # absent or failed its check
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -115,7 +116,7 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
         index = dict(settings, format="ddt_fast.latents/1", classes=classes, files=files, labels=labels,
                      num_items=len(items), shards=[{"file": _shard_file(k), "num": counts[k]}
                                                    for k in range(num_shards)])
-        atomic_write_text(index_path, json.dumps(index) + "\n")
+        atomic_write_text(index_path, json.dumps(index) + "\n", overwrite=True)
     barrier()
     return index_path
 
@@ -134,5 +135,5 @@ def _check_settings(out_dir: str, settings: dict, rank: int, barrier) -> None:
                               "without asking: choose an empty or new out_dir")
     barrier()
     if rank == 0 and not os.path.exists(path):
-        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(settings, indent=1) + "\n", overwrite=False)
     barrier()

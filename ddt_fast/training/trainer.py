@@ -170,7 +170,8 @@ class Trainer:
 
     def _write_config(self) -> None:
         if self.rank == 0:
-            atomic_write_text(os.path.join(self.config.out_dir, CONFIG_NAME), self.config.to_json() + "\n")
+            atomic_write_text(os.path.join(self.config.out_dir, CONFIG_NAME), self.config.to_json() + "\n",
+                              overwrite=True)
 
     def state(self) -> Dict[str, Any]:
         """The checkpoint payload (complete on rank 0; every process must call it)."""
@@ -199,7 +200,7 @@ class Trainer:
             ckpt.prune(cfg.out_dir, cfg.keep_last)
             if cfg.export_lightning:
                 ckpt.export_lightning(payload | {"format": ckpt.FORMAT},
-                                      os.path.join(cfg.out_dir, "lightning", "last.ckpt"))
+                                      os.path.join(cfg.out_dir, "lightning", "last.ckpt"), overwrite=True)
         dist.barrier_fn()()
         return path
 
@@ -325,7 +326,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(lines))
+    atomic_write_text(path, "".join(lines), overwrite=True)
 
 
 class _Logger:
