@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ddt_fast._io import atomic_write_text
+from ddt_fast.models import weights_digest
 from ddt_fast.schedule import DPResult, Schedule, every_step, solve
 from ddt_fast.sampling.samplers import _Sampler, make_noise
 
@@ -64,6 +65,13 @@ class Calibration:
     def schedule_for_tolerance(self, tol: float) -> Schedule:
         """The DP schedule of the smallest budget whose cost is at most `tol`."""
         return self.schedule(self.dp.smallest_budget(tol))
+
+    def differences(self, settings: dict) -> dict:
+        """`{key: (recorded, given)}` for every setting that differs from `settings`
+        (empty: this calibration is the one those settings would compute)."""
+        keys = set(self.settings) | set(settings)
+        return {k: (self.settings.get(k), settings.get(k)) for k in sorted(keys)
+                if self.settings.get(k) != settings.get(k)}
 
     def _meta(self) -> dict:
         return {"calibration": {k: self.settings[k] for k in sorted(self.settings)}}
@@ -158,7 +166,17 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
             other = unit if j == i else states[j].to(unit.device, torch.float64)
             sim[i, j] = sim[j, i] = float((unit * other).sum(-1).mean())
 
+    settings = calibration_settings(model, sampler, seed, list(map(int, labels)), latent_size, state_dtype)
     template(model, noise, labels, torch.full_like(labels, model.num_classes), on_step=on_step)
-    settings = dict(sampler.settings(), num_samples=len(labels), seed=seed, classes=list(map(int, labels)),
-                    latent_size=latent_size, state_dtype=str(state_dtype).replace("torch.", ""))
     return Calibration(sim, settings)
+
+
+def calibration_settings(model, sampler: _Sampler, seed: int, classes: List[int], latent_size: int,
+                         state_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """What a calibration's statistic depends on: the sampler's settings, the
+    template batch (classes, seed, latent size) and the model's weights
+    (`weights_sha256`). `Calibration.settings` holds it; compare it with
+    `Calibration.differences` before reusing a saved calibration."""
+    return dict(sampler.settings(), num_samples=len(classes), seed=int(seed), classes=[int(c) for c in classes],
+                latent_size=int(latent_size), state_dtype=str(state_dtype).replace("torch.", ""),
+                weights_sha256=weights_digest(model), model_config=dict(model.config))
