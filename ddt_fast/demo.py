@@ -183,6 +183,23 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+# what the demo writes into its folder; a folder holding anything else is not the demo's to overwrite
+DEMO_FILES = ("metrics.json", "calibration.json", "cost_vs_budget.png", "grids", "model", "train")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse a folder that holds anything but an earlier demo's outputs (the demo
+    rewrites those: it resumes the training run and redoes what follows)."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise FileExistsError(f"{out_dir} is a file; the demo writes a folder there: choose another --out")
+        return
+    other = sorted(set(os.listdir(out_dir)) - set(DEMO_FILES))
+    if other:
+        raise FileExistsError(f"{out_dir} holds files the demo did not write ({', '.join(other[:5])}); nothing "
+                              "is overwritten without asking: choose a new or empty --out, or an earlier demo's")
+
+
 def train_model(s: DemoSettings):
     """Train (or resume) the demo's DDT in `out_dir/train`; returns the EMA model and a report."""
     from ddt_fast.models import load_checkpoint
@@ -251,6 +268,7 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
 
     t_start = time.perf_counter()
     budgets = s.budgets()  # checks num_steps before any work
+    check_out_dir(s.out_dir)
     os.makedirs(s.out_dir, exist_ok=True)
     torch.manual_seed(s.seed)
 

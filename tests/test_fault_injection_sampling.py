@@ -372,3 +372,17 @@ def test_weights_digest_sees_every_byte_and_ignores_the_device():
         p.view(-1)[5] = torch.nextafter(p.view(-1)[5], torch.tensor(float("inf")))
     assert models.weights_digest(m) != d
     assert models.weights_digest(m.to(torch.bfloat16)) != d
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    from ddt_fast.demo import check_out_dir
+
+    check_out_dir(str(tmp_path / "new"))  # absent: fine
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    check_out_dir(str(tmp_path))  # an earlier demo's outputs: rewritten
+    (tmp_path / "thesis.tex").write_text("")
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        check_out_dir(str(tmp_path))
+    with pytest.raises(FileExistsError, match="is a file"):
+        check_out_dir(str(tmp_path / "thesis.tex"))
