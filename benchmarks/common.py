@@ -143,8 +143,9 @@ def result_path(name: str) -> str:
 
 
 def write_json(path: str, payload: dict) -> str:
-    """Write `payload` to `path` (crash-safe: temporary file, then rename)."""
+    """Write `payload` to `path` (crash-safe: temporary file, then rename). A benchmark's
+    result file is its own output, replaced by each run (the published ones are in git)."""
     from ddt_fast._io import atomic_write_text
 
-    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n", overwrite=True)
     return path
