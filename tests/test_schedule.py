@@ -454,7 +454,10 @@ def test_schedule_save_load(tmp_path):
     s.save(path)
     assert Schedule.load(path) == s
     s2 = uniform(20, 4)
-    s2.save(str(path))  # replaces the existing file
+    with pytest.raises(FileExistsError, match="nothing is overwritten without asking"):
+        s2.save(str(path))
+    assert Schedule.load(path) == s
+    s2.save(str(path), overwrite=True)  # replaces the existing file
     assert Schedule.load(str(path)) == s2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sched.json"]  # no temporary left behind
 
@@ -465,7 +468,7 @@ def test_schedule_save_failure_keeps_the_old_file(tmp_path):
     before = path.read_text()
     bad = Schedule((0,), 10, meta={"x": object()})  # not JSON-serialisable
     with pytest.raises(TypeError):
-        bad.save(path)
+        bad.save(path, overwrite=True)
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sched.json"]
 
