@@ -113,7 +113,10 @@ def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path):
     assert Image.open(png).size[0] > 100
     os.remove(png)
     assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
-                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]) == 0
+                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]) == 2  # cal.json exists
+    assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
+                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu", "--force"]) == 0
+    assert json.load(open(cal))["settings"]["num_steps"] == 4
     assert not os.path.exists(png)
 
 

@@ -29,6 +29,7 @@ those of the eager loop. On other devices it warns and runs eagerly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from typing import Callable, List, Optional, Sequence, Union
@@ -77,6 +78,19 @@ def resolve_schedule(schedule, num_steps: int, refresh_rate: int) -> Schedule:
     return result
 
 
+def _number(name: str, value) -> float:
+    """`float(value)`, or ValueError naming `name` when it is not a finite number."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
+
+
 class _Sampler:
     """Shared loop of the Euler and Adams samplers (see the module docstring)."""
 
@@ -90,25 +104,43 @@ class _Sampler:
                  scheduler=None, w_scheduler=None, step_fn=None, last_step_fn=None):
         # scheduler / w_scheduler / step_fn / last_step_fn: accepted so the
         # published configs load; DDT uses the linear flow and the ODE step.
-        if not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        guidance = _number("guidance", guidance)
         if guidance < 0:
-            raise ValueError(f"guidance must be >= 0 (1 = no guidance), got {guidance}")
+            raise ValueError(f"guidance must be >= 0 (1 = no guidance, 0 = the unconditional model), got {guidance}")
+        timeshift = _number("timeshift", timeshift)
         if timeshift <= 0:
-            raise ValueError(f"timeshift must be > 0, got {timeshift}")
-        if not isinstance(state_refresh_rate, int) or state_refresh_rate < 1:
+            raise ValueError(f"timeshift must be > 0 (1 = no shift), got {timeshift}")
+        lo = _number("guidance_interval_min", guidance_interval_min)
+        hi = _number("guidance_interval_max", guidance_interval_max)
+        # guided where lo < t < hi, t in [0, 1): lo < 0 takes in t = 0, hi >= 1 runs to the end; lo > 1 or
+        # hi < 0 would guide no step at all (e.g. percentages given for fractions)
+        if lo > 1.0:
+            raise ValueError(f"guidance_interval_min must be <= 1 (the interval is on the shifted time, 0..1; "
+                             f"< 0 takes in t = 0), got {lo}")
+        if hi < 0.0:
+            raise ValueError(f"guidance_interval_max must be >= 0 (the interval is on the shifted time, 0..1), "
+                             f"got {hi}")
+        if lo > hi:
+            raise ValueError(f"guidance_interval_min {lo} > guidance_interval_max {hi}: the guidance interval is "
+                             "(min, max); swap them")
+        rate = state_refresh_rate
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
             raise ValueError(f"state_refresh_rate must be an int >= 1, got {state_refresh_rate!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if last_step is not None:
+            last_step = _number("last_step", last_step)
         if last_step is None or num_steps == 1:
             last_step = 1.0 / num_steps
         if not 0.0 < last_step <= 1.0:
             raise ValueError(f"last_step must be in (0, 1], got {last_step}")
         self.num_steps = num_steps
-        self.guidance = float(guidance)
-        self.timeshift = float(timeshift)
-        self.guidance_interval_min = float(guidance_interval_min)
-        self.guidance_interval_max = float(guidance_interval_max)
+        self.guidance = guidance
+        self.timeshift = timeshift
+        self.guidance_interval_min = lo
+        self.guidance_interval_max = hi
         self.state_refresh_rate = state_refresh_rate
         self.last_step = float(last_step)
         self.mode = mode
@@ -273,6 +305,8 @@ class AdamsSampler(_Sampler):
                  guidance_interval_min: float = 0.0, guidance_interval_max: float = 1.0,
                  state_refresh_rate: int = 1, last_step: Optional[float] = None, order: int = 2,
                  lms_transform_fn=None, **kwargs):
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3 (the Adams-Bashforth order), got {order!r}")
         super().__init__(num_steps, guidance, timeshift, guidance_interval_min, guidance_interval_max,
                          state_refresh_rate, last_step, **kwargs)
         self.order = order
