@@ -454,12 +454,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _check_sampling(args)
     _check_calibration_seeds(args)
     _check_source(args.ckpt, "--ckpt", needs=WEIGHTS_NAME)
-    _check_new_file(args.out, "--out", args.force)
+    earlier = None if args.force else _earlier_calibration(args.out)
+    if earlier is None:
+        _check_new_file(args.out, "--out", args.force)
     plot = _plot_path(args)
     if plot:
         if os.path.abspath(plot) == os.path.abspath(args.out):
             raise CliError(f"--plot {plot} is the --out path; give the plot another name (or --plot none)")
-        _check_new_file(plot, "--plot", args.force)
+        if earlier is None:
+            _check_new_file(plot, "--plot", args.force)
         try:
             import matplotlib  # noqa: F401  (checked before the work, not after)
         except ImportError:
@@ -467,10 +470,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _check_device(args.device)
 
     model, device = _load_model(args)
-    cal = _calibrate(args, model, device)
-    cal.save(args.out, overwrite=args.force)
+    if earlier is not None:  # the same settings and weights: reuse it; anything else: refuse
+        from ddt_fast.sampling import calibration_settings
+
+        differ = earlier.differences(calibration_settings(
+            model, _sampler(args, mode="reference"), num_samples=args.calib_samples, seed=args.seed,
+            latent_size=args.latent_size))
+        if differ:
+            shown = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(differ.items())[:4])
+            raise CliError(f"--out {args.out} is a calibration made with other settings ({shown}); nothing is "
+                           "overwritten without asking: pass --force to replace it, or choose another path")
+        cal = earlier
+        print(f"{args.out} is up to date (same settings and weights): reused")
+        if plot and os.path.lexists(plot):
+            plot = None
+    else:
+        cal = _calibrate(args, model, device)
+        cal.save(args.out, overwrite=args.force)
+        print(f"wrote {args.out}: DP cost by budget (of {cal.num_steps} steps)")
     curve = cal.curve()
-    print(f"wrote {args.out}: DP cost by budget (of {cal.num_steps} steps)")
     for k, cost in curve[: min(len(curve), 12)]:
         print(f"  K={k:4d}  cost={cost:.5f}")
     if plot:
@@ -478,6 +496,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                            f"guidance {args.guidance}", overwrite=args.force)
         print(f"wrote {plot}")
     return 0
+
+
+def _earlier_calibration(path: str):
+    """The calibration already at --out, if that is one (None when there is no file);
+    anything else there is left to the no-overwrite check."""
+    from ddt_fast.sampling import Calibration
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        return Calibration.load(path)
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64:  # a digest
+        return value[:12] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---------------------------------------------------------------------------

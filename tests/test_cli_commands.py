@@ -99,11 +99,17 @@ def test_sample_reads_the_published_yaml(published_ckpt, tmp_path):
         np.testing.assert_allclose(z["arr_0"], expect.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path):
+def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path, capsys):
     cfg = _published_yaml(tmp_path / "ddt.yaml")
     cal = str(tmp_path / "cal.json")
-    assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "5", "--calib-samples", "2",
-                 "--quiet", "--out", cal, "--device", "cpu"]) == 0
+    first = ["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "5", "--calib-samples", "2",
+             "--quiet", "--out", cal, "--device", "cpu"]
+    assert main(first) == 0
+    text = open(cal).read()
+    os.utime(cal, (1, 1))
+    assert main(first) == 0  # the same settings and weights: reused, not recomputed
+    assert "up to date" in capsys.readouterr().out
+    assert open(cal).read() == text and os.stat(cal).st_mtime == 1
     saved = json.load(open(cal))
     assert saved["settings"]["num_steps"] == 5 and saved["settings"]["guidance"] == 3.0
     assert saved["settings"]["latent_size"] == 8
@@ -113,7 +119,9 @@ def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path):
     assert Image.open(png).size[0] > 100
     os.remove(png)
     assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
-                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]) == 2  # cal.json exists
+                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]) == 2  # cal.json: other settings
+    err = capsys.readouterr().err.strip()
+    assert "num_steps: 5 -> 4" in err and "--force" in err and len(err.splitlines()) == 1
     assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
                  "--quiet", "--out", cal, "--plot", "none", "--device", "cpu", "--force"]) == 0
     assert json.load(open(cal))["settings"]["num_steps"] == 4

@@ -357,9 +357,9 @@ def test_calibration_records_what_made_it(tmp_path):
     assert cal.settings["weights_sha256"] == models.weights_digest(m)
     cal.save(str(tmp_path / "c.json"))
     again = sampling.Calibration.load(str(tmp_path / "c.json"))
-    same = sampling.calibration_settings(m, _sampler(), 0, cal.settings["classes"], 8)
+    same = sampling.calibration_settings(m, _sampler(), num_samples=2, latent_size=8)
     assert again.differences(same) == {}
-    other = sampling.calibration_settings(_tiny_model(seed=1), _sampler(guidance=3.0), 0, cal.settings["classes"], 8)
+    other = sampling.calibration_settings(_tiny_model(seed=1), _sampler(guidance=3.0), num_samples=2, latent_size=8)
     assert set(again.differences(other)) == {"guidance", "weights_sha256"}
 
 

@@ -143,9 +143,8 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = device if device is not None else next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
     if classes is None:
-        classes = torch.randint(0, model.num_classes, (num_samples,), generator=g).tolist()
+        classes = template_classes(model.num_classes, num_samples, seed)
     labels = torch.as_tensor(classes, dtype=torch.long, device=device)
     noise = make_noise([seed * 1_000_003 + k for k in range(len(labels))],
                        (model.in_channels, latent_size, latent_size), device)
@@ -166,17 +165,27 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
             other = unit if j == i else states[j].to(unit.device, torch.float64)
             sim[i, j] = sim[j, i] = float((unit * other).sum(-1).mean())
 
-    settings = calibration_settings(model, sampler, seed, list(map(int, labels)), latent_size, state_dtype)
+    settings = calibration_settings(model, sampler, seed=seed, classes=list(map(int, labels)),
+                                    latent_size=latent_size, state_dtype=state_dtype)
     template(model, noise, labels, torch.full_like(labels, model.num_classes), on_step=on_step)
     return Calibration(sim, settings)
 
 
-def calibration_settings(model, sampler: _Sampler, seed: int, classes: List[int], latent_size: int,
+def template_classes(num_classes: int, num_samples: int, seed: int) -> List[int]:
+    """The classes a calibration draws when none are given."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_classes, (num_samples,), generator=g).tolist()
+
+
+def calibration_settings(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
+                         classes: Optional[List[int]] = None, latent_size: int = 32,
                          state_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """What a calibration's statistic depends on: the sampler's settings, the
-    template batch (classes, seed, latent size) and the model's weights
+    """What `calibrate` with these arguments depends on: the sampler's settings,
+    the template batch (classes, seed, latent size) and the model's weights
     (`weights_sha256`). `Calibration.settings` holds it; compare it with
     `Calibration.differences` before reusing a saved calibration."""
+    if classes is None:
+        classes = template_classes(model.num_classes, num_samples, seed)
     return dict(sampler.settings(), num_samples=len(classes), seed=int(seed), classes=[int(c) for c in classes],
                 latent_size=int(latent_size), state_dtype=str(state_dtype).replace("torch.", ""),
                 weights_sha256=weights_digest(model), model_config=dict(model.config))
