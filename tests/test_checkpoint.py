@@ -96,7 +96,7 @@ def test_save_pretrained_overwrites_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        _model(seed=7).save_pretrained(folder)
+        _model(seed=7).save_pretrained(folder, overwrite=True)
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]  # no temp left
 
