@@ -563,3 +563,37 @@ def test_sigkill_during_checkpoint_write_then_resume_gives_the_uninterrupted_wei
     assert open(os.path.join(reference, "metrics.jsonl")).read().count("\n") == 6
     steps = [json.loads(ln)["step"] for ln in open(os.path.join(killed, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _resume_worker(rank, world, store, out, report):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        try:
+            step = Trainer(TrainConfig(**{**DIGITS, "out_dir": out, "steps": 6, "ckpt_every": 2, "keep_last": 0,
+                                          "resume": True, "device": "cpu"})).step
+            result = {"step": step}
+        except CheckpointError as e:
+            result = {"error": str(e)}
+        with open(f"{report}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_together_and_fail_together(tmp_path):
+    """Rank 0 verifies and picks the checkpoint; rank 1 resumes from the same one, or fails alike."""
+    import torch.multiprocessing as mp
+
+    cfg = _run_to(tmp_path, 4)
+    newest, older = ckpt.checkpoint_path(cfg.out_dir, 4), ckpt.checkpoint_path(cfg.out_dir, 2)
+    _flip(newest, [os.path.getsize(newest) // 2])
+    report = str(tmp_path / "report")
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "store1"), cfg.out_dir, report), nprocs=2)
+    assert [json.load(open(f"{report}.{r}")) for r in range(2)] == [{"step": 2}, {"step": 2}]
+    assert os.path.exists(newest + ".corrupt")
+    _flip(older, [os.path.getsize(older) // 2])
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "store2"), cfg.out_dir, report), nprocs=2)
+    errors = [json.load(open(f"{report}.{r}"))["error"] for r in range(2)]
+    assert errors[0] == errors[1] and "no checkpoint in" in errors[0] and older in errors[0]
