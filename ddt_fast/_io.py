@@ -146,3 +146,69 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# checksum sidecars: `NAME.sha256` beside `NAME`, one `sha256sum` line
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_path(path: str) -> str:
+    """The sidecar of `path`: `path + ".sha256"`."""
+    return os.fspath(path) + CHECKSUM_SUFFIX
+
+
+def read_checksum(path: str) -> "str | None":
+    """The hex digest `path`'s sidecar records; None when there is no sidecar.
+    ValueError when the sidecar is not a `sha256sum` line for `path`."""
+    side = checksum_path(path)
+    try:
+        with open(side) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)\n?", text)
+    if not m or m.group(2) != os.path.basename(path):
+        raise ValueError(f"{side} is not a sha256sum line for {os.path.basename(path)}")
+    return m.group(1)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_checked(path: "os.PathLike[str] | str", write: Callable[[str], None], *, overwrite: bool) -> str:
+    """`atomic_write` plus a sidecar `path.sha256` (what `sha256sum NAME`
+    prints: digest, two spaces, file name; `sha256sum -c` checks it), written
+    before `path` is renamed into place: a file without its sidecar was never
+    written by this function. Returns the digest. When the write fails, the
+    sidecar is what it was before (removed when `path` does not exist)."""
+    path = os.fspath(path)
+    side = checksum_path(path)
+    try:
+        with open(side, "rb") as f:
+            previous = f.read()
+    except FileNotFoundError:
+        previous = None
+    digest: List[str] = []
+
+    def write_and_hash(tmp: str) -> None:
+        write(tmp)
+        digest.append(sha256_file(tmp))  # what reached the file system, read back
+        atomic_write_text(side, f"{digest[0]}  {os.path.basename(path)}\n", overwrite=True)
+
+    try:
+        atomic_write(path, write_and_hash, overwrite=overwrite)
+    except BaseException:
+        if digest:  # the sidecar was replaced but `path` was not: put the old one back
+            try:
+                if previous is None or not os.path.exists(path):
+                    _remove_quietly(side)
+                else:
+                    atomic_write(side, lambda tmp: _write_bytes(tmp, previous), overwrite=True)
+            except Exception:  # best effort: the write's own error is the one to report
+                pass
+        raise
+    return digest[0]

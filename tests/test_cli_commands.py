@@ -269,7 +269,8 @@ def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy
     res = _run("train", "--config", cfg, f"out_dir={one}", "grad_accum=2", "steps=5", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpts = sorted(os.listdir(os.path.join(two, "checkpoints")))
-    assert ckpts == ["step_00000002.ckpt", "step_00000003.ckpt", "step_00000004.ckpt", "step_00000005.ckpt"]
+    names = ["step_00000002.ckpt", "step_00000003.ckpt", "step_00000004.ckpt", "step_00000005.ckpt"]
+    assert ckpts == sorted(names + [n + ".sha256" for n in names])  # each with its checksum sidecar
     for ema in (True, False):
         a = _weights(os.path.join(one, "checkpoints", "step_00000005.ckpt"), ema=ema)
         b = _weights(os.path.join(two, "checkpoints", "step_00000005.ckpt"), ema=ema)

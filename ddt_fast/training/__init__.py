@@ -10,6 +10,7 @@ from ddt_fast.training.checkpointing import (
     list_checkpoints,
     load_training_checkpoint,
     save_lightning,
+    verify_checksum,
 )
 from ddt_fast.training.config import TrainConfig
 from ddt_fast.training.data import (
@@ -32,12 +33,12 @@ from ddt_fast.training.repa import (
     load_feature_encoder,
     resize_features,
 )
-from ddt_fast.training.trainer import NonFiniteLossError, Trainer, train
+from ddt_fast.training.trainer import MetricsLogError, NonFiniteLossError, Trainer, train
 
 __all__ = [
-    "TrainConfig", "Trainer", "train", "NonFiniteLossError", "EMA", "DiffusionTrainer", "TrainModule",
-    "StepDraws", "interpolate", "sample_time", "Projector", "RepaHook", "cosine_alignment_loss",
+    "TrainConfig", "Trainer", "train", "NonFiniteLossError", "MetricsLogError", "EMA", "DiffusionTrainer",
+    "TrainModule", "StepDraws", "interpolate", "sample_time", "Projector", "RepaHook", "cosine_alignment_loss",
     "resize_features", "load_feature_encoder", "DINOv2Features", "DigitsDataset", "LatentDataset",
     "ImageFolderDataset", "SampleOrder", "open_dataset", "DatasetError", "extract_latents", "export_lightning",
-    "save_lightning", "list_checkpoints", "load_training_checkpoint", "init_distributed",
+    "save_lightning", "list_checkpoints", "load_training_checkpoint", "verify_checksum", "init_distributed",
 ]

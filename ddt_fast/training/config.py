@@ -62,8 +62,13 @@ class TrainConfig:
     Run
       steps: optimizer steps to train for (total, counting resumed ones).
       out_dir: where checkpoints, config.json and metrics.jsonl go.
-      resume: continue from the newest checkpoint in out_dir. Without it a
+      resume: continue from the newest checkpoint in out_dir that verifies
+        (newer, damaged ones are moved aside with a warning). Without it a
         run refuses an out_dir that already holds checkpoints.
+      allow_changed_inputs: resume even when the dataset's content, the
+        init_from weights or the REPA feature encoder's weights differ from
+        the ones the run started with (a warning names them); by default
+        such a resume is refused (see `Trainer`'s "What a run records").
       ckpt_every, keep_last: checkpoint interval (steps) and how many to keep
         (0 keeps all); a checkpoint is always written at the last step.
       export_lightning: also write `lightning/last.ckpt` in the published
@@ -110,6 +115,7 @@ class TrainConfig:
     steps: int = 1000
     out_dir: str = "runs/ddt"
     resume: bool = False
+    allow_changed_inputs: bool = False
     ckpt_every: int = 1000
     keep_last: int = 3
     export_lightning: bool = False
@@ -120,8 +126,12 @@ class TrainConfig:
     device: Optional[str] = None
 
     # settings that must not change when a run is resumed (the rest may:
-    # more steps, another logging interval, ...)
-    RESUME_FIXED = ("model", "model_args", "data", "time_sampling", "label_dropout", "repa", "align_layer",
+    # more steps, another logging interval, ...). What the settings name is
+    # checked by content, not here: the dataset (a digest of its index, so a
+    # moved folder may be given another `data` path; the path itself is
+    # compared only for checkpoints that record no digest), the init_from and
+    # feature encoder weights (see `Trainer`).
+    RESUME_FIXED = ("model", "model_args", "time_sampling", "label_dropout", "repa", "align_layer",
                     "repa_feature_dim", "global_batch", "seed", "strategy", "latent_sampling")
 
     def __post_init__(self):

@@ -7,19 +7,31 @@ posterior's standard deviation, for `latent_sampling="sample"`) and `image`
 (float32 `[3, H, W]` in [-1, 1], what a REPA feature encoder reads).
 
 Latent datasets are folders written by `ddt_fast.training.extract_latents`:
-`index.json` (classes, source files, shard list, extraction settings) and
+`index.json` (classes, source files, shard list with each shard's rows,
+size in bytes and sha256, extraction settings) and
 `shards/shard_XXXXXX.safetensors`, each holding `latents` (and optionally
 `std`) `[N, C, h, w]`, `labels`, `source` (index into the file list) and
 `flip` (1 where the image was mirrored before encoding).
+
+Integrity: `LatentDataset` checks every shard's presence, header and size
+when it opens (a stat and a header read each) and its sha256 when it first
+reads the shard's data (once per shard and process; the tensors then come
+from a memory map, as before), so a damaged shard raises DatasetError naming
+it before any item of it is used; `verify="open"` hashes every shard up
+front instead. The fix is re-running `extract_latents` with the same
+arguments on the same folder: it re-encodes the shards that fail their check.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ddt_fast._io import sha256_file
 
 Tensor = torch.Tensor
 INDEX_NAME = "index.json"
@@ -28,6 +40,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 
 class DatasetError(RuntimeError):
     """A dataset is missing, empty or corrupt (the message names the file)."""
+
+
+def _fix(root: str) -> str:
+    return (f"re-run extract_latents with the same arguments and out_dir={root!r}: it re-encodes the shards that "
+            "fail their check")
 
 
 # ---------------------------------------------------------------------------
@@ -60,6 +77,14 @@ class DigitsDataset(torch.utils.data.Dataset):
     @property
     def sample_shape(self):
         return tuple(self.x.shape[1:])
+
+    def digest(self) -> str:
+        """SHA-256 of the images and labels (what a run records of its data)."""
+        h = hashlib.sha256(b"digits\n")
+        for t in (self.x, self.y):
+            h.update(f"{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -111,6 +136,19 @@ def scan_image_folder(root: str) -> tuple:
         raise DatasetError(f"no images under {root}: expected root/<class name>/<image files> with one of "
                            f"{', '.join(IMAGE_EXTENSIONS)}")
     return classes, files, labels
+
+
+def files_digest(root: str, files: Sequence[str]) -> str:
+    """SHA-256 of a file list: each relative path and its size in bytes, in
+    order (a stat per file; contents are not read)."""
+    h = hashlib.sha256()
+    for name in files:
+        try:
+            size = os.path.getsize(os.path.join(root, name))
+        except OSError as e:
+            raise DatasetError(f"could not read image {os.path.join(root, name)}: {e}") from e
+        h.update(f"{name}\0{size}\n".encode())
+    return h.hexdigest()
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -166,46 +204,71 @@ def read_index(root: str) -> dict:
     return index
 
 
-def check_shard(path: str, expected: Optional[int] = None) -> int:
-    """Rows in a latent shard, or DatasetError naming the file and the problem."""
+def check_shard(path: str, expected: Optional[int] = None, size: Optional[int] = None,
+                root: Optional[str] = None) -> int:
+    """Rows in a latent shard, or DatasetError naming the file and the
+    problem: missing, empty, not a readable safetensors file, lacking
+    tensors, of another `size` in bytes or other row count than `expected`.
+    Reads the header only (the data is checked by its sha256, see
+    `LatentDataset`). `root`: the dataset folder, for the fix in messages."""
     from safetensors import SafetensorError, safe_open
 
+    fix = _fix(root if root is not None else os.path.dirname(os.path.dirname(path)))
     if not os.path.exists(path):
-        raise DatasetError(f"latent shard missing: {path} (re-run extract_latents to write it)")
-    if os.path.getsize(path) == 0:
-        raise DatasetError(f"latent shard is empty: {path} (delete it and re-run extract_latents)")
+        raise DatasetError(f"latent shard missing: {path} ({fix})")
+    actual = os.path.getsize(path)
+    if actual == 0:
+        raise DatasetError(f"latent shard is empty: {path} ({fix})")
+    if size is not None and actual != size:
+        raise DatasetError(f"latent shard is corrupt: {path} ({actual} bytes, the index says {size}: truncated or "
+                           f"damaged after extraction); {fix}")
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
             need = {"latents", "labels", "source", "flip"}
             if not need <= keys:
-                raise DatasetError(f"latent shard {path} lacks {sorted(need - keys)}")
+                raise DatasetError(f"latent shard {path} lacks {sorted(need - keys)} ({fix})")
             n = f.get_slice("latents").get_shape()[0]
             if any(f.get_slice(k).get_shape()[0] != n for k in need | ({"std"} & keys)):
-                raise DatasetError(f"latent shard {path}: its tensors hold different numbers of rows")
+                raise DatasetError(f"latent shard {path}: its tensors hold different numbers of rows ({fix})")
     except (SafetensorError, OSError, ValueError) as e:
-        raise DatasetError(f"latent shard is corrupt: {path} ({e}); delete it and re-run extract_latents") from e
+        raise DatasetError(f"latent shard is corrupt: {path} ({e}); {fix}") from e
     if n == 0:
-        raise DatasetError(f"latent shard holds no rows: {path} (delete it and re-run extract_latents)")
+        raise DatasetError(f"latent shard holds no rows: {path} ({fix})")
     if expected is not None and n != expected:
-        raise DatasetError(f"latent shard {path} holds {n} rows, the index says {expected}; delete it and "
-                           "re-run extract_latents")
+        raise DatasetError(f"latent shard {path} holds {n} rows, the index says {expected}; {fix}")
     return n
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Latents from an `extract_latents` folder; every shard is checked when
-    the dataset is opened (before any training starts). With `image_folder`
-    (the tree the latents came from), each item also carries its source
-    image, center-cropped and mirrored like the latent, for REPA."""
+    """Latents from an `extract_latents` folder. Every shard's presence,
+    header, row count and size are checked when the dataset is opened (before
+    any training starts); its sha256 when its data is first read in this
+    process (`verify="read"`, the default: one sequential read of the shard,
+    about 15 ms per 16 MB shard, once per shard and process), or for every
+    shard right away (`verify="open"`: one extra read of the whole dataset).
+    A shard that fails raises DatasetError naming it and the fix. Indexes
+    written before checksums were recorded are checked for presence, header
+    and rows only. With `image_folder` (the tree the latents came from),
+    each item also carries its source image, center-cropped and mirrored like
+    the latent, for REPA."""
 
-    def __init__(self, root: str, image_folder: Optional[str] = None, in_memory: bool = True):
+    def __init__(self, root: str, image_folder: Optional[str] = None, in_memory: bool = True,
+                 verify: str = "read"):
+        if verify not in ("read", "open"):
+            raise ValueError(f"verify must be 'read' or 'open', got {verify!r}")
         self.root = root
         self.index = read_index(root)
-        self.shards = [os.path.join(root, s["file"]) for s in self.index["shards"]]
+        entries = self.index["shards"]
+        self.shards = [os.path.join(root, s["file"]) for s in entries]
         if not self.shards:
             raise DatasetError(f"{os.path.join(root, INDEX_NAME)} lists no shards: the dataset is empty")
-        counts = [check_shard(p, s.get("num")) for p, s in zip(self.shards, self.index["shards"])]
+        counts = [check_shard(p, s.get("num"), s.get("bytes"), root) for p, s in zip(self.shards, entries)]
+        self._sha256 = [s.get("sha256") for s in entries]
+        self._verified: set = set()
+        if verify == "open":
+            for k in range(len(self.shards)):
+                self._verify(k)
         self.offsets = np.cumsum([0] + counts)
         self.num_classes = len(self.index.get("classes", [])) or None
         self._data: Dict[int, Dict[str, Tensor]] = {}
@@ -234,11 +297,43 @@ class LatentDataset(torch.utils.data.Dataset):
     def has_std(self) -> bool:
         return "std" in self._shard(0)
 
+    def digest(self) -> str:
+        """SHA-256 of index.json without the per-shard checksums and sizes:
+        the extraction settings (VAE weights digest, input files digest),
+        classes, files and shard layout. What a training run records of its
+        data: equal for a re-extraction that repaired shards, different for
+        other images, another VAE or other settings."""
+        index = dict(self.index, shards=[{k: v for k, v in s.items() if k not in ("sha256", "bytes")}
+                                         for s in self.index["shards"]])
+        return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+
+    def _verify(self, k: int) -> None:
+        """Check shard `k` against the sha256 the index records (once per process)."""
+        expected = self._sha256[k]
+        if expected is None or k in self._verified:
+            return
+        try:
+            actual = sha256_file(self.shards[k])
+        except OSError as e:
+            raise DatasetError(f"could not read latent shard {self.shards[k]}: {e}") from e
+        if actual != expected:
+            raise DatasetError(f"latent shard {self.shards[k]} fails its checksum (sha256 {actual[:16]}..., "
+                               f"{INDEX_NAME} says {expected[:16]}...): it was damaged after extraction; "
+                               f"{_fix(self.root)}")
+        self._verified.add(k)
+
     def _shard(self, k: int) -> Dict[str, Tensor]:
         if k not in self._data:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            data = load_file(self.shards[k])
+            # one sequential read to hash, then the memory map the tensors use (pages
+            # shared with the page cache and with every other process reading the shard)
+            self._verify(k)
+            try:
+                data = load_file(self.shards[k])
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DatasetError(f"latent shard is corrupt: {self.shards[k]} ({e}); {_fix(self.root)}") from e
             if not self.in_memory:
                 self._data.clear()
             self._data[k] = data

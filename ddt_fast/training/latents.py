@@ -9,9 +9,18 @@ each image is also encoded mirrored (two items per image). Latents are the
 posterior mean times the VAE's scaling factor (0.18215 for SD-VAE), with the
 posterior std beside them (`store_std`), so training can use the mean or
 draw a sample. Shard k holds items `[k * shard_size, (k + 1) * shard_size)`,
-written crash-safe; running the same call again skips the shards already
-written. Under torchrun (an initialised process group) rank r writes shards
-r, r + W, ...; rank 0 writes `index.json` last, once every shard exists.
+written crash-safe, with a `sha256sum` sidecar (`shard_XXXXXX.safetensors.sha256`)
+written before the shard is renamed into place. Running the same call again
+skips the shards whose checksum verifies and re-encodes the others (missing,
+damaged, or without a sidecar), so it both resumes a killed extraction and
+repairs a damaged dataset. Under torchrun (an initialised process group)
+rank r writes shards r, r + W, ...; rank 0 writes `index.json` last, once
+every shard exists, recording each shard's rows, size and sha256.
+
+`extract.json` records the settings, the VAE's `weights_digest` and dtype,
+and a digest of the input files (relative paths and sizes): a later call on
+the same out_dir with another VAE, changed images or other settings is
+refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -23,9 +32,17 @@ from typing import Optional, Union
 import torch
 
 from ddt_fast._distributed import barrier_fn, rank_world
-from ddt_fast._io import atomic_write, atomic_write_text
+from ddt_fast._io import atomic_write_checked, atomic_write_text, read_checksum, remove_stale_temps, sha256_file
 from ddt_fast._progress import progress_bar
-from ddt_fast.training.data import INDEX_NAME, DatasetError, ImageFolderDataset, check_shard, scan_image_folder
+from ddt_fast.models import weights_digest
+from ddt_fast.training.data import (
+    INDEX_NAME,
+    DatasetError,
+    ImageFolderDataset,
+    check_shard,
+    files_digest,
+    scan_image_folder,
+)
 
 logger = logging.getLogger("ddt_fast")
 SETTINGS_NAME = "extract.json"
@@ -36,11 +53,22 @@ def _shard_file(k: int) -> str:
     return os.path.join("shards", f"shard_{k:06d}.safetensors")
 
 
+# what the recorded settings mean, for the refusal message
+_SETTING_NAMES = {"vae_digest": "the VAE's weights (weights_digest)", "vae_dtype": "the VAE's dtype",
+                  "files_digest": "the input images (relative paths and sizes)",
+                  "num_files": "the number of input images"}
+
+
 def _shard_done(path: str, n: int) -> bool:
+    """Whether shard `path` is complete: its sidecar exists and its sha256
+    matches (reads the shard once), and it holds `n` rows."""
     try:
+        expected = read_checksum(path)
+        if expected is None:  # no sidecar: never finished by this code, or from before checksums
+            return False
         check_shard(path, n)
-        return True
-    except DatasetError:
+        return sha256_file(path) == expected
+    except (DatasetError, ValueError, OSError):
         return False
 
 
@@ -66,6 +94,7 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
         from ddt_fast.sampling.outputs import load_vae
 
         vae = load_vae(vae, dtype=vae_dtype)
+    vae_digest = weights_digest(vae)
     dev = torch.device(device) if device is not None else (
         torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu"))
     vae = vae.to(dev).eval()
@@ -73,7 +102,9 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
     if scaling_factor is None:
         scaling_factor = float(getattr(getattr(vae, "config", None), "scaling_factor", 0.18215))
     settings = {"resolution": resolution, "flip": bool(flip), "vae": vae_name, "scaling_factor": scaling_factor,
-                "shard_size": shard_size, "dtype": dtype, "store_std": bool(store_std), "num_files": len(files)}
+                "shard_size": shard_size, "dtype": dtype, "store_std": bool(store_std), "num_files": len(files),
+                "vae_digest": vae_digest, "vae_dtype": str(param.dtype).replace("torch.", ""),
+                "files_digest": files_digest(image_folder, files)}
     _check_settings(out_dir, settings, rank, barrier)
 
     items = [(i, f) for i in range(len(files)) for f in ((False, True) if flip else (False,))]
@@ -102,8 +133,8 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
             tensors["std"] = torch.cat(stds).contiguous()
         from safetensors.torch import save_file
 
-        atomic_write(os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp),
-                     overwrite=True)  # absent or failed its check
+        atomic_write_checked(os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp),
+                             overwrite=True)  # absent or failed its check
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -111,11 +142,17 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
     barrier()
     index_path = os.path.join(out_dir, INDEX_NAME)
     if rank == 0:
+        shards = []
         for k in range(num_shards):  # every rank's shards, before the index says the dataset is complete
-            check_shard(os.path.join(out_dir, _shard_file(k)), counts[k])
+            path = os.path.join(out_dir, _shard_file(k))
+            check_shard(path, counts[k], root=out_dir)
+            digest = read_checksum(path)  # verified (skipped) or hashed as written by the rank that owns it
+            if digest is None:
+                raise DatasetError(f"latent shard {path} has no checksum sidecar; re-run extract_latents")
+            shards.append({"file": _shard_file(k), "num": counts[k], "bytes": os.path.getsize(path),
+                           "sha256": digest})
         index = dict(settings, format="ddt_fast.latents/1", classes=classes, files=files, labels=labels,
-                     num_items=len(items), shards=[{"file": _shard_file(k), "num": counts[k]}
-                                                   for k in range(num_shards)])
+                     num_items=len(items), shards=shards)
         atomic_write_text(index_path, json.dumps(index) + "\n", overwrite=True)
     barrier()
     return index_path
@@ -126,14 +163,26 @@ def _check_settings(out_dir: str, settings: dict, rank: int, barrier) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        unrecorded = sorted(k for k in settings if k not in old and k in _SETTING_NAMES)
+        if unrecorded:  # an extraction started before these were recorded
+            logger.warning("%s records no %s (written by an earlier version): not compared", path,
+                           ", ".join(unrecorded))
+        diff = {k: (old.get(k), v) for k, v in settings.items() if k not in unrecorded and old.get(k) != v}
         if diff:
-            raise ValueError(f"{out_dir} holds latents extracted with other settings (earlier, now): {diff}; "
-                             "use another out_dir, or delete it to start over")
+            what = "; ".join(f"{k}" + (f" ({_SETTING_NAMES[k]})" if k in _SETTING_NAMES else "")
+                             + f": {old.get(k)!r} then, {v!r} now" for k, v in diff.items())
+            raise ValueError(f"{out_dir} holds latents extracted with other settings (earlier, now): {what}. "
+                             "Mixing them would give a dataset of two kinds: use another out_dir, restore the "
+                             "earlier settings (VAE, images), or delete the folder to start over")
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a latent extraction folder; nothing is overwritten "
                               "without asking: choose an empty or new out_dir")
     barrier()
-    if rank == 0 and not os.path.exists(path):
-        atomic_write_text(path, json.dumps(settings, indent=1) + "\n", overwrite=False)
+    if rank == 0:  # before any shard is written
+        removed = remove_stale_temps(os.path.join(out_dir, "shards"))
+        removed += remove_stale_temps(out_dir, [INDEX_NAME, SETTINGS_NAME])
+        if removed:
+            logger.warning("removed %d file(s) that killed writes left: %s", len(removed), ", ".join(removed))
+        if not os.path.exists(path):
+            atomic_write_text(path, json.dumps(settings, indent=1) + "\n", overwrite=False)
     barrier()

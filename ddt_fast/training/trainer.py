@@ -5,6 +5,26 @@ dropout) from the step's generator, this process's micro-batches forward and
 backward (gradients synchronised on the last), optional clipping, AdamW,
 EMA. Rank 0 logs and writes checkpoints; every process reads the same
 checkpoint to resume. See `TrainConfig` for the settings.
+
+Integrity. At start, rank 0 deletes what killed writes left in out_dir
+(temporary files, checksum sidecars without their checkpoint) before writing
+anything. Resuming takes the newest checkpoint that verifies against its
+checksum (see `checkpointing`): damaged newer ones are moved aside with a
+warning naming both files, and when none is good the run stops with a
+CheckpointError. A torn last line of metrics.jsonl (a killed write) is
+dropped with a warning; a damaged line before it stops the resume with the
+file, line number and fix.
+
+What a run records. Beyond its `TrainConfig`, the content of a run is
+determined by its inputs: the dataset (`digest` of the dataset: for a latent
+folder, a hash of its index.json without the per-shard checksums, i.e. the
+extraction settings, VAE weights digest and source file list; for the digits,
+a hash of the arrays), the `init_from` weights (`weights_digest` of the model
+right after loading them) and the REPA feature encoder's weights. They are
+written to `inputs.json` and into every checkpoint (`inputs`); resuming with
+any of them changed is refused, naming what differs, unless
+`allow_changed_inputs=True`. A custom dataset without a `digest` attribute is
+recorded as None and not compared.
 """
 from __future__ import annotations
 
@@ -19,9 +39,9 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ddt_fast._io import atomic_write_text
+from ddt_fast._io import atomic_write_text, remove_stale_temps
 from ddt_fast._progress import progress_bar
-from ddt_fast.models import CheckpointError, create, load_checkpoint
+from ddt_fast.models import CheckpointError, create, load_checkpoint, weights_digest
 from ddt_fast.models.ddt import DDT
 from ddt_fast.training import checkpointing as ckpt
 from ddt_fast.training import distributed as dist
@@ -34,10 +54,19 @@ from ddt_fast.training.repa import check_align_layer, load_feature_encoder
 logger = logging.getLogger("ddt_fast")
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
+INPUTS_NAME = "inputs.json"
+LIGHTNING_PATH = os.path.join("lightning", "last.ckpt")
+# what each recorded input is, for messages
+_INPUT_NAMES = {"dataset": "the dataset's content", "init_from": "the init_from weights",
+                "feature_encoder": "the REPA feature encoder's weights"}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before updating the weights."""
+
+
+class MetricsLogError(ValueError):
+    """metrics.jsonl is damaged (beyond a torn last line); the message names the line and the fix."""
 
 
 class Trainer:
@@ -78,6 +107,12 @@ class Trainer:
             model = create(cfg.model, **cfg.model_args)
         if cfg.init_from:
             load_checkpoint(cfg.init_from, ema=cfg.init_ema, model=model)
+        digest = getattr(self.dataset, "digest", None)
+        self.inputs: Dict[str, Optional[str]] = {
+            "dataset": digest() if callable(digest) else digest,
+            "init_from": weights_digest(model) if cfg.init_from else None,
+            "feature_encoder": None,
+        }
         self._check_model_fits_data(model, first)
         proj_dim = None
         if cfg.repa:
@@ -93,6 +128,7 @@ class Trainer:
                                  f"{cfg.repa_feature_dim}; set repa_feature_dim={dim}")
             proj_dim = cfg.repa_feature_dim
             self.feature_encoder = feature_encoder.to(self.device).eval().requires_grad_(False)
+            self.inputs["feature_encoder"] = weights_digest(self.feature_encoder)
         else:
             self.feature_encoder = None
         self.module = TrainModule(model, DiffusionTrainer(model.hidden_size, proj_dim, cfg.repa_weight),
@@ -118,6 +154,14 @@ class Trainer:
         metrics = os.path.join(cfg.out_dir, METRICS_NAME)
         if not found and os.path.exists(metrics) and not cfg.resume:
             raise FileExistsError(f"{metrics} exists from an earlier run; choose another out_dir or delete it")
+        if self.rank == 0:  # before this run writes anything; only rank 0 ever writes here
+            removed = ckpt.clean_checkpoint_dir(cfg.out_dir)
+            removed += remove_stale_temps(os.path.dirname(os.path.join(cfg.out_dir, LIGHTNING_PATH)),
+                                          [os.path.basename(LIGHTNING_PATH), os.path.basename(LIGHTNING_PATH)
+                                           + ".sha256"])
+            removed += remove_stale_temps(cfg.out_dir, [CONFIG_NAME, METRICS_NAME, INPUTS_NAME])
+            if removed:
+                logger.warning("removed %d file(s) that killed writes left: %s", len(removed), ", ".join(removed))
 
     def _check_model_fits_data(self, model: DDT, item: Dict[str, torch.Tensor]) -> None:
         c, h, w = self.sample_shape
@@ -135,18 +179,40 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg = self.config
-        found = ckpt.list_checkpoints(cfg.out_dir)
-        if not (cfg.resume and found):
+        metrics_path = os.path.join(cfg.out_dir, METRICS_NAME)
+        if not (cfg.resume and ckpt.list_checkpoints(cfg.out_dir)):
+            if cfg.resume and self.rank == 0 and os.path.exists(metrics_path):
+                atomic_write_text(metrics_path, "", overwrite=True)  # killed before its first checkpoint: start over
             self._write_config()
             return
-        step, path = found[-1]
-        state = ckpt.load_training_checkpoint(path)
+        # rank 0 picks the checkpoint (verifying it, moving damaged newer ones
+        # aside) and reads the metrics log, then tells the others (which read
+        # the same checkpoint), so that every process fails alike
+        path = state = error = metrics = None
+        if self.rank == 0:
+            try:
+                path, state = ckpt.find_resumable(cfg.out_dir)
+                if state is not None:
+                    metrics = _metrics_up_to(metrics_path, int(state["step"]))
+            except (CheckpointError, MetricsLogError) as e:
+                error = (type(e).__name__, str(e))
+        path, error = dist.broadcast_object((path, error))
+        if error is not None:
+            raise (MetricsLogError if error[0] == MetricsLogError.__name__ else CheckpointError)(error[1])
+        if path is None:  # every checkpoint vanished meanwhile
+            raise CheckpointError(f"no checkpoint left in {cfg.out_dir} to resume from")
+        if state is None:
+            state = ckpt.load_training_checkpoint(path, verify=False)  # rank 0 verified these bytes
         stored = state["config"]
         changed = {k: (stored.get(k), v) for k, v in cfg.to_dict().items()
                    if k in TrainConfig.RESUME_FIXED and _norm(stored.get(k)) != _norm(v)}
+        recorded = state.get("inputs") or {}
+        if not (recorded.get("dataset") and self.inputs["dataset"]) and stored.get("data") != cfg.data:
+            changed["data"] = (stored.get("data"), cfg.data)  # no content digest on one side: the path decides
         if changed:
             raise CheckpointError(f"cannot resume {path}: these settings differ from the run that wrote it "
                                   f"(checkpoint, now): {changed}; restore them or start a new out_dir")
+        self._check_inputs(path, recorded)
         if state["data"]["position"] != state["step"] * cfg.global_batch:
             raise CheckpointError(f"{path}: data position {state['data']['position']} does not match step "
                                   f"{state['step']} x global batch {cfg.global_batch}")
@@ -165,13 +231,41 @@ class Trainer:
         self.step = int(state["step"])
         self._write_config()
         if self.rank == 0:
-            _truncate_metrics(os.path.join(cfg.out_dir, METRICS_NAME), self.step)
+            if metrics is not None:  # the lines logged after the checkpoint are about to be redone
+                atomic_write_text(metrics_path, metrics, overwrite=True)
             logger.info("resumed from %s (step %d)", path, self.step)
+
+    def _check_inputs(self, path: str, recorded: Dict[str, Optional[str]]) -> None:
+        """Refuse (or, with allow_changed_inputs, warn about) inputs that differ from the checkpoint's."""
+        if not recorded:
+            logger.warning("checkpoint %s records no inputs (written before they were recorded): the dataset and "
+                           "init_from weights of this resume are not compared with the run's", path)
+            return
+        differ = []
+        for key, now in self.inputs.items():
+            then = recorded.get(key)
+            if then is not None and now is not None and then != now:
+                differ.append(f"{_INPUT_NAMES[key]} (sha256 {then[:16]}... in the checkpoint, {now[:16]}... now)")
+            elif (then is None) != (now is None):
+                logger.warning("%s: %s is recorded %s, so it is not compared", path, _INPUT_NAMES[key],
+                               "only in the checkpoint" if now is None else "only now")
+        if not differ:
+            return
+        what = "; ".join(differ)
+        if self.config.allow_changed_inputs:
+            logger.warning("resuming %s with changed inputs (allow_changed_inputs=True): %s", path, what)
+            return
+        raise CheckpointError(
+            f"cannot resume {path}: {what}. The run would continue on other inputs than it started with. "
+            "Restore them (data, init_from, init_ema, the feature encoder), pass allow_changed_inputs=True to "
+            "continue on the new ones deliberately, or start a new out_dir.")
 
     def _write_config(self) -> None:
         if self.rank == 0:
             atomic_write_text(os.path.join(self.config.out_dir, CONFIG_NAME), self.config.to_json() + "\n",
                               overwrite=True)
+            atomic_write_text(os.path.join(self.config.out_dir, INPUTS_NAME),
+                              json.dumps(self.inputs, indent=1, sort_keys=True) + "\n", overwrite=True)
 
     def state(self) -> Dict[str, Any]:
         """The checkpoint payload (complete on rank 0; every process must call it)."""
@@ -186,6 +280,7 @@ class Trainer:
             "rng": dist.gather_objects(ckpt.rng_state()),
             "data": {"position": self.step * self.config.global_batch},
             "config": self.config.to_dict(),
+            "inputs": dict(self.inputs),
             "hyper_parameters": {"model_config": self.module.denoiser.config},
             "world_size": self.world,
         }
@@ -199,8 +294,8 @@ class Trainer:
             path = ckpt.save_checkpoint(ckpt.checkpoint_path(cfg.out_dir, self.step), payload)
             ckpt.prune(cfg.out_dir, cfg.keep_last)
             if cfg.export_lightning:
-                ckpt.export_lightning(payload | {"format": ckpt.FORMAT},
-                                      os.path.join(cfg.out_dir, "lightning", "last.ckpt"), overwrite=True)
+                ckpt.export_lightning(payload | {"format": ckpt.FORMAT}, os.path.join(cfg.out_dir, LIGHTNING_PATH),
+                                      overwrite=True, checksum=True)
         dist.barrier_fn()()
         return path
 
@@ -259,11 +354,10 @@ class Trainer:
         metrics = dict(zip(names, values))
         if not math.isfinite(metrics["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
-            last = ckpt.list_checkpoints(cfg.out_dir)
             raise NonFiniteLossError(
                 f"the loss is {metrics['loss']} at step {self.step}; the run stopped before updating the "
-                f"weights. Last good checkpoint: {last[-1][1] if last else 'none yet'}. Resume from it with a "
-                "lower lr, grad_clip set (e.g. 1.0), or precision='fp32', and check the data for NaN/inf.")
+                f"weights. {self._last_good()} Resume from it (resume=True) with a lower lr, grad_clip set "
+                "(e.g. 1.0), or precision='fp32', and check the data for NaN/inf.")
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
             metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -276,6 +370,16 @@ class Trainer:
         self.step += 1
         metrics["lr"] = lr
         return metrics
+
+    def _last_good(self) -> str:
+        """A sentence naming the newest checkpoint that verifies (rank 0 reads the files)."""
+        if self.rank != 0:
+            return "Rank 0's error names the newest checkpoint that verifies."
+        path, failures = ckpt.newest_verified(self.config.out_dir)
+        text = f"Newest checkpoint that verifies: {path or 'none yet'}."
+        if failures:
+            text += " Newer ones fail their check and are skipped when resuming: " + "; ".join(failures) + "."
+        return text
 
     def fit(self) -> Dict[str, Any]:
         """Train until `config.steps`; returns the final step, last metrics and checkpoint path."""
@@ -320,13 +424,33 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines logged after `step` (they are about to be redone)."""
+def _metrics_up_to(path: str, step: int) -> Optional[str]:
+    """The lines of the metrics log `path` up to `step` (None when there is
+    no log). A last line that does not parse is what a killed write leaves:
+    it is dropped with a warning; one before it is damage: MetricsLogError
+    naming the file, the line and the fix."""
     if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(lines), overwrite=True)
+        return None
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    numbered = [(n, ln) for n, ln in enumerate(raw, 1) if ln.strip()]
+    kept = []
+    for i, (n, ln) in enumerate(numbered):
+        try:
+            entry = json.loads(ln)
+            if not isinstance(entry, dict):
+                raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == len(numbered) - 1:
+                logger.warning("%s: line %d is cut short (a write was killed); dropping it", path, n)
+                break
+            raise MetricsLogError(
+                f"{path}, line {n}: not a metrics line ({e}). Only the last line can be torn by a killed "
+                f"write, so this file was damaged otherwise: delete line {n} (or every line from it on; "
+                "those metrics are lost), then resume again") from None
+        if entry.get("step", 0) <= step:
+            kept.append(ln.decode() + "\n")
+    return "".join(kept)
 
 
 class _Logger:
