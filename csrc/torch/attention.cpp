@@ -15,6 +15,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #if defined(DDT_FAST_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,6 +24,7 @@
 
 #include "ddt/attention.h"
 #include "ddt/qk_norm_rope.h"
+#include "checks.h"
 #include "dtype.h"
 
 namespace {
@@ -55,16 +58,16 @@ void check_bhld(const at::Tensor& t, const char* name, const at::Tensor& like) {
               t.device(), " (use torch.nn.functional.scaled_dot_product_attention on the CPU)");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "ddt_fast: attention inputs differ in dtype (", name, " is ",
               t.scalar_type(), ", q is ", like.scalar_type(), ")");
-  TORCH_CHECK(t.device() == like.device(), "ddt_fast: attention inputs are on different devices");
+  ddt_fast::check_device(t, name, like, "q");
   TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) && t.size(3) == like.size(3), "ddt_fast: ",
               name, " has shape ", t.sizes(), ", incompatible with q ", like.sizes());
 }
 
-void check_head_dim_and_dtype(int64_t D, const at::Tensor& t) {
+void check_head_dim_and_dtype(int64_t D, const at::Tensor& t, const char* name) {
   TORCH_CHECK(ddt::attention_head_dim_supported(D), "ddt_fast: the flash-attention kernel supports head dims 64, 72 "
               "and 128, got ", D, "; use DDT_FAST_ATTENTION=sdpa (ddt_fast.ops.attention falls back by itself)");
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              "ddt_fast: the flash-attention kernel takes bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "ddt_fast: ", name,
+              " has dtype ", t.scalar_type(), "; the flash-attention kernel takes bfloat16 or float16");
 }
 
 void run(int err, const char* what) {
@@ -79,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_in, const
   TORCH_CHECK(k_in.size(2) == v_in.size(2), "ddt_fast: k and v differ in length: ", k_in.sizes(), " vs ",
               v_in.sizes());
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), D = q_in.size(3);
-  check_head_dim_and_dtype(D, q_in);
+  check_head_dim_and_dtype(D, q_in, "q");
+  ddt_fast::check_scale(scale);
   TORCH_CHECK(Lk > 0 || Lq == 0, "ddt_fast: attention over zero keys is undefined");
   const at::Tensor q = addressable(q_in), k = addressable(k_in), v = addressable(v_in);
   at::Tensor out = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
@@ -105,12 +109,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   check_bhld(out_in, "out", q_in);
   check_bhld(grad_out_in, "grad_out", q_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), D = q_in.size(3);
-  check_head_dim_and_dtype(D, q_in);
-  TORCH_CHECK(out_in.sizes() == q_in.sizes() && grad_out_in.sizes() == q_in.sizes() && v_in.sizes() == k_in.sizes(),
-              "ddt_fast: flash_attention_backward shapes disagree");
+  check_head_dim_and_dtype(D, q_in, "q");
+  ddt_fast::check_scale(scale);
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "ddt_fast: out must be shaped like q ", q_in.sizes(), ", got ",
+              out_in.sizes());
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "ddt_fast: grad_out must be shaped like q ", q_in.sizes(),
+              ", got ", grad_out_in.sizes());
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "ddt_fast: v must be shaped like k ", k_in.sizes(), ", got ",
+              v_in.sizes());
+  TORCH_CHECK(Lk > 0 || Lq == 0, "ddt_fast: attention over zero keys is undefined");
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == B &&
                   lse_in.size(1) == H && lse_in.size(2) == Lq,
-              "ddt_fast: lse must be float32 [B, H, Lq], got ", lse_in.scalar_type(), " ", lse_in.sizes());
+              "ddt_fast: lse must be float32 [B, H, Lq] = [", B, ", ", H, ", ", Lq, "], got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  ddt_fast::check_device(lse_in, "lse", q_in, "q");
   const at::Tensor q = addressable(q_in), k = addressable(k_in), v = addressable(v_in);
   const at::Tensor out = addressable(out_in), grad_out = addressable(grad_out_in), lse = lse_in.contiguous();
   at::Tensor grad_q = at::empty_like(q_in, at::MemoryFormat::Contiguous);
@@ -142,18 +154,27 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor& qkv_in, const
                                                  const at::Tensor& rope, double eps, double scale, bool k_prepass) {
   TORCH_CHECK(qkv_in.dim() == 3, "ddt_fast: qkv must be [B, L, 3C], got ", qkv_in.sizes());
   TORCH_CHECK(qkv_in.is_cuda(), "ddt_fast: qkv_attention runs on CUDA tensors; qkv is on ", qkv_in.device());
-  TORCH_CHECK(num_heads > 0 && qkv_in.size(2) % (3 * num_heads) == 0, "ddt_fast: qkv's last dim ", qkv_in.size(2),
-              " is not 3 * num_heads (", num_heads, ") * head_dim");
+  ddt_fast::check_num_heads(num_heads, qkv_in.size(2));
   const int64_t B = qkv_in.size(0), L = qkv_in.size(1), H = num_heads, C = qkv_in.size(2) / 3, D = C / H;
-  check_head_dim_and_dtype(D, qkv_in);
-  for (const at::Tensor* w : {&q_weight, &k_weight})
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == D && w->device() == qkv_in.device(),
-                "ddt_fast: q/k norm weights must be [head_dim] = [", D, "] on qkv's device, got ", w->sizes(),
-                " on ", w->device());
+  check_head_dim_and_dtype(D, qkv_in, "qkv");
+  ddt_fast::check_eps(eps);
+  ddt_fast::check_scale(scale);
+  const std::pair<const at::Tensor*, const char*> weights[] = {{&q_weight, "q_weight"}, {&k_weight, "k_weight"}};
+  for (const auto& [w, name] : weights) {
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == D, "ddt_fast: ", name, ": q/k norm weights must be [head_dim] = [", D,
+                "], got ", w->sizes());
+    TORCH_CHECK(w->scalar_type() == qkv_in.scalar_type() || w->scalar_type() == at::kFloat, "ddt_fast: ", name,
+                ": q/k norm weights must have qkv's dtype (", qkv_in.scalar_type(), ") or float32, got ",
+                w->scalar_type());
+    ddt_fast::check_device(*w, name, qkv_in, "qkv");
+  }
+  TORCH_CHECK(q_weight.scalar_type() == k_weight.scalar_type(), "ddt_fast: q_weight and k_weight differ in dtype (",
+              q_weight.scalar_type(), " and ", k_weight.scalar_type(), ")");
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.dim() == 3 && rope.size(0) == L && rope.size(1) == D / 2 &&
-                  rope.size(2) == 2 && rope.device() == qkv_in.device(),
-              "ddt_fast: rope must be float32 [L, D/2, 2] = [", L, ", ", D / 2, ", 2] on qkv's device, got ",
+                  rope.size(2) == 2,
+              "ddt_fast: rope must be float32 [L, D/2, 2] = [", L, ", ", D / 2, ", 2] (cos, sin), got ",
               rope.scalar_type(), " ", rope.sizes());
+  ddt_fast::check_device(rope, "rope", qkv_in, "qkv");
   // contiguous and 16-byte aligned (a fresh copy otherwise)
   const at::Tensor qkv = qkv_in.is_contiguous() && reinterpret_cast<uintptr_t>(qkv_in.data_ptr()) % 16 == 0
                              ? qkv_in

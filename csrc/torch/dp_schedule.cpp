@@ -2,7 +2,7 @@
 //
 //   dp_schedule_solve(Tensor sim, int k_max) -> (Tensor cost, Tensor steps)
 //
-// sim: [B, N, N] float32 or float64 (solved in float64). cost: float64
+// sim: [B, N, N] float32 or float64 (solved in float64), finite. cost: float64
 // [B, k_max], cost[b][k-1] = optimal cost with k encoder runs. steps: int32
 // [B, k_max, k_max], row k-1 = the k recompute steps, then -1.
 // The fake (meta) implementation is registered in ddt_fast/schedule/_ops.py.
@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "ddt/dp_schedule.h"
@@ -23,6 +24,29 @@
 #endif
 
 namespace {
+
+// The DP needs finite similarities (as ddt_fast.schedule.solve): names the
+// first non-finite entry. On CUDA the test costs one device sync.
+void check_finite(const at::Tensor& sim) {
+  bool finite;
+  if (sim.is_cpu()) {
+    const double* v = sim.const_data_ptr<double>();
+    const int64_t n = sim.numel();
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(v[i]);
+    finite = bad == 0;
+  } else {
+    finite = at::isfinite(sim).all().item<bool>();
+  }
+  if (finite) return;
+  const at::Tensor where = at::logical_not(at::isfinite(sim)).nonzero()[0].cpu();
+  const int64_t b = where[0].item<int64_t>(), i = where[1].item<int64_t>(), j = where[2].item<int64_t>();
+  const double value = sim[b][i][j].item<double>();
+  TORCH_CHECK(false, "dp_schedule_solve: sim[", b, "] (problem ", b, ") has a non-finite similarity ", value, " at [",
+              i, ", ", j, "]; the DP needs finite values: recompute that matrix, or repair it (e.g. torch.nan_to_num) "
+              "before solving");
+}
 
 // Checks shared by every device; returns sim as a contiguous float64 tensor.
 at::Tensor checked_input(const at::Tensor& sim, int64_t k_max, c10::DeviceType device) {
@@ -41,7 +65,9 @@ at::Tensor checked_input(const at::Tensor& sim, int64_t k_max, c10::DeviceType d
               "; convert it with sim.double()");
   TORCH_CHECK(sim.device().type() == device, "dp_schedule_solve: expected a ", c10::DeviceTypeName(device),
               " tensor, got one on ", sim.device());
-  return sim.to(at::kDouble).contiguous();
+  at::Tensor sim64 = sim.to(at::kDouble).contiguous();
+  check_finite(sim64);
+  return sim64;
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& sim, int64_t k_max) {

@@ -2,12 +2,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #if defined(DDT_FAST_WITH_CUDA)
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
 #include "ddt/norm_modulate.h"
+#include "checks.h"
 #include "cpu_output.h"
 #include "dtype.h"
 
@@ -25,7 +28,7 @@ ddt::Rows mod_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
               ", 1|", L, ", ", C, "], got ", t.sizes());
   TORCH_CHECK(t.stride(2) == 1, "ddt_fast: ", name,
               " must be contiguous in its last dim (got stride ", t.stride(2), "); call .contiguous()");
-  TORCH_CHECK(t.device() == x.device(), "ddt_fast: ", name, " is on ", t.device(), " but x is on ", x.device());
+  ddt_fast::check_device(t, name, x, "x");
   return {t.data_ptr(), t.stride(0), t.size(1) == 1 ? 0 : t.stride(1)};
 }
 
@@ -53,6 +56,7 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
                         const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& scale,
                         double eps, NormKind kind, bool allocate_outputs = true) {
   Forward f;
+  ddt_fast::check_eps(eps);
   f.x = check_x(x_in);
   auto& p = f.p;
   p.B = f.x.size(0), p.L = f.x.size(1), p.C = f.x.size(2);
@@ -73,11 +77,12 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     return mod_rows(t, name, f.x);
   };
   if (p.residual) {
-    TORCH_CHECK(y_in.has_value(), "ddt_fast: a gated residual needs y");
-    f.y = y_in->contiguous();
-    TORCH_CHECK(f.y.sizes() == f.x.sizes() && f.y.scalar_type() == f.x.scalar_type() && f.y.device() == f.x.device(),
+    TORCH_CHECK(y_in.has_value(), "ddt_fast: a gated residual needs y (the branch output, like x); got None");
+    TORCH_CHECK(y_in->sizes() == f.x.sizes() && y_in->scalar_type() == f.x.scalar_type() &&
+                    y_in->device() == f.x.device(),
                 "ddt_fast: y must match x (", f.x.sizes(), ", ", f.x.scalar_type(), ", ", f.x.device(), "), got ",
-                f.y.sizes(), ", ", f.y.scalar_type(), ", ", f.y.device());
+                y_in->sizes(), ", ", y_in->scalar_type(), ", ", y_in->device());
+    f.y = y_in->contiguous();
     p.y = dense_rows(f.y);
     p.gate = take_mod(*gate, "gate");
     if (allocate_outputs) {
@@ -86,6 +91,9 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     }
   }
   if (kind != NormKind::none) {
+    const char* kind_name = kind == NormKind::rms ? "1 (rms)" : "2 (layer)";
+    TORCH_CHECK(shift.has_value(), "ddt_fast: norm kind ", kind_name, " needs shift ([B, 1|L, C]); got None");
+    TORCH_CHECK(scale.has_value(), "ddt_fast: norm kind ", kind_name, " needs scale ([B, 1|L, C]); got None");
     p.shift = take_mod(*shift, "shift");
     p.scale = take_mod(*scale, "scale");
     if (allocate_outputs) {
@@ -94,16 +102,15 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     }
   }
   if (kind == NormKind::rms) {
+    TORCH_CHECK(weight_in.has_value(), "ddt_fast: norm kind 1 (rms) needs weight ([C] = [", p.C, "]); got None");
+    TORCH_CHECK(weight_in->dim() == 1 && weight_in->size(0) == p.C, "ddt_fast: weight must be [C] = [", p.C,
+                "], got ", weight_in->sizes());
+    ddt_fast::check_device(*weight_in, "weight", f.x, "x");
+    check_same_dtype(*weight_in, f.x.scalar_type(), "weight", "the dtype of x");
     f.weight = weight_in->contiguous();
-    TORCH_CHECK(f.weight.dim() == 1 && f.weight.size(0) == p.C, "ddt_fast: weight must be [C] = [", p.C, "], got ",
-                f.weight.sizes());
-    TORCH_CHECK(f.weight.device() == f.x.device(), "ddt_fast: weight is on ", f.weight.device(), " but x is on ",
-                f.x.device());
-    check_same_dtype(f.weight, f.x.scalar_type(), "weight", "the dtype of x");
     p.w_dtype = ddt_fast::dtype_of(f.weight, "weight");
     p.weight = f.weight.data_ptr();
   }
-  TORCH_CHECK(eps >= 0, "ddt_fast: eps must be >= 0, got ", eps);
   return f;
 }
 
@@ -154,8 +161,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const c10::optional<at::Tensor>& gate, const c10::optional<at::Tensor>& y,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& shift,
     const c10::optional<at::Tensor>& scale, double eps, int64_t kind_in, bool residual) {
-  TORCH_CHECK(kind_in >= 0 && kind_in <= 2, "ddt_fast: norm kind must be 0 (none), 1 (rms) or 2 (layer)");
+  TORCH_CHECK(kind_in >= 0 && kind_in <= 2, "ddt_fast: kind must be 0 (none), 1 (rms) or 2 (layer), got ",
+              kind_in);
   const auto kind = static_cast<NormKind>(kind_in);
+  // Every tensor given, used by this kind or not, on x's device.
+  const std::pair<const c10::optional<at::Tensor>*, const char*> given[] = {
+      {&grad_out_in, "grad_out"}, {&grad_x_out_in, "grad_x_out"}, {&gate, "gate"}, {&y, "y"},
+      {&weight, "weight"},        {&shift, "shift"},              {&scale, "scale"}};
+  for (const auto& [t, name] : given)
+    if (t->has_value()) ddt_fast::check_device(**t, name, x_in, "x");
+  TORCH_CHECK(!residual || gate.has_value(), "ddt_fast: residual=True needs gate ([B, 1|L, C]); got None");
+  TORCH_CHECK(!residual || y.has_value(), "ddt_fast: residual=True needs y (like x); got None");
   // Reuse the forward's checks for shapes/dtypes; its outputs are not computed.
   auto f = prepare_forward(x_in, residual ? gate : c10::nullopt, residual ? y : c10::nullopt,
                            kind == NormKind::rms ? weight : c10::nullopt, shift, scale, eps, kind,
@@ -167,14 +183,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto& x = f.x;
   at::Tensor grad_out, grad_x_out;
   if (kind != NormKind::none) {
-    TORCH_CHECK(grad_out_in.has_value(), "ddt_fast: norm_modulate_backward needs grad_out");
+    TORCH_CHECK(grad_out_in.has_value(), "ddt_fast: norm_modulate_backward with norm kind ", kind_in,
+                " needs grad_out (like x); got None");
+    ddt_fast::check_grad(*grad_out_in, "grad_out", x, "x");
+    TORCH_CHECK(grad_out_in->sizes() == x.sizes(), "ddt_fast: grad_out must be ", x.sizes(), ", got ",
+                grad_out_in->sizes());
     grad_out = grad_out_in->to(x.scalar_type()).contiguous();
-    TORCH_CHECK(grad_out.sizes() == x.sizes(), "ddt_fast: grad_out must be ", x.sizes(), ", got ", grad_out.sizes());
     p.grad_out = dense_rows(grad_out);
   }
   if (residual && grad_x_out_in.has_value()) {
+    ddt_fast::check_grad(*grad_x_out_in, "grad_x_out", x, "x");
+    TORCH_CHECK(grad_x_out_in->sizes() == x.sizes(), "ddt_fast: grad_x_out must be ", x.sizes(), ", got ",
+                grad_x_out_in->sizes());
     grad_x_out = grad_x_out_in->to(x.scalar_type()).contiguous();
-    TORCH_CHECK(grad_x_out.sizes() == x.sizes(), "ddt_fast: grad_x_out must be ", x.sizes());
     p.grad_x_out = dense_rows(grad_x_out);
   }
   auto mod_grad = [&](const at::Tensor& like) {

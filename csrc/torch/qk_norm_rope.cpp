@@ -2,12 +2,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #if defined(DDT_FAST_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "ddt/qk_norm_rope.h"
+#include "checks.h"
 #include "cpu_output.h"
 #include "dtype.h"
 
@@ -22,23 +25,26 @@ Prepared prepare(const at::Tensor& qkv_in, const at::Tensor& q_weight, const at:
                  const at::Tensor& rope, double eps) {
   Prepared r;
   TORCH_CHECK(qkv_in.dim() == 3, "ddt_fast: qkv must be [B, L, 3C], got ", qkv_in.sizes());
-  TORCH_CHECK(num_heads > 0 && qkv_in.size(2) % (3 * num_heads) == 0, "ddt_fast: qkv's last dim ", qkv_in.size(2),
-              " is not 3 * num_heads (", num_heads, ") * head_dim");
+  ddt_fast::check_num_heads(num_heads, qkv_in.size(2));
+  ddt_fast::check_eps(eps);
+  ddt_fast::dtype_of(qkv_in, "qkv");
   r.qkv = qkv_in.contiguous();
   auto& p = r.p;
   p.B = r.qkv.size(0), p.L = r.qkv.size(1), p.H = num_heads, p.D = r.qkv.size(2) / (3 * num_heads);
   TORCH_CHECK(p.D % 4 == 0, "ddt_fast: head dim ", p.D, " must be a multiple of 4 for the 2D rotary embedding");
   p.eps = eps;
   p.x_dtype = ddt_fast::dtype_of(r.qkv, "qkv");
-  for (auto* w : {&q_weight, &k_weight}) {
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == p.D, "ddt_fast: q/k norm weights must be [head_dim] = [", p.D,
-                "], got ", w->sizes());
-    TORCH_CHECK(w->scalar_type() == r.qkv.scalar_type() || w->scalar_type() == at::kFloat,
-                "ddt_fast: q/k norm weights must have qkv's dtype or float32, got ", w->scalar_type());
-    TORCH_CHECK(w->device() == r.qkv.device(), "ddt_fast: q/k norm weights are on ", w->device(), ", qkv on ",
-                r.qkv.device());
+  const std::pair<const at::Tensor*, const char*> weights[] = {{&q_weight, "q_weight"}, {&k_weight, "k_weight"}};
+  for (const auto& [w, name] : weights) {
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == p.D, "ddt_fast: ", name,
+                ": q/k norm weights must be [head_dim] = [", p.D, "], got ", w->sizes());
+    TORCH_CHECK(w->scalar_type() == r.qkv.scalar_type() || w->scalar_type() == at::kFloat, "ddt_fast: ", name,
+                ": q/k norm weights must have qkv's dtype (", r.qkv.scalar_type(), ") or float32, got ",
+                w->scalar_type());
+    ddt_fast::check_device(*w, name, r.qkv, "qkv");
   }
-  TORCH_CHECK(q_weight.scalar_type() == k_weight.scalar_type(), "ddt_fast: q and k norm weights differ in dtype");
+  TORCH_CHECK(q_weight.scalar_type() == k_weight.scalar_type(), "ddt_fast: q_weight and k_weight differ in dtype (",
+              q_weight.scalar_type(), " and ", k_weight.scalar_type(), ")");
   r.q_weight = q_weight.contiguous();
   r.k_weight = k_weight.contiguous();
   p.w_dtype = ddt_fast::dtype_of(r.q_weight, "q_weight");
@@ -46,7 +52,7 @@ Prepared prepare(const at::Tensor& qkv_in, const at::Tensor& q_weight, const at:
                   rope.size(2) == 2,
               "ddt_fast: rope must be float32 [L, D/2, 2] = [", p.L, ", ", p.D / 2, ", 2] (cos, sin), got ",
               rope.scalar_type(), " ", rope.sizes());
-  TORCH_CHECK(rope.device() == r.qkv.device(), "ddt_fast: rope is on ", rope.device(), ", qkv on ", r.qkv.device());
+  ddt_fast::check_device(rope, "rope", r.qkv, "qkv");
   r.rope = rope.contiguous();
   p.qkv = r.qkv.data_ptr();
   p.q_weight = r.q_weight.data_ptr();
@@ -85,13 +91,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
   auto r = prepare(qkv, q_weight, k_weight, num_heads, rope, eps);
   at::Tensor g[3];
   const c10::optional<at::Tensor>* in[3] = {&grad_q, &grad_k, &grad_v};
+  const char* names[3] = {"grad_q", "grad_k", "grad_v"};
   const void** slots[3] = {&r.p.grad_q, &r.p.grad_k, &r.p.grad_v};
   for (int i = 0; i < 3; ++i) {
     if (!in[i]->has_value()) continue;
-    g[i] = (*in[i])->to(r.qkv.scalar_type()).contiguous();
-    TORCH_CHECK(g[i].dim() == 4 && g[i].size(0) == r.p.B && g[i].size(1) == r.p.H && g[i].size(2) == r.p.L &&
-                    g[i].size(3) == r.p.D,
-                "ddt_fast: qk_norm_rope gradients must be [B, H, L, D], got ", g[i].sizes());
+    const at::Tensor& gi = **in[i];
+    ddt_fast::check_grad(gi, names[i], r.qkv, "qkv");
+    TORCH_CHECK(gi.dim() == 4 && gi.size(0) == r.p.B && gi.size(1) == r.p.H && gi.size(2) == r.p.L &&
+                    gi.size(3) == r.p.D,
+                "ddt_fast: ", names[i], ": qk_norm_rope gradients must be [B, H, L, D] = [", r.p.B, ", ", r.p.H,
+                ", ", r.p.L, ", ", r.p.D, "], got ", gi.sizes());
+    g[i] = gi.to(r.qkv.scalar_type()).contiguous();
     *slots[i] = g[i].data_ptr();
   }
   at::Tensor grad_qkv = ddt_fast::with_huge_pages(at::empty_like(r.qkv)), gqw = at::empty_like(r.q_weight), gkw = at::empty_like(r.k_weight);

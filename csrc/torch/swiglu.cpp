@@ -9,6 +9,7 @@
 #endif
 
 #include "ddt/swiglu.h"
+#include "checks.h"
 #include "cpu_output.h"
 #include "dtype.h"
 
@@ -29,7 +30,7 @@ ddt::Swiglu prepare(const at::Tensor& a, const at::Tensor& b, at::Tensor& ar, at
               " and ", b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "ddt_fast: swiglu needs a and b of one dtype, got ",
               a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), "ddt_fast: a is on ", a.device(), ", b on ", b.device());
+  ddt_fast::check_device(b, "b", a, "a");
   ddt::Swiglu p;
   p.dtype = ddt_fast::dtype_of(a, "a");
   ar = as_rows(a), br = as_rows(b);
@@ -61,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_out, c
                                                    const at::Tensor& b) {
   at::Tensor ar, br;
   auto p = prepare(a, b, ar, br);
+  ddt_fast::check_grad(grad_out, "grad_out", a, "a");
   TORCH_CHECK(grad_out.sizes() == a.sizes(), "ddt_fast: grad_out must be ", a.sizes(), ", got ", grad_out.sizes());
   at::Tensor g = grad_out.to(a.scalar_type()).contiguous();
   at::Tensor ga = ddt_fast::with_huge_pages(at::empty(a.sizes(), g.options())),

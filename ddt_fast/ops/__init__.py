@@ -2,11 +2,15 @@
 
 Every function picks its implementation through `dispatch` (fused kernel or
 the pure-PyTorch reference in `reference.py`); the model never branches on
-devices or backends itself.
+devices or backends itself. Arguments neither path can compute meaningfully
+are refused first, whichever path would run: tensors that are not
+floating-point (integer, bool, complex), a non-finite or negative eps, a
+num_heads that does not split the width.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -65,20 +69,62 @@ def _kernel_takes(x: Tensor, params=(), mods=()) -> bool:
     return len({t.dtype for t in mods}) <= 1
 
 
+_FLOATING = "floating-point tensors (float32, float64, float16 and bfloat16 run the fused kernels)"
+
+
+def _check_floating(op: str, names: Tuple[str, ...], *tensors) -> None:
+    """Each of `tensors` (argument `names`) a floating-point tensor: the
+    reference would compute integer or bool inputs in another dtype, or
+    silently truncate, rather than fail."""
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ddt_fast.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"ddt_fast.ops.{op}: {name} has dtype {t.dtype}; supported: {_FLOATING}")
+
+
+def _check_eps(op: str, eps) -> None:
+    if not 0 <= eps < math.inf:  # NaN fails both
+        raise ValueError(f"ddt_fast.ops.{op}: eps must be a finite number >= 0, got {eps} (the model uses 1e-6)")
+
+
+def _check_qkv(op: str, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
+               freqs_cis: Tensor, eps) -> None:
+    _check_floating(op, ("qkv", "q_weight", "k_weight"), qkv, q_weight, k_weight)
+    if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex()):
+        got = freqs_cis.dtype if isinstance(freqs_cis, torch.Tensor) else type(freqs_cis).__name__
+        raise TypeError(f"ddt_fast.ops.{op}: freqs_cis must be a complex tensor [L, head_dim / 2] "
+                        f"(rope_frequencies), got {got}")
+    _check_eps(op, eps)
+    if qkv.dim() != 3:
+        raise ValueError(f"ddt_fast.ops.{op}: qkv must be [B, L, 3C], got {list(qkv.shape)}")
+    width = qkv.shape[-1]
+    if not num_heads > 0:
+        raise ValueError(f"ddt_fast.ops.{op}: num_heads must be > 0, got {num_heads!r}")
+    if width % (3 * num_heads):
+        raise ValueError(f"ddt_fast.ops.{op}: qkv's last dim {width} is not 3 * num_heads ({num_heads}) * "
+                         f"head_dim; num_heads must divide C = {width // 3} and qkv be [B, L, 3C]")
+
+
 def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
                       eps: float = 1e-6) -> Tensor:
+    _check_floating("rms_norm_modulate", ("x", "weight", "shift", "scale"), x, weight, shift, scale)
+    _check_eps("rms_norm_modulate", eps)
     if dispatch.use_fused("rms_norm_modulate", x.device) and _kernel_takes(x, (weight,), (shift, scale)):
         return _fused("rms_norm_modulate")(x, weight, shift, scale, eps)
     return reference.rms_norm_modulate(x, weight, shift, scale, eps)
 
 
 def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    _check_floating("layer_norm_modulate", ("x", "shift", "scale"), x, shift, scale)
+    _check_eps("layer_norm_modulate", eps)
     if dispatch.use_fused("layer_norm_modulate", x.device) and _kernel_takes(x, (), (shift, scale)):
         return _fused("layer_norm_modulate")(x, shift, scale, eps)
     return reference.layer_norm_modulate(x, shift, scale, eps)
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    _check_floating("gated_residual", ("x", "gate", "y"), x, gate, y)
     if dispatch.use_fused("gated_residual", x.device) and _kernel_takes(x, (), (gate,)) and y.dtype == x.dtype:
         return _fused("gated_residual")(x, gate, y)
     return reference.gated_residual(x, gate, y)
@@ -87,6 +133,9 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
 def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Tensor,
                                      shift: Tensor, scale: Tensor,
                                      eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    _check_floating("gated_residual_rms_norm_modulate", ("x", "gate", "y", "weight", "shift", "scale"),
+                    x, gate, y, weight, shift, scale)
+    _check_eps("gated_residual_rms_norm_modulate", eps)
     if (dispatch.use_fused("gated_residual_rms_norm_modulate", x.device) and y.dtype == x.dtype
             and _kernel_takes(x, (weight,), (gate, shift, scale))):
         return _fused("gated_residual_rms_norm_modulate")(x, gate, y, weight, shift, scale, eps)
@@ -115,6 +164,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    _check_floating("swiglu", ("a", "b"), a, b)
     if dispatch.use_fused("swiglu", a.device) and a.dtype == b.dtype and _kernel_takes(a, (b,)):
         return _fused("swiglu")(a, b)
     return reference.swiglu(a, b)
@@ -128,6 +178,7 @@ def rope_frequencies(height: int, width: int, head_dim: int, device: torch.devic
 
 def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
                  freqs_cis: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_qkv("qk_norm_rope", qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
     if (dispatch.use_fused("qk_norm_rope", qkv.device) and q_weight.dtype == k_weight.dtype
             and _kernel_takes(qkv, (q_weight, k_weight))):
         return _fused("qk_norm_rope")(qkv, q_weight, k_weight, num_heads,
@@ -137,6 +188,7 @@ def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Softmax attention on `[B, H, L, D]`; backend per `dispatch.attention_backend`."""
+    _check_floating("attention", ("q", "k", "v"), q, k, v)
     backend = dispatch.attention_backend(q, k, v, mask)
     if backend == "ddt":
         return _fused("flash_attention")(q, k, v, q.shape[-1] ** -0.5)[0]
@@ -161,6 +213,7 @@ def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: in
     Without autograd (sampling) the fused kernel when
     `dispatch.use_fused_qkv_attention` says so; else `qk_norm_rope` then
     `attention`."""
+    _check_qkv("qkv_attention", qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
     B, L, three_c = qkv.shape
     # Training takes the separate kernels: their forward saves q, k, v for the
     # backward, which the fused forward would have to recompute (measured

@@ -2,15 +2,18 @@
 
 The C++ side (csrc/torch/) defines the schemas and the CPU/CUDA kernels;
 here each op gets the shape function torch.compile needs and a backward
-that calls the fused backward kernel.
+that calls the fused backward kernel. The shape functions check their
+arguments as the kernels do (ops/_checks.py): a fake (or meta) call refuses
+what the real one would.
 """
 from __future__ import annotations
 
 import torch
 
 from ddt_fast import _extension
+from ddt_fast.ops import _checks
 
-_NONE, _RMS, _LAYER = 0, 1, 2
+_NONE, _RMS, _LAYER = _checks.NONE, _checks.RMS, _checks.LAYER
 
 
 def _maybe(t: torch.Tensor):
@@ -22,23 +25,28 @@ def _register_norm_modulate() -> None:
 
     @torch.library.register_fake(lib + "rms_norm_modulate")
     def _(x, weight, shift, scale, eps):
+        _checks.norm_modulate(x, None, None, weight, shift, scale, eps, _RMS)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "layer_norm_modulate")
     def _(x, shift, scale, eps):
+        _checks.norm_modulate(x, None, None, None, shift, scale, eps, _LAYER)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "gated_residual")
     def _(x, gate, y):
+        _checks.norm_modulate(x, gate, y, None, None, None, 0.0, _NONE)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(lib + "gated_residual_rms_norm_modulate")
     def _(x, gate, y, weight, shift, scale, eps):
+        _checks.norm_modulate(x, gate, y, weight, shift, scale, eps, _RMS)
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
                 torch.empty_like(x, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake(lib + "norm_modulate_backward")
     def _(grad_out, grad_x_out, x, gate, y, weight, shift, scale, eps, kind, residual):
+        _checks.norm_modulate_backward(grad_out, grad_x_out, x, gate, y, weight, shift, scale, eps, kind, residual)
         B, L, C = x.shape
         empty = x.new_empty(0)
 
@@ -115,12 +123,12 @@ def _register_qk_norm_rope() -> None:
 
     @torch.library.register_fake(name)
     def _(qkv, q_weight, k_weight, num_heads, rope, eps):
-        B, L, three_c = qkv.shape
-        D = three_c // (3 * num_heads)
+        B, L, D = _checks.qk_norm_rope(qkv, q_weight, k_weight, num_heads, rope, eps)
         return tuple(qkv.new_empty((B, num_heads, L, D)) for _ in range(3))
 
     @torch.library.register_fake(name + "_backward")
     def _(grad_q, grad_k, grad_v, qkv, q_weight, k_weight, num_heads, rope, eps):
+        _checks.qk_norm_rope_backward(grad_q, grad_k, grad_v, qkv, q_weight, k_weight, num_heads, rope, eps)
         return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
                 torch.empty_like(q_weight), torch.empty_like(k_weight))
 
@@ -143,10 +151,12 @@ def _register_swiglu() -> None:
 
     @torch.library.register_fake(name)
     def _(a, b):
+        _checks.swiglu(a, b)
         return torch.empty_like(a, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake(name + "_backward")
     def _(grad_out, a, b):
+        _checks.swiglu_backward(grad_out, a, b)
         return (torch.empty_like(a, memory_format=torch.contiguous_format),
                 torch.empty_like(a, memory_format=torch.contiguous_format))
 
@@ -165,16 +175,19 @@ def _register_attention() -> None:
 
     @torch.library.register_fake(lib + "flash_attention")
     def _(q, k, v, scale):
+        _checks.flash_attention(q, k, v, scale)
         B, H, Lq, D = q.shape
         # stored [B, Lq, H, D] so that merging the heads afterwards is a view
         return q.new_empty((B, Lq, H, D)).transpose(1, 2), q.new_empty((B, H, Lq), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "flash_attention_backward")
     def _(grad_out, q, k, v, out, lse, scale):
+        _checks.flash_attention_backward(grad_out, q, k, v, out, lse, scale)
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
     @torch.library.register_fake(lib + "qkv_attention")
     def _(qkv, q_weight, k_weight, num_heads, rope, eps, scale, k_prepass=True):
+        _checks.qkv_attention(qkv, q_weight, k_weight, num_heads, rope, eps, scale)
         B, L, three_c = qkv.shape
         return qkv.new_empty((B, L, three_c // 3)), qkv.new_empty((B, num_heads, L), dtype=torch.float32)
 
