@@ -9,24 +9,18 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from ddt_fast import _io, models, sampling
+from faults import flip_bytes, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_model(seed=0):
-    torch.manual_seed(seed)
-    m = models.create("DDT-tiny/2")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
+_tiny_model = tiny_model
 
 
 def _sampler(guidance=2.0, steps=4):
@@ -155,15 +149,6 @@ def test_an_unfinished_rerun_leaves_no_stale_merged_file(tmp_path, monkeypatch):
 # corruption: byte flips, truncation, leftovers of killed writes
 
 
-def _flip_bytes(path, offsets):
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off)
-            b = f.read(1)
-            f.seek(off)
-            f.write(bytes([b[0] ^ 0xFF]))
-
-
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_damaged_shard_is_detected_and_sampled_again(tmp_path, damage, caplog):
     first = _run(tmp_path)
@@ -171,7 +156,7 @@ def test_damaged_shard_is_detected_and_sampled_again(tmp_path, damage, caplog):
     victim = _shards(tmp_path)[1]
     size = os.path.getsize(victim)
     if damage == "flip":  # two bytes inside the latents' data
-        _flip_bytes(victim, [size // 2, size // 2 + 7])
+        flip_bytes(victim, [size // 2, size // 2 + 7])
     elif damage == "truncate":
         with open(victim, "r+b") as f:
             f.truncate(size - 100)

@@ -35,6 +35,7 @@ from ddt_fast.training import (
 )
 from ddt_fast.training import checkpointing as ckpt
 from ddt_fast.training.data import DigitsDataset
+from faults import flip_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = dict(model="DDT-tiny/2", model_args={"in_channels": 1, "num_classes": 10}, data="digits",
@@ -43,15 +44,6 @@ DIGITS = dict(model="DDT-tiny/2", model_args={"in_channels": 1, "num_classes": 1
 
 def _cfg(tmp_path, name="run", **kw):
     return TrainConfig(**{**DIGITS, "out_dir": str(tmp_path / name), **kw})
-
-
-def _flip(path, offsets):
-    with open(path, "r+b") as f:
-        for off in offsets:
-            f.seek(off)
-            b = f.read(1)
-            f.seek(off)
-            f.write(bytes([b[0] ^ 0xFF]))
 
 
 def _weights(path):
@@ -106,7 +98,7 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, straight, c
     older = ckpt.checkpoint_path(cfg.out_dir, 2)
     size = os.path.getsize(newest)
     if damage == "byte_flips":  # two bytes inside the tensor data: the file still unpickles
-        _flip(newest, [size // 2, size // 2 + 1000])
+        flip_bytes(newest, [size // 2, size // 2 + 1000])
         torch.load(newest, weights_only=True)
     elif damage == "truncated":
         with open(newest, "r+b") as f:
@@ -137,7 +129,7 @@ def test_no_good_checkpoint_is_a_clear_error_and_nothing_is_moved(tmp_path):
     cfg = _run_to(tmp_path, 4)
     paths = [p for _, p in list_checkpoints(cfg.out_dir)]
     for p in paths:
-        _flip(p, [os.path.getsize(p) // 2])
+        flip_bytes(p, [os.path.getsize(p) // 2])
     with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* can be resumed from.*"
                                               + re.escape(paths[1]) + r" fails its checksum.*"
                                               + re.escape(paths[0]) + r".*start a new run in another out_dir"):
@@ -179,7 +171,7 @@ def test_non_finite_loss_names_the_newest_checkpoint_that_verifies(tmp_path):
     trainer.config = cfg.replace(steps=4)
     trainer.fit()
     newest, older = ckpt.checkpoint_path(cfg.out_dir, 4), ckpt.checkpoint_path(cfg.out_dir, 2)
-    _flip(newest, [os.path.getsize(newest) // 2, os.path.getsize(newest) // 2 + 7])
+    flip_bytes(newest, [os.path.getsize(newest) // 2, os.path.getsize(newest) // 2 + 7])
     data.poison = True
     trainer.config = cfg
     with pytest.raises(NonFiniteLossError) as e:
@@ -408,7 +400,7 @@ def test_damaged_shard_is_a_dataset_error_and_re_extraction_repairs_it(latents, 
     original = open(shard, "rb").read()
     fix = "re-run extract_latents with the same arguments"
     if damage == "byte_flip":  # in the tensor data: the header still parses
-        _flip(shard, [len(original) - 5])
+        flip_bytes(shard, [len(original) - 5])
         ds = LatentDataset(data)                                # size and header are fine
         ds[0]                                                   # shard 0 reads fine
         with pytest.raises(DatasetError, match=rf"{re.escape(shard)} fails its checksum.*{fix}"):
@@ -435,7 +427,7 @@ def test_resumed_extraction_skips_only_shards_that_verify(latents, tmp_path):
     os.remove(os.path.join(data, "index.json"))                 # an unfinished extraction
     os.remove(os.path.join(shards, "shard_000000.safetensors.sha256"))   # no sidecar: not known complete
     damaged = os.path.join(shards, "shard_000002.safetensors")
-    _flip(damaged, [os.path.getsize(damaged) - 3])              # damaged, still parses
+    flip_bytes(damaged, [os.path.getsize(damaged) - 3])              # damaged, still parses
     open(os.path.join(shards, ".shard_000001.safetensors.k3Jd93Ls.tmp"), "w").close()  # a killed write
     before = {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in os.listdir(shards)}
     extract_latents(latents["images"], data, **latents["kwargs"])
@@ -588,12 +580,12 @@ def test_two_processes_fall_back_together_and_fail_together(tmp_path):
 
     cfg = _run_to(tmp_path, 4)
     newest, older = ckpt.checkpoint_path(cfg.out_dir, 4), ckpt.checkpoint_path(cfg.out_dir, 2)
-    _flip(newest, [os.path.getsize(newest) // 2])
+    flip_bytes(newest, [os.path.getsize(newest) // 2])
     report = str(tmp_path / "report")
     mp.spawn(_resume_worker, args=(2, str(tmp_path / "store1"), cfg.out_dir, report), nprocs=2)
     assert [json.load(open(f"{report}.{r}")) for r in range(2)] == [{"step": 2}, {"step": 2}]
     assert os.path.exists(newest + ".corrupt")
-    _flip(older, [os.path.getsize(older) // 2])
+    flip_bytes(older, [os.path.getsize(older) // 2])
     mp.spawn(_resume_worker, args=(2, str(tmp_path / "store2"), cfg.out_dir, report), nprocs=2)
     errors = [json.load(open(f"{report}.{r}"))["error"] for r in range(2)]
     assert errors[0] == errors[1] and "no checkpoint in" in errors[0] and older in errors[0]

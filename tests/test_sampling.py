@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddt_fast import models, sampling
+from ddt_fast import sampling
 from ddt_fast.sampling import AdamsSampler, EulerSampler, time_grid
+from faults import tiny_model
 
 
 class ToyNet:
@@ -94,13 +95,7 @@ def test_reference_mode_runs_both_halves_and_drops_state_on_schedule():
     assert [c[1] for c in net.calls] == [True, False, False, True, False, False]
 
 
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    m = models.create("DDT-tiny/2")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+_tiny = tiny_model
 
 
 def _sample(m, **kw):

@@ -6,16 +6,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddt_fast import models, sampling
+from ddt_fast import sampling
+from faults import tiny_model
 
 
-def _tiny_model():
-    torch.manual_seed(0)
-    m = models.create("DDT-tiny/2")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
+_tiny_model = tiny_model
 
 
 def _tiny_vae():
