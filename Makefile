@@ -4,7 +4,8 @@
 #   make test      fresh machine -> venv, deps, extension (CPU + CUDA when a toolkit
 #                  exists), C++ tests (ctest), pytest. The one test command.
 #   make build     (re)build ddt_fast/_C*.so in place
-#   make bench     CPU benchmarks, results under benchmarks/results/ (GPU: benchmarks/gpu_suite.sh)
+#   make bench     CPU benchmarks, results under benchmarks/results/, tables in docs/benchmarks.md
+#                  (GPU: benchmarks/gpu_suite.sh)
 #   make clean
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -415,7 +415,7 @@ def main(argv=None):
                         cell += f" ({r[f'{name}_graph_pct_peak']:.0f}%)"
                 cols.append(cell)
             print(f"{_label(r):46s} L={r['L']:5d} " + "; ".join(cols))
-    # another set of dtypes is another result (its own file and README table), not a newer one
+    # another set of dtypes is another result (its own file and results table), not a newer one
     variant = "" if set(dtype_names) == {"float32", "bfloat16"} or args.quick or args.xl_only else "_".join(dtype_names)
     suffix = "_quick" if args.quick else "_xl" if args.xl_only else f"_{variant}" if variant else ""
     payload = {"machine": machine, "rows": rows, "model": model_rows, "cpu_targets": TARGETS, "summary": summary}

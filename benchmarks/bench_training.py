@@ -102,7 +102,7 @@ def main(argv=None):
         print(f"  {k:22s} {r['seconds']:8.3f} s  {r['images_per_s']:8.2f} img/s  x{r['speedup_vs_reference']:.2f}")
     if compile_s is not None:
         print(f"  (first compiled step, compilation included: {compile_s:.1f} s)")
-    # a bf16 run is a result of its own beside the float32 one (its own README table)
+    # a bf16 run is a result of its own beside the float32 one (its own table in docs/benchmarks.md)
     variant = "" if args.precision == "fp32" else args.precision
     name = f"training_{device_tag(device)}{'_' + variant if variant else ''}{'_quick' if args.quick else ''}.json"
     path = write_json(result_path(name), {

@@ -1,4 +1,4 @@
-"""Render benchmark result JSON as markdown and write it into README.md
+"""Render benchmark result JSON as markdown and write it into docs/benchmarks.md
 between the `<!-- results -->` markers (numbers are never typed by hand).
 
     python benchmarks/summarize.py [--check]
@@ -6,7 +6,7 @@ between the `<!-- results -->` markers (numbers are never typed by hand).
 Reads benchmarks/results/*.json and benchmarks/results/<device>/*.json (what
 run_all.py and gpu_suite.sh write), skipping quick runs; for each device and
 benchmark the newest result is shown, grouped by device.
---check exits non-zero if README.md is not up to date with the JSON files.
+--check exits non-zero if docs/benchmarks.md is not up to date with the JSON files.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import sys
 from common import RESULTS, ROOT
 
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
+# the page that holds the generated tables, relative to the repository root
+RESULTS_PAGE = os.path.join("docs", "benchmarks.md")
 
 
 def _machine(m: dict) -> str:
@@ -338,21 +340,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    readme = os.path.join(ROOT, "README.md")
-    with open(readme) as f:
+    page = os.path.join(ROOT, RESULTS_PAGE)
+    with open(page) as f:
         text = f.read()
     if BEGIN not in text or END not in text:
-        sys.exit(f"README.md lacks the {BEGIN} ... {END} markers")
+        sys.exit(f"{RESULTS_PAGE} lacks the {BEGIN} ... {END} markers")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{render()}\n{END}{tail}"
     if args.check:
         return 0 if new == text else 1
-    tmp = readme + ".tmp"
+    tmp = page + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)
-    os.replace(tmp, readme)
-    print("README.md results section updated")
+    os.replace(tmp, page)
+    print(f"{RESULTS_PAGE} results section updated")
     return 0
 
 

@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a DDT from a YAML config (single process or under torchrun)",
                        description="Train a DDT. The config is a flat YAML (or JSON) mapping of TrainConfig "
-                                   "fields (see configs/ and the README's Training section); key=value "
+                                   "fields (see configs/ and docs/training.md); key=value "
                                    "arguments override it. Under torchrun every process joins the group.")
     p.add_argument("--config", required=True, help="training config (.yaml / .json), e.g. configs/digits_tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

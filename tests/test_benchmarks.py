@@ -189,5 +189,10 @@ def test_bench_ops_rejects_unknown_dtypes():
     assert r.returncode == 2 and "unknown dtype(s) float8" in r.stderr
 
 
-def test_readme_results_are_generated_from_the_json():
-    assert summarize.main(["--check"]) == 0, "README.md results are stale: run python benchmarks/summarize.py"
+def test_benchmark_results_page_is_generated_by_summarize():
+    assert summarize.RESULTS_PAGE == os.path.join("docs", "benchmarks.md")
+    assert summarize.main(["--check"]) == 0, \
+        "docs/benchmarks.md results are stale: run python benchmarks/summarize.py"
+    # one generated block, on the benchmarks page only
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert summarize.BEGIN not in f.read(), "README.md holds a results block; it lives in docs/benchmarks.md"

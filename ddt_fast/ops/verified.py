@@ -21,8 +21,9 @@ class Verified(NamedTuple):
 # The `cuda`-marked suites passed on an NVIDIA H200 (torch 2.11, CUDA 13.0):
 # tests/test_cuda_fused.py + tests/test_schedule.py (187 passed) at 272d009;
 # the whole cuda suite at 145c578 (467 passed; test_bad_input_errors failed:
-# a TORCH_CHECK crash on that machine, see README "Not done yet"), after the
-# packed norm/SwiGLU kernels and the two-tile attention forward; and
+# a TORCH_CHECK crash on that machine, see docs/backends-and-kernels.md,
+# "Known issue"), after the packed norm/SwiGLU kernels and the two-tile
+# attention forward; and
 # tests/test_cuda_fused.py again at 4a97509 (194 passed) after SwiGLU's flat grid;
 # every cuda suite but the (unchanged) attention file at 3179e79 (247 passed)
 # and tests/test_cuda_fused.py at 20c8c8a (228 passed), after the norm

@@ -22,7 +22,7 @@ LATENT_SAMPLINGS = ("mean", "sample")
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run (see the README's "Training" section).
+    """Settings of a training run (see docs/training.md, "Settings").
 
     Model
       model: a preset name (`ddt_fast.models.PRESETS`, e.g. "DDT-XL/2").
