@@ -1,5 +1,5 @@
 """An independent, functional implementation of the DDT forward pass, written
-straight from ddt-model-spec.md for the tests (no ddt_fast code is used).
+straight from docs/spec.md ("The model") for the tests (no ddt_fast code is used).
 
 It reads a state dict and computes in float64 unless told otherwise, so the
 model under test can be compared against it.

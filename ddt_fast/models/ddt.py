@@ -4,7 +4,7 @@ A condition encoder turns the noisy latent, timestep and class into a
 per-token self-condition `s`; a velocity decoder, modulated per token by `s`,
 predicts the flow-matching velocity. Drop-in for the published `DDT` class:
 same constructor, same `forward(x, t, y, s=None, mask=None) -> (v, s)`, same
-state-dict keys, same numbers (see ddt-model-spec.md). All block math goes
+state-dict keys, same numbers (see docs/spec.md, "The model"). All block math goes
 through `ddt_fast.ops`, which picks fused kernels or the reference.
 """
 from __future__ import annotations

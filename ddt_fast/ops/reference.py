@@ -1,6 +1,6 @@
 """Pure-PyTorch reference for every op the DDT model calls.
 
-Each function follows ddt-model-spec.md line by line, including where it
+Each function follows docs/spec.md ("The model") line by line, including where it
 rounds, so that a model built on these functions gives the published model's
 numbers. The fused kernels in csrc/ are checked against these.
 """

@@ -1,5 +1,5 @@
 """Time grid, time shift, guidance interval and Adams-Bashforth weights,
-as the published samplers define them (sampling-and-sharing-spec.md)."""
+as the published samplers define them (docs/spec.md, "Sampling")."""
 from __future__ import annotations
 
 from typing import List

@@ -8,7 +8,7 @@
   published DDT sampler computes it. The benchmark baseline.
 - :func:`brute_force`: every schedule, costed straight from the definition.
 
-Conventions (sampling-and-sharing-spec.md, "The statistic DP"):
+Conventions (docs/spec.md, "The statistic DP"):
 ``e[i][j] = 1 - sim[i][j]``; a run started at step ``j`` and reused through
 step ``i`` costs ``E(j, i) = e[j][j] + e[j+1][j] + ... + e[i][j]``, summed in
 that order; a schedule's cost is the sum of its runs' costs, first run first.

@@ -1,4 +1,4 @@
-// Flash attention for DDT shapes (design.md, "Fused families" 5), CUDA only.
+// Flash attention for DDT shapes (docs/spec.md, "Fused op families" 5), CUDA only.
 //
 // softmax(scale * q k^T) v per (batch, head), online softmax over key tiles,
 // no L x L matrix in memory. Inputs are 16-bit (bf16 or f16); products

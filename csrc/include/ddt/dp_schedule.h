@@ -1,5 +1,5 @@
 // Statistic dynamic programming for encoder-sharing schedules
-// (sampling-and-sharing-spec.md, "The statistic DP").
+// (docs/spec.md, "The statistic DP").
 //
 // Inputs: `batch` similarity matrices sim[b][i][j] (row-major, n x n, float64).
 // Error e[i][j] = 1 - sim[i][j]. A run of the encoder at step j reused through

@@ -1,4 +1,4 @@
-// Fused adaLN glue of a DDT block (design.md, "Fused families" 1 and 2):
+// Fused adaLN glue of a DDT block (docs/spec.md, "Fused op families" 1 and 2):
 //   x' = x + gate * y                          (residual, optional)
 //   out = norm(x') * (1 + scale) + shift       (norm: RMSNorm with weight, weight-free LayerNorm, or none)
 // over rows of C elements; shift/scale/gate are per sample ([B,1,C], row

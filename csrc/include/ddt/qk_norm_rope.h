@@ -1,4 +1,4 @@
-// q/k RMSNorm + 2D rotary embedding + head split (design.md, "Fused families" 3).
+// q/k RMSNorm + 2D rotary embedding + head split (docs/spec.md, "Fused op families" 3).
 //
 // From the packed attention input qkv [B, L, 3, H, D] (contiguous) write
 //   q = rope(RMSNorm(q_raw) * q_weight), k = rope(RMSNorm(k_raw) * k_weight), v = v_raw

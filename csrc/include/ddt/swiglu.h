@@ -1,4 +1,4 @@
-// SwiGLU gate: out = silu(a) * b (design.md, "Fused families" 4), over R rows
+// SwiGLU gate: out = silu(a) * b (docs/spec.md, "Fused op families" 4), over R rows
 // of H elements; a and b may be strided row views (e.g. the two halves of one
 // packed [R, 2H] GEMM output), out/grads are contiguous [R, H].
 // Rounding: computed in float32 and rounded once to the input dtype (eager
