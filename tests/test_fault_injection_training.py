@@ -589,3 +589,15 @@ def test_two_processes_fall_back_together_and_fail_together(tmp_path):
     mp.spawn(_resume_worker, args=(2, str(tmp_path / "store2"), cfg.out_dir, report), nprocs=2)
     errors = [json.load(open(f"{report}.{r}"))["error"] for r in range(2)]
     assert errors[0] == errors[1] and "no checkpoint in" in errors[0] and older in errors[0]
+
+
+def test_load_checkpoint_checks_a_sidecar_when_there_is_one(tmp_path):
+    """ddt_fast.load_checkpoint (weights for sampling) verifies a training
+    checkpoint against its sidecar too, not only the resume path."""
+    Trainer(_cfg(tmp_path, steps=2, ckpt_every=2)).fit()
+    (_, path), = list_checkpoints(str(tmp_path / "run"))
+    models.load_checkpoint(path)  # verifies and loads
+    size = os.path.getsize(path)
+    flip_bytes(path, [size // 2, size // 2 + 3])
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        models.load_checkpoint(path)

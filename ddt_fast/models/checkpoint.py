@@ -26,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ddt_fast._io import atomic_write, atomic_write_text, exists_error
+from ddt_fast._io import atomic_write, atomic_write_text, checksum_path, exists_error, read_checksum, sha256_file
 from ddt_fast.models.ddt import DDT
 from ddt_fast.models.presets import PRESETS, match_preset
 
@@ -63,9 +63,39 @@ def weights_digest(model_or_state_dict) -> str:
 # reading files
 
 
+def verify_checksum(path: str) -> bool:
+    """Check `path` against its sidecar: True when it matches, False when
+    there is no sidecar (a file written before checksums; only checked for
+    being a complete zip archive). CheckpointError naming the file, and what
+    is wrong with it, otherwise. Reads the whole file once."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        expected = read_checksum(path)
+        size = os.path.getsize(path)
+        if size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write was cut short")
+        if expected is None:
+            if not zipfile.is_zipfile(path):
+                raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a complete zip archive)")
+            return False
+        actual = sha256_file(path)
+    except ValueError as e:  # an unreadable sidecar
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {actual[:16]}..., "
+                              f"{os.path.basename(checksum_path(path))} says {expected[:16]}...): the file changed "
+                              "after it was written (truncated, damaged on disk or in transfer)")
+    return True
+
+
 def _load_file(path: str, allow_pickle: bool) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.exists(checksum_path(path)):  # written with a sidecar (training checkpoints): check it first
+        verify_checksum(path)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

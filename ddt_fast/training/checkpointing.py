@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import re
-import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,11 +40,9 @@ from ddt_fast._io import (
     atomic_write,
     atomic_write_checked,
     checksum_path,
-    read_checksum,
     remove_stale_temps,
-    sha256_file,
 )
-from ddt_fast.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, PROJ_PREFIX, CheckpointError
+from ddt_fast.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, PROJ_PREFIX, CheckpointError, verify_checksum
 
 logger = logging.getLogger("ddt_fast")
 FORMAT = "ddt_fast.train/1"
@@ -150,34 +147,6 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     payload = dict(payload, format=FORMAT)
     atomic_write_checked(path, lambda tmp: torch.save(payload, tmp), overwrite=True)  # the run's own folder
     return path
-
-
-def verify_checksum(path: str) -> bool:
-    """Check `path` against its sidecar: True when it matches, False when
-    there is no sidecar (a file written before checksums; only checked for
-    being a complete zip archive). CheckpointError naming the file, and what
-    is wrong with it, otherwise. Reads the whole file once."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        expected = read_checksum(path)
-        size = os.path.getsize(path)
-        if size == 0:
-            raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write was cut short")
-        if expected is None:
-            if not zipfile.is_zipfile(path):
-                raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a complete zip archive)")
-            return False
-        actual = sha256_file(path)
-    except ValueError as e:  # an unreadable sidecar
-        raise CheckpointError(f"checkpoint {path}: {e}") from e
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e
-    if actual != expected:
-        raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {actual[:16]}..., "
-                              f"{os.path.basename(checksum_path(path))} says {expected[:16]}...): the file changed "
-                              "after it was written (truncated, damaged on disk or in transfer)")
-    return True
 
 
 def load_training_checkpoint(path: str, verify: bool = True) -> Dict[str, Any]:
