@@ -2,6 +2,7 @@
 (csrc/torch/cpu_output.h); DDT_FAST_CPU_HUGE_PAGES=0 turns that off. Checked
 through the VMA flags the kernel reports for the output's memory ("hg" is
 MADV_HUGEPAGE in /proc/self/smaps)."""
+
 import json
 import os
 import subprocess
@@ -14,9 +15,13 @@ import torch
 from ddt_fast import _extension
 
 pytestmark = [
-    pytest.mark.skipif(not _extension.has_kernel("swiglu", "CPU"), reason="ddt_fast._C with the CPU kernels is not built"),
-    pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
-                       reason="needs Linux with transparent huge pages"),
+    pytest.mark.skipif(
+        not _extension.has_kernel("swiglu", "CPU"), reason="ddt_fast._C with the CPU kernels is not built"
+    ),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+        reason="needs Linux with transparent huge pages",
+    ),
 ]
 
 # Runs in a fresh process: the switch is read once per process.

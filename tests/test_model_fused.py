@@ -1,4 +1,5 @@
 """Whole model: fused backend vs reference backend, same weights."""
+
 import pytest
 import torch
 
@@ -6,7 +7,8 @@ from ddt_fast import _extension, models, ops
 
 pytestmark = pytest.mark.skipif(
     not all(_extension.has_kernel(op, "CPU") for op in ops.MODEL_OPS if op != "attention"),
-    reason="ddt_fast._C with every fused model op is not built")
+    reason="ddt_fast._C with every fused model op is not built",
+)
 
 
 def _model(name, seed=0):

@@ -1,5 +1,6 @@
 """Properties of the statistic DP that hold for every input, checked with
 hypothesis on small random matrices."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
