@@ -3,6 +3,8 @@
 #                  the CPU, calibrates the DP schedule, compares schedules (demo_out/). The main job.
 #   make test      fresh machine -> venv, deps, extension (CPU + CUDA when a toolkit
 #                  exists), C++ tests (ctest), pytest. The one test command.
+#   make test-fast the in-process unit tests (pytest -m "not slow"), under two minutes
+#                  on 2 cores: the edit-test loop
 #   make lint      ruff (lint + format check) and clang-format check; installs the
 #                  pinned linters into the venv (no PyTorch needed)
 #   make format    apply ruff format, ruff's import sorting and clang-format
@@ -25,7 +27,7 @@ PY_SOURCES := ddt_fast tests benchmarks setup.py
 # headers) are left out: they are formatted when a GPU can re-verify them.
 CXX_SOURCES = $(sort $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/torch/*.cpp csrc/torch/*.h tests/cpp/*.cpp))
 
-.PHONY: demo test build venv lint-deps lint format cpp-test pytest bench clean
+.PHONY: demo test test-fast build venv lint-deps lint format cpp-test pytest bench clean
 
 test: build cpp-test pytest
 
@@ -57,6 +59,10 @@ cpp-test: venv
 
 pytest: venv
 	$(PY) -m pytest -q tests
+
+# build recompiles only what changed (setup.py skips an up-to-date extension).
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: lint-deps
 	$(VENV)/bin/ruff check $(PY_SOURCES)

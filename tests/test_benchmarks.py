@@ -71,6 +71,7 @@ def test_compile_time_limit_gives_up_with_a_reason():
     assert not ok and why == "torch.compile failed: RuntimeError: inductor: unsupported"
 
 
+@pytest.mark.slow
 def test_run_all_quick_writes_results_summary_and_plots(tmp_path):
     out = tmp_path / "res"
     r = subprocess.run(
@@ -114,6 +115,7 @@ def test_run_all_quick_writes_results_summary_and_plots(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "suite"
     env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="240")
@@ -134,6 +136,7 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert "gpu_suite summary" in r.stdout and "failed or unfinished: none" in r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_suite_reports_where_it_stopped(tmp_path):
     out = tmp_path / "suite"
     env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="20")
@@ -198,6 +201,7 @@ def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
     assert md.index("**Fused block ops** (") < md.index("**Fused block ops, float16 grid** (")
 
 
+@pytest.mark.slow
 def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     import bench_training
 
@@ -216,6 +220,7 @@ def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     assert ", fp32;" in md and ", bf16;" in md
 
 
+@pytest.mark.slow
 def test_bench_ops_times_the_cpu_backward_directly():
     import bench_ops
 
@@ -228,6 +233,7 @@ def test_bench_ops_times_the_cpu_backward_directly():
     assert row["bwd_vs_eager"] == row["eager_bwd_s"] / row["fused_bwd_s"]
 
 
+@pytest.mark.slow
 def test_bench_ops_rejects_unknown_dtypes():
     r = subprocess.run(
         [sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],

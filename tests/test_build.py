@@ -64,6 +64,7 @@ def test_attention_kernels_linked_for_each_arch():
         assert _extension.has_kernel(op, "CUDA") and not _extension.has_kernel(op, "CPU")
 
 
+@pytest.mark.slow
 def test_fatbin_reader_on_a_freshly_compiled_object(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -92,6 +93,7 @@ def test_fatbin_reader_on_a_freshly_compiled_object(tmp_path):
     assert images[0].kernels == ("_Z12probe_kernelPf",)
 
 
+@pytest.mark.slow
 def test_import_without_extension_uses_reference_and_logs_once():
     code = (
         "import sys, logging, io\n"
@@ -111,6 +113,7 @@ def test_import_without_extension_uses_reference_and_logs_once():
     assert out.stdout.strip() == "1"
 
 
+@pytest.mark.slow
 def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "ddt_fast", "info", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -24,6 +24,7 @@ def ckpt(tmp_path_factory):
 COMMON = ["--steps", "5", "--latent-size", "8", "--quiet", "--calib-samples", "2", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_sample_latents_with_dp_schedule(ckpt, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert (
@@ -91,6 +92,7 @@ def test_cli_errors_are_one_line_and_exit_2(ckpt, tmp_path, capsys):
     assert "refresh_rate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_under_torchrun_two_cpu_processes(ckpt, tmp_path):
     import subprocess
     import sys

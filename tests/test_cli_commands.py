@@ -144,6 +144,7 @@ def test_sample_reads_the_published_yaml(published_ckpt, tmp_path):
         np.testing.assert_allclose(z["arr_0"], expect.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path, capsys):
     cfg = _published_yaml(tmp_path / "ddt.yaml")
     cal = str(tmp_path / "cal.json")
@@ -334,6 +335,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_with_the_overrides(trained):
     run = trained / "run"
     saved = json.load(open(run / "config.json"))
@@ -389,6 +391,7 @@ def _torchrun(nproc, *args, timeout=300):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy):
     """`torchrun --nproc_per_node 2 ddt-fast train`: two gloo processes with the same global batch give
@@ -421,6 +424,7 @@ def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy
     assert steps == [1, 2, 3, 4, 5]  # one writer (rank 0), the resumed run appends
 
 
+@pytest.mark.slow
 def test_convert_round_trip(trained, tmp_path, capsys):
     ckpt = str(trained / "run" / "checkpoints" / "step_00000004.ckpt")
     ema, raw = _weights(ckpt), _weights(ckpt, ema=False)
@@ -532,6 +536,7 @@ def test_every_subcommand_has_help(capsys):
         assert f"usage: ddt-fast {command}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_entry_point_help_in_a_subprocess():
     res = _run("--help", timeout=120)
     assert res.returncode == 0, res.stderr

@@ -61,14 +61,17 @@ def run_probe(rows, env_value=None):
     return res.stdout.split()
 
 
+@pytest.mark.slow
 def test_large_outputs_get_huge_page_advice():
     assert run_probe(4096) == ["True", "True"]  # 4096 x 2304 float32 = 36 MiB each
 
 
+@pytest.mark.slow
 def test_switch_turns_it_off():
     assert run_probe(4096, "0") == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_small_outputs_are_left_alone():
     assert run_probe(512) == ["False", "False"]  # 4.5 MiB
 
@@ -78,6 +81,7 @@ def test_advised_outputs_are_right():
     assert torch.allclose(torch.ops.ddt_fast.swiglu(a, b), torch.nn.functional.silu(a) * b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_info_reports_the_switch_and_the_system_mode():
     code = "import json, ddt_fast; print(json.dumps(ddt_fast.info()['backend']['cpu_huge_pages']))"
     for value, enabled in ((None, True), ("0", False)):

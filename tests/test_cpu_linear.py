@@ -199,6 +199,7 @@ def test_native_matmul_detection(monkeypatch, caps, bf16, f16):
         dispatch.cpu_has_native_matmul.cache_clear()
 
 
+@pytest.mark.slow
 def test_bad_mode_names():
     with pytest.raises(ValueError, match="CPU linear mode must be one of"):
         ops.set_cpu_linear("fast")
@@ -234,6 +235,7 @@ def test_model_linears_are_ops_linear_with_unchanged_keys():
     assert list(m.state_dict()) == list(ref.state_dict())
 
 
+@pytest.mark.slow
 def test_bf16_model_float32_linears_agree_with_native():
     """Whole bf16 model, forward and the gradients of a loss: the float32 path
     against PyTorch's bf16 kernels, both measured against a float32 run of the
@@ -259,6 +261,7 @@ def test_bf16_model_float32_linears_agree_with_native():
     assert errors["float32"][0] < 1.5 * errors["native"][0] + 1e-3, errors
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_bf16_float32_linears():
     m = _random_model().to(torch.bfloat16)
     x, t, y = torch.randn(2, 4, 8, 8).bfloat16(), torch.rand(2).bfloat16(), torch.tensor([1, 2])

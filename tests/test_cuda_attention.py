@@ -280,6 +280,7 @@ def test_model_ddt_attention_vs_sdpa(overrides):
         assert rel_err(gd[name], gs[name]) < 5e-2, name
 
 
+@pytest.mark.slow
 def test_sixteen_rows_per_warp_forward_variant(tmp_path):
     """DDT_FAST_ATTENTION_WARP_ROWS=16 selects the forward with one 16-row
     tile per warp (the default for D <= 72 is two); it must agree with the
@@ -316,6 +317,7 @@ print("ok")
             torch.testing.assert_close(lse, lse16, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_input_errors():
     """Run in a subprocess: on the H200 test machine (torch 2.11) a direct call
     with an unsupported head dim crashed the process instead of raising, and a

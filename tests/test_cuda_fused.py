@@ -165,6 +165,7 @@ torch.save(out, sys.argv[1])
 )
 
 
+@pytest.mark.slow
 def test_norm_backward_rows_switch_agrees(tmp_path):
     """DDT_FAST_NORM_BACKWARD=rows selects the scalar backward (row kernel plus
     a column pass) everywhere; it must give the packed backward's values up to
@@ -192,6 +193,7 @@ torch.save(out, sys.argv[1])
 )
 
 
+@pytest.mark.slow
 def test_norm_forward_staged_switch_identical(tmp_path):
     """DDT_FAST_NORM_FORWARD=staged (blocks of rows of one sample staging the
     weight and per-sample shift/scale/gate in shared memory) must give the

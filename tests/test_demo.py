@@ -72,6 +72,7 @@ def test_settings_budgets():
         DemoSettings(num_steps=30).budgets()
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = str(tmp_path / "demo")
     env = dict(os.environ, PYTHONPATH=ROOT)

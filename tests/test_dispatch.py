@@ -112,6 +112,7 @@ def test_qkv_attention_on_cpu_is_norm_rope_plus_sdpa():
             torch.testing.assert_close(ops.qkv_attention(qkv, qw, kw, H, freqs, 1e-6), want)
 
 
+@pytest.mark.slow
 def test_bad_backend_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.set_backend("fast")
@@ -126,6 +127,7 @@ def test_bad_backend_names():
     assert out.returncode != 0 and "DDT_FAST_BACKEND='turbo' is not one of" in out.stderr
 
 
+@pytest.mark.slow
 def test_env_var_selects_reference():
     code = "import ddt_fast.ops as o; print(o.get_backend(), o.get_attention_backend())"
     out = subprocess.run(

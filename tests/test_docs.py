@@ -160,6 +160,7 @@ def _repository_files():
     return files
 
 
+@pytest.mark.slow
 def test_no_file_names_the_outside_specification_documents():
     hits = []
     for rel in _repository_files():

@@ -79,6 +79,7 @@ def _shards(out):
 # changed-argument re-runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -113,6 +114,7 @@ def test_other_batch_size_reuses_every_sample(tmp_path):
     np.testing.assert_array_equal(_latents(path)[0], before)
 
 
+@pytest.mark.slow
 def test_partial_run_resumed_with_other_batch_size_takes_the_right_indices(tmp_path):
     _run(tmp_path, batch_size=3)
     os.remove(_shards(tmp_path)[1])  # samples 3, 4, 5
@@ -167,6 +169,7 @@ def test_an_unfinished_rerun_leaves_no_stale_merged_file(tmp_path, monkeypatch):
 # corruption: byte flips, truncation, leftovers of killed writes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_damaged_shard_is_detected_and_sampled_again(tmp_path, damage, caplog):
     first = _run(tmp_path)
@@ -248,6 +251,7 @@ def test_kill_during_a_shard_write_then_rerun_equals_an_uninterrupted_run(tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_shard_write_keeps_what_was_written(tmp_path, monkeypatch):
     import ddt_fast.sampling.outputs as outputs
 
@@ -358,6 +362,7 @@ def test_remove_stale_temps_only_takes_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
+@pytest.mark.slow
 def test_calibration_records_what_made_it(tmp_path):
     m = _tiny_model()
     cal = sampling.calibrate(m, _sampler(), num_samples=2, latent_size=8)

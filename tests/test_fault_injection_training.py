@@ -90,6 +90,7 @@ def _run_to(tmp_path, steps, name="run", **kw):
 # checkpoints: sidecars, fallback
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_sha256sum_sidecars_and_prune_removes_them(tmp_path):
     cfg = _run_to(tmp_path, 4, keep_last=1, export_lightning=True)
     folder = os.path.join(cfg.out_dir, "checkpoints")
@@ -103,6 +104,7 @@ def test_checkpoints_carry_sha256sum_sidecars_and_prune_removes_them(tmp_path):
             subprocess.run(["sha256sum", "-c", "--status", name], cwd=where, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["byte_flips", "truncated", "zero_bytes", "unreadable"])
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, straight, caplog, damage):
     cfg = _run_to(tmp_path, 4)
@@ -163,6 +165,7 @@ def test_legacy_checkpoint_without_sidecar_loads_with_warning(tmp_path, caplog):
     assert any("no checksum file" in r.getMessage() and path in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_verifies_but_does_not_load_is_not_skipped(tmp_path):
     cfg = _run_to(tmp_path, 4)
     newest = ckpt.checkpoint_path(cfg.out_dir, 4)
@@ -220,6 +223,7 @@ def test_leftovers_of_killed_writes_are_removed_at_start(tmp_path, caplog):
     assert sorted(os.listdir(folder)) == ["step_00000002.ckpt", "step_00000002.ckpt.sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["torch_save", "rename"])
 def test_disk_full_leaves_no_temp_and_the_previous_checkpoint_intact(tmp_path, monkeypatch, where):
     cfg = _cfg(tmp_path, steps=4, ckpt_every=2, keep_last=1, export_lightning=True)
@@ -286,6 +290,7 @@ def test_export_failing_after_its_sidecar_restores_the_old_sidecar(tmp_path, mon
 # metrics.jsonl
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_path, straight, caplog):
     cfg = _run_to(tmp_path, 4)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -317,6 +322,7 @@ def _init_file(tmp_path, seed, name):
     return path
 
 
+@pytest.mark.slow
 def test_resume_with_other_init_weights_or_dataset_is_refused(tmp_path, caplog):
     first, second = _init_file(tmp_path, 1, "init_a"), _init_file(tmp_path, 2, "init_b")
     cfg = _run_to(tmp_path, 2, init_from=first)
@@ -482,6 +488,7 @@ def test_re_extraction_with_another_vae_or_changed_images_is_refused(latents, tm
         extract_latents(images, data, **latents["kwargs"])
 
 
+@pytest.mark.slow
 def test_training_resume_on_another_dataset_is_refused_and_a_moved_one_accepted(latents, tmp_path):
     data = _copy(latents, tmp_path)
     cfg = TrainConfig(

@@ -130,6 +130,7 @@ torch.save(out, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_qk_norm_rope_float16_in_loop_conversion_matches_staged(tmp_path):
     """The float16 forward converts with F16C inside its loops where the build
     has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging of each
@@ -179,6 +180,7 @@ def test_qk_norm_rope_backward_matches_reference(dtype, B, grid, H, D):
         close_relative(a, b, dtype, 2.0 if dtype == torch.bfloat16 else 4.0)
 
 
+@pytest.mark.slow
 def test_qk_norm_rope_gradcheck_float64():
     B, L, H, D = 2, 6, 2, 8
     freqs = rope_table(2, 3, D)

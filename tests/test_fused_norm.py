@@ -35,7 +35,20 @@ def _id(p):
     return f"{str(dtype)[6:]}-B{B}-L{L}-C{C}-{'tok' if per_token else 'smp'}"
 
 
-@pytest.mark.parametrize("dtype,B,L,C,per_token", GRID, ids=[_id(p) for p in GRID])
+def _grid(values, ids, fast):
+    """`values` as test parameters, the ones `fast` rejects marked slow: `make test`
+    runs the whole grid, `make test-fast` the representative part."""
+    return [pytest.param(*v, id=i, marks=() if fast(*v) else pytest.mark.slow) for v, i in zip(values, ids)]
+
+
+# Per dtype: the one-row edge, a small per-token case, and the model's widths
+# 768 and 1152 over many rows, in both modulation layouts.
+FAST_FORWARD = {(1, 1, 8, False), (3, 7, 72, True), (1, 256, 768, True), (3, 7, 1152, False)}
+
+
+@pytest.mark.parametrize(
+    "dtype,B,L,C,per_token", _grid(GRID, [_id(p) for p in GRID], lambda dtype, *shape: shape in FAST_FORWARD)
+)
 def test_forward_grid(dtype, B, L, C, per_token):
     x = torch.randn(B, L, C, dtype=dtype) * 2
     y = torch.randn(B, L, C, dtype=dtype)
@@ -205,6 +218,7 @@ torch.save(out, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_float16_in_loop_conversion_matches_staged(tmp_path):
     """The float16 forward and backward convert with F16C inside their row
     loops where the build has F16C; DDT_FAST_CPU_F16_FORWARD=staged and
@@ -265,10 +279,29 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 768), (3, 37, 1155)])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKWARD_GRID = [
+    (case, dtype, per_token, B, L, C)
+    for B, L, C in [(1, 1, 8), (3, 7, 72), (2, 256, 768), (3, 37, 1155)]
+    for per_token in (False, True)
+    for dtype in DTYPES
+    for case in CASES
+]
+
+
+def _fast_backward(case, dtype, per_token, B, L, C):
+    """The small shapes, and the odd width over many rows (per-token layout)."""
+    return C <= 72 or (C == 1155 and per_token)
+
+
+@pytest.mark.parametrize(
+    "case,dtype,per_token,B,L,C",
+    _grid(
+        BACKWARD_GRID,
+        [f"{B}-{L}-{C}-{t}-dtype{DTYPES.index(d)}-{c}" for c, d, t, B, L, C in BACKWARD_GRID],
+        _fast_backward,
+    ),
+)
 def test_backward_matches_reference(case, dtype, per_token, B, L, C):
     pick, fused, ref = CASES[case]
     x = torch.randn(B, L, C, dtype=dtype)

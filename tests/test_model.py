@@ -177,6 +177,7 @@ def test_forward_matches_independent_spec_implementation(name, hw):
         torch.testing.assert_close(ours, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_forward_with_given_s_is_decoder_only():
     m = randomize(models.create("DDT-tiny/2"))
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 4])

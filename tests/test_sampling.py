@@ -110,6 +110,7 @@ def _sample(m, **kw):
     return s(m, noise, cond, torch.full_like(cond, 10))
 
 
+@pytest.mark.slow
 def test_fast_equals_reference_when_guidance_covers_every_step_and_no_sharing():
     m = _tiny()
     ref = _sample(m, mode="reference", gmin=-1.0, gmax=2.0)
@@ -245,6 +246,7 @@ def test_published_constructor_arguments_accepted():
     assert a.schedule.steps == (0, 2, 4, 6, 8)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_sampling_close_to_fp32():
     m = _tiny()
     ref = _sample(m)

@@ -49,6 +49,7 @@ def _with_replay_graphs(sampler, graphs):
     return sampler
 
 
+@pytest.mark.slow
 def test_cuda_graph_on_cpu_warns_and_samples_eagerly():
     m = _tiny()
     eager = EulerSampler(**SETTINGS)(m, *_inputs())

@@ -115,6 +115,7 @@ def _worker(rank, world, store, out, classes, seeds):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_result(tmp_path):
     classes, seeds = [1, 2, 3, 4, 5, 6, 7], [20, 21, 22, 23, 24, 25, 26]
     single = sampling.sample_to_folder(

@@ -178,6 +178,7 @@ def test_empty_batch():
         res.steps(1)
 
 
+@pytest.mark.slow
 def test_fallback_when_the_extension_is_missing():
     code = (
         "import sys; sys.modules['ddt_fast._C'] = None\n"

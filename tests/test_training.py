@@ -217,6 +217,7 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_loss_falls_on_digits(tmp_path):
     cfg = _cfg(tmp_path, global_batch=16, steps=30, lr=2e-3, log_every=1, ckpt_every=1000)
     result = Trainer(cfg).fit()
@@ -230,6 +231,7 @@ def test_loss_falls_on_digits(tmp_path):
     assert TrainConfig.from_json(str(tmp_path / "run" / "config.json")) == cfg
 
 
+@pytest.mark.slow
 def test_exact_resume_bit_for_bit_with_repa_and_accumulation(tmp_path):
     common = dict(
         global_batch=8,
@@ -362,6 +364,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_bf16_training_on_cpu_float32_linears_match_native(tmp_path, compiled):
     """precision="bf16" on a CPU: under autocast the linear layers multiply in

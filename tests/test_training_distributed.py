@@ -39,6 +39,7 @@ def _weights(out):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     if strategy == "fsdp" and not fsdp_available():

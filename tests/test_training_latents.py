@@ -123,6 +123,7 @@ def test_damaged_datasets_are_reported_with_the_shard_path(setup, tmp_path):
         extract_latents(str(tmp_path / "none"), str(tmp_path / "x"), vae=setup["vae_dir"], progress=False)
 
 
+@pytest.mark.slow
 def test_training_on_latents_with_repa_on_the_paired_images(setup, tmp_path):
     class Encoder(torch.nn.Module):  # frozen stand-in: [B, 3, 16, 16] -> 2x2 grid of 8-dim features
         feature_dim = 8
