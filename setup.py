@@ -6,6 +6,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST      archs to compile for (default "8.0;9.0a")
   CUDA_HOME                 toolkit root (the folder holding bin/nvcc, lib64/, include/)
 """
+
 import glob
 import os
 import shutil
@@ -30,7 +31,7 @@ def _toolkit_root_from_nvcc():
         real = os.path.realpath(nvcc)
         candidates.append(os.path.dirname(os.path.dirname(real)))
         try:  # a shell wrapper: `exec /path/to/cuda/bin/nvcc "$@"`
-            with open(real, "r", errors="ignore") as f:
+            with open(real, errors="ignore") as f:
                 for tok in f.read(4096).split():
                     if tok.endswith("/bin/nvcc"):
                         candidates.append(os.path.dirname(os.path.dirname(tok)))
@@ -66,8 +67,11 @@ def _want_cuda():
         sys.exit(f"DDT_FAST_BUILD_CUDA must be 0 or 1, got {force!r}")
     possible = torch.version.cuda is not None and _cuda_home is not None
     if force == "1" and not possible:
-        why = "PyTorch was built without CUDA" if torch.version.cuda is None else (
-            "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc and include/)")
+        why = (
+            "PyTorch was built without CUDA"
+            if torch.version.cuda is None
+            else ("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc and include/)")
+        )
         sys.exit(f"DDT_FAST_BUILD_CUDA=1 but {why}.")
     if force == "0":
         return False
@@ -96,13 +100,20 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fno-trapping-math / -fno-math-errno: no FP traps or errno are relied on,
     # and without them GCC will not vectorise clamps, floor or sqrt.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DDDT_FAST_HAVE_OPENMP", "-fno-trapping-math",
-           "-fno-math-errno"] + _cpu_arch_flags()
+    cxx = [
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-DDDT_FAST_HAVE_OPENMP",
+        "-fno-trapping-math",
+        "-fno-math-errno",
+    ] + _cpu_arch_flags()
     link = ["-fopenmp"]
     if not with_cuda:
         print("ddt_fast: building the CPU extension only", file=sys.stderr)
-        return CppExtension("ddt_fast._C", cpu_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        return CppExtension(
+            "ddt_fast._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(f"ddt_fast: building CPU + CUDA ({_cuda_home}, archs {archs})", file=sys.stderr)
@@ -110,10 +121,21 @@ def _extension():
     # which the ninja shell line would mangle); csrc/torch stringifies it.
     arch_token = "_".join(a for a in archs.replace(";", " ").split())
     cxx += ["-DDDT_FAST_WITH_CUDA", f"-DDDT_FAST_CUDA_ARCHS={arch_token}"]
-    nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DDDT_FAST_WITH_CUDA",
-            "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
-    return CUDAExtension("ddt_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+    nvcc = [
+        "-O3",
+        "-std=c++20",
+        "-lineinfo",
+        "-DDDT_FAST_WITH_CUDA",
+        "--expt-relaxed-constexpr",
+        "-Xptxas=-warn-spills",
+    ]
+    return CUDAExtension(
+        "ddt_fast._C",
+        cpu_sources + cuda_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
+    )
 
 
 setup(

@@ -23,6 +23,7 @@ matmuls; the convention of the FlashAttention papers, whatever recomputation
 an implementation does). Times: CUDA events, implementations interleaved,
 median of `--repeats`. Writes benchmarks/results/attention_<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ QUICK_SHAPES = [SHAPES[0], SHAPES[1]]
 def sdpa_backend(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    backend = {
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[name]
     return sdpa_kernel(backend)
 
 
@@ -64,8 +68,10 @@ def attention_impls():
     if ops.dispatch.flash_attn_importable():
         from flash_attn import flash_attn_func
 
-        impls["flash_attn"] = (contextlib.nullcontext, lambda q, k, v: flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))
+        impls["flash_attn"] = (
+            contextlib.nullcontext,
+            lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2),
+        )
     return impls
 
 
@@ -83,8 +89,7 @@ def runnable(ctx, fn, q, k, v):
 def bench_attention(shapes, repeats):
     rows = []
     for label, B, H, L, D in shapes:
-        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         grad = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
         flops_fwd = 4.0 * B * H * L * L * D
         fwd, fwd_bwd, skipped = {}, {}, {}
@@ -94,14 +99,16 @@ def bench_attention(shapes, repeats):
                 skipped[name] = why
                 continue
 
+            # (q, k, v and grad are bound in this iteration; the `del` at its
+            # end frees them before the next shape is allocated)
             def forward(ctx=ctx, fn=fn):
                 with ctx(), torch.no_grad():
-                    fn(q, k, v)
+                    fn(q, k, v)  # noqa: F821
 
             def forward_backward(ctx=ctx, fn=fn):
                 with ctx():
-                    out = fn(q, k, v)
-                    torch.autograd.grad(out, (q, k, v), grad)
+                    out = fn(q, k, v)  # noqa: F821
+                    torch.autograd.grad(out, (q, k, v), grad)  # noqa: F821
 
             fwd[name], fwd_bwd[name] = forward, forward_backward
         t_fwd = timed_interleaved(fwd, repeats=repeats, warmup=3, cuda=True)
@@ -109,13 +116,17 @@ def bench_attention(shapes, repeats):
         row = {"shape": label, "B": B, "H": H, "L": L, "D": D, "skipped": skipped, "impls": {}}
         for name in fwd:
             tf, ta = t_fwd[name]["median_s"], t_all[name]["median_s"]
-            row["impls"][name] = {"fwd_ms": tf * 1e3, "fwd_bwd_ms": ta * 1e3,
-                                  "fwd_tflops": flops_fwd / tf / 1e12,
-                                  "fwd_bwd_tflops": 3.5 * flops_fwd / ta / 1e12}
+            row["impls"][name] = {
+                "fwd_ms": tf * 1e3,
+                "fwd_bwd_ms": ta * 1e3,
+                "fwd_tflops": flops_fwd / tf / 1e12,
+                "fwd_bwd_tflops": 3.5 * flops_fwd / ta / 1e12,
+            }
         ours = row["impls"]["ddt"]
         row["ratios"] = {f"fwd_vs_{n}": r["fwd_ms"] / ours["fwd_ms"] for n, r in row["impls"].items() if n != "ddt"}
-        row["ratios"].update({f"fwd_bwd_vs_{n}": r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-                              for n, r in row["impls"].items() if n != "ddt"})
+        row["ratios"].update(
+            {f"fwd_bwd_vs_{n}": r["fwd_bwd_ms"] / ours["fwd_bwd_ms"] for n, r in row["impls"].items() if n != "ddt"}
+        )
         rows.append(row)
         del q, k, v, grad
     return rows
@@ -126,14 +137,14 @@ def bench_prologue(shapes, repeats):
     f = torch.ops.ddt_fast
     rows = []
     for label, B, H, L, D in shapes:
-        side = int(L ** 0.5)
+        side = int(L**0.5)
         qkv = torch.randn(B, L, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         qw = (1 + 0.1 * torch.randn(D, device="cuda")).to(torch.bfloat16).requires_grad_(True)
         kw = (1 + 0.1 * torch.randn(D, device="cuda")).to(torch.bfloat16).requires_grad_(True)
         freqs = ops.rope_frequencies(side, side, D, torch.device("cuda"))
         rope = torch.view_as_real(freqs).contiguous()
         grad = torch.randn(B, L, H * D, device="cuda", dtype=torch.bfloat16)
-        scale = D ** -0.5
+        scale = D**-0.5
 
         def fused():  # k normalised once by a pre-pass, q in the attention prologue
             return f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, scale, True)[0]
@@ -149,30 +160,39 @@ def bench_prologue(shapes, repeats):
             q, k, v = reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6)
             return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
 
-        impls = {"fused_prologue": fused, "fused_one_kernel": one_kernel, "separate_kernels": separate,
-                 "published_ops_sdpa": published}
+        impls = {
+            "fused_prologue": fused,
+            "fused_one_kernel": one_kernel,
+            "separate_kernels": separate,
+            "published_ops_sdpa": published,
+        }
 
         def fwd_only(fn):
             def run():
                 with torch.no_grad():
                     fn()
+
             return run
 
         def fwd_bwd(fn):
             return lambda: torch.autograd.grad(fn(), (qkv, qw, kw), grad)
 
-        t_fwd = timed_interleaved({n: fwd_only(fn) for n, fn in impls.items()}, repeats=repeats, warmup=3,
-                                  cuda=True)
-        t_all = timed_interleaved({n: fwd_bwd(fn) for n, fn in impls.items()}, repeats=repeats, warmup=3,
-                                  cuda=True)
+        t_fwd = timed_interleaved({n: fwd_only(fn) for n, fn in impls.items()}, repeats=repeats, warmup=3, cuda=True)
+        t_all = timed_interleaved({n: fwd_bwd(fn) for n, fn in impls.items()}, repeats=repeats, warmup=3, cuda=True)
         row = {"shape": label, "B": B, "H": H, "L": L, "D": D, "impls": {}}
         for n in impls:
             row["impls"][n] = {"fwd_ms": t_fwd[n]["median_s"] * 1e3, "fwd_bwd_ms": t_all[n]["median_s"] * 1e3}
         ours = row["impls"]["fused_prologue"]
-        row["ratios"] = {f"fwd_vs_{n}": r["fwd_ms"] / ours["fwd_ms"] for n, r in row["impls"].items()
-                         if n != "fused_prologue"}
-        row["ratios"].update({f"fwd_bwd_vs_{n}": r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-                              for n, r in row["impls"].items() if n != "fused_prologue"})
+        row["ratios"] = {
+            f"fwd_vs_{n}": r["fwd_ms"] / ours["fwd_ms"] for n, r in row["impls"].items() if n != "fused_prologue"
+        }
+        row["ratios"].update(
+            {
+                f"fwd_bwd_vs_{n}": r["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+                for n, r in row["impls"].items()
+                if n != "fused_prologue"
+            }
+        )
         rows.append(row)
     return rows
 
@@ -196,10 +216,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     attention = bench_attention(shapes, repeats)
     prologue = bench_prologue(shapes, repeats)
-    payload = {"benchmark": "attention", "machine": info, "quick": args.quick, "repeats": repeats,
-               "dtype": "bfloat16", "attention": attention, "prologue": prologue,
-               "targets_h100": {"D72_L1024_fwd_vs_sdpa_flash": 1.2, "D72_L1024_fwd_vs_sdpa_cudnn": 1.0,
-                                "prologue_vs_separate": 1.0}}
+    payload = {
+        "benchmark": "attention",
+        "machine": info,
+        "quick": args.quick,
+        "repeats": repeats,
+        "dtype": "bfloat16",
+        "attention": attention,
+        "prologue": prologue,
+        "targets_h100": {
+            "D72_L1024_fwd_vs_sdpa_flash": 1.2,
+            "D72_L1024_fwd_vs_sdpa_cudnn": 1.0,
+            "prologue_vs_separate": 1.0,
+        },
+    }
     path = args.out or result_path(f"attention_{device_tag(device)}{'_quick' if args.quick else ''}.json")
     write_json(path, payload)
 

@@ -14,6 +14,7 @@ slowly across steps, so similarity decays with |i - j|):
 Times are the median of repeated runs (the minimum is reported too). Writes
 benchmarks/results/dp_<device-tag>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def main(argv=None) -> int:
     if not _extension.has_kernel("dp_schedule_solve", "CPU"):
         print("ddt_fast._C is not built (or lacks dp_schedule_solve); build it first.", file=sys.stderr)
         return 1
-    machine = machine_info(torch.device("cuda") if torch.cuda.is_available() else None)  # before the runs: the load average then shows other work on the machine
+    machine = machine_info(
+        torch.device("cuda") if torch.cuda.is_available() else None
+    )  # before the runs: the load average then shows other work on the machine
     op = torch.ops.ddt_fast.dp_schedule_solve
     n, k, batch = args.n, args.k, args.batch
     reps = 5 if args.quick else 30
@@ -79,26 +82,45 @@ def main(argv=None) -> int:
     res = solve(sim1[0], k)
     assert pub_cost == res.cost[k - 1].item() and pub_steps == res.steps(k), "op and published-style DP disagree"
     results["a_one_budget"] = {
-        "n": n, "k": k, "op": op_a, "solve": solve_a, "published_style": pub_a,
+        "n": n,
+        "k": k,
+        "op": op_a,
+        "solve": solve_a,
+        "published_style": pub_a,
         "speedup_op": pub_a["median_s"] / op_a["median_s"],
         "speedup_solve": pub_a["median_s"] / solve_a["median_s"],
     }
-    rows += [(f"(a) K={k}: published-style pure Python", pub_a, None),
-             (f"(a) K={k}: dp_schedule_solve op", op_a, results["a_one_budget"]["speedup_op"]),
-             (f"(a) K={k}: schedule.solve() (op + checks)", solve_a, results["a_one_budget"]["speedup_solve"])]
+    rows += [
+        (f"(a) K={k}: published-style pure Python", pub_a, None),
+        (f"(a) K={k}: dp_schedule_solve op", op_a, results["a_one_budget"]["speedup_op"]),
+        (f"(a) K={k}: schedule.solve() (op + checks)", solve_a, results["a_one_budget"]["speedup_solve"]),
+    ]
 
     # (b) every budget, a batch
     op_b = timed(lambda: op(simb, n), max(3, reps // 3))
     ref_b = timed(lambda: solve_reference(simb[:ref_batch].numpy(), n), 1 if args.quick else 2, warmup=0)
     ref_b_scaled = ref_b["median_s"] * batch / ref_batch
     results["b_batch_all_budgets"] = {
-        "n": n, "k_max": n, "batch": batch, "op": op_b,
+        "n": n,
+        "k_max": n,
+        "batch": batch,
+        "op": op_b,
         "numpy_reference": {**ref_b, "batch_timed": ref_batch, "median_s_for_batch": ref_b_scaled},
         "speedup_vs_reference": ref_b_scaled / op_b["median_s"],
     }
-    rows += [(f"(b) B={batch}, K=1..{n}: NumPy reference" + ("" if ref_batch == batch else f" (x{batch // ref_batch} of B={ref_batch})"),
-              {"median_s": ref_b_scaled, "min_s": ref_b["min_s"] * batch / ref_batch}, None),
-             (f"(b) B={batch}, K=1..{n}: dp_schedule_solve op", op_b, results["b_batch_all_budgets"]["speedup_vs_reference"])]
+    rows += [
+        (
+            f"(b) B={batch}, K=1..{n}: NumPy reference"
+            + ("" if ref_batch == batch else f" (x{batch // ref_batch} of B={ref_batch})"),
+            {"median_s": ref_b_scaled, "min_s": ref_b["min_s"] * batch / ref_batch},
+            None,
+        ),
+        (
+            f"(b) B={batch}, K=1..{n}: dp_schedule_solve op",
+            op_b,
+            results["b_batch_all_budgets"]["speedup_vs_reference"],
+        ),
+    ]
 
     # (c) the whole curve vs one published run per budget
     op_c = timed(lambda: op(sim1, n), reps)
@@ -108,14 +130,18 @@ def main(argv=None) -> int:
     slope, intercept = np.polyfit(budgets, [per_k[b] for b in budgets], 1)
     pub_curve = float(sum(intercept + slope * kk for kk in range(1, n + 1)))
     results["c_whole_curve"] = {
-        "n": n, "k_max": n, "op": op_c,
+        "n": n,
+        "k_max": n,
+        "op": op_c,
         "published_style_timed": {str(b): t for b, t in per_k.items()},
         "published_style_fit": {"seconds_per_budget": float(slope), "seconds_fixed": float(intercept)},
         "published_style_estimated_s": pub_curve,
         "speedup": pub_curve / op_c["median_s"],
     }
-    rows += [(f"(c) K=1..{n}: published, one run per K (fitted)", {"median_s": pub_curve, "min_s": float("nan")}, None),
-             (f"(c) K=1..{n}: dp_schedule_solve op, one call", op_c, results["c_whole_curve"]["speedup"])]
+    rows += [
+        (f"(c) K=1..{n}: published, one run per K (fitted)", {"median_s": pub_curve, "min_s": float("nan")}, None),
+        (f"(c) K=1..{n}: dp_schedule_solve op, one call", op_c, results["c_whole_curve"]["speedup"]),
+    ]
 
     # CUDA, when there is a GPU and the kernel was built
     if torch.cuda.is_available() and _extension.has_kernel("dp_schedule_solve", "CUDA"):
@@ -126,9 +152,15 @@ def main(argv=None) -> int:
             "c_whole_curve": timed(lambda: op(s1, n), reps, warmup=3, cuda=True),
         }
         results["cuda"] = cuda_res
-        rows += [(f"(a) K={k}: CUDA op", cuda_res["a_one_budget"], pub_a["median_s"] / cuda_res["a_one_budget"]["median_s"]),
-                 (f"(b) B={batch}, K=1..{n}: CUDA op", cuda_res["b_batch_all_budgets"], ref_b_scaled / cuda_res["b_batch_all_budgets"]["median_s"]),
-                 (f"(c) K=1..{n}: CUDA op", cuda_res["c_whole_curve"], pub_curve / cuda_res["c_whole_curve"]["median_s"])]
+        rows += [
+            (f"(a) K={k}: CUDA op", cuda_res["a_one_budget"], pub_a["median_s"] / cuda_res["a_one_budget"]["median_s"]),
+            (
+                f"(b) B={batch}, K=1..{n}: CUDA op",
+                cuda_res["b_batch_all_budgets"],
+                ref_b_scaled / cuda_res["b_batch_all_budgets"]["median_s"],
+            ),
+            (f"(c) K=1..{n}: CUDA op", cuda_res["c_whole_curve"], pub_curve / cuda_res["c_whole_curve"]["median_s"]),
+        ]
 
     checks = {
         "a_speedup_op": results["a_one_budget"]["speedup_op"] >= TARGETS["a_speedup"],
@@ -136,8 +168,10 @@ def main(argv=None) -> int:
         "c_speedup": results["c_whole_curve"]["speedup"] >= TARGETS["c_speedup"],
     }
 
-    print(f"\nDP schedule solver, N={n}  ({machine['cpu']}, {torch.get_num_threads()} threads, "
-          f"load average {machine['loadavg_1_5_15min']})\n")
+    print(
+        f"\nDP schedule solver, N={n}  ({machine['cpu']}, {torch.get_num_threads()} threads, "
+        f"load average {machine['loadavg_1_5_15min']})\n"
+    )
     print(f"{'case':<58}{'median':>14}{'min':>14}{'speedup':>12}")
     for name, t, speedup in rows:
         sp = f"{speedup:11.0f}x" if speedup is not None else ""
@@ -148,8 +182,15 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available() and _extension.has_kernel("dp_schedule_solve", "CUDA")
     tag = args.device_tag or device_tag(torch.device("cuda" if gpu else "cpu"))
     out = args.out or result_path(f"dp_{tag}.json")
-    payload = {"benchmark": "dp_schedule", "quick": args.quick, "device_tag": tag, "machine": machine,
-               "targets": TARGETS, "targets_met": checks, "results": results}
+    payload = {
+        "benchmark": "dp_schedule",
+        "quick": args.quick,
+        "device_tag": tag,
+        "machine": machine,
+        "targets": TARGETS,
+        "targets_met": checks,
+        "results": results,
+    }
     write_json(out, payload)
     print(f"wrote {os.path.relpath(out, ROOT)}")
     return 0

@@ -58,6 +58,7 @@ large bf16 matmul is timed too and MFU is reported against both.
 
 Writes benchmarks/results/model_<device>.json (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,15 +80,29 @@ from ddt_fast import ops, sampling  # noqa: E402
 from ddt_fast.models.ddt import ModulationCache  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), matched in order against the device name.
-PEAK_BF16_TFLOPS = [("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.4), ("gh200", 989.4),
-                    ("h200", 989.4), ("b200", 2250.0), ("a100", 312.0), ("l40s", 362.1), ("a10g", 70.0),
-                    ("l4", 121.0)]
+PEAK_BF16_TFLOPS = [
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.4),
+    ("gh200", 989.4),
+    ("h200", 989.4),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("l40s", 362.1),
+    ("a10g", 70.0),
+    ("l4", 121.0),
+]
 RATIOS = (0.5, 0.8, 0.87)
-SETTINGS = dict(guidance=2.0, timeshift=1.0, guidance_interval_min=0.3, guidance_interval_max=1.0,
-                last_step=0.04)  # the published ImageNet-256 settings (sampling-and-sharing spec)
+SETTINGS = dict(
+    guidance=2.0, timeshift=1.0, guidance_interval_min=0.3, guidance_interval_max=1.0, last_step=0.04
+)  # the published ImageNet-256 settings (sampling-and-sharing spec)
 LATENT = 32
-TARGETS_GPU = {"fast_every_step_vs_published_eager": 1.5, "fast_every_step_vs_published_compiled": 1.2,
-               "fast_dp_0.8_vs_published_eager": 4.0, "forward_mfu": 0.60}
+TARGETS_GPU = {
+    "fast_every_step_vs_published_eager": 1.5,
+    "fast_every_step_vs_published_compiled": 1.2,
+    "fast_dp_0.8_vs_published_eager": 4.0,
+    "forward_mfu": 0.60,
+}
 
 
 # -- FLOPs -----------------------------------------------------------------------
@@ -99,15 +114,17 @@ def flop_counts(model, batch: int, tokens: int) -> dict:
     C, L = model.hidden_size, tokens
     E, D = model.num_encoder_blocks, model.num_blocks - model.num_encoder_blocks
     F = int(2 * int(4 * C) / 3)
-    P = model.in_channels * model.patch_size ** 2
+    P = model.in_channels * model.patch_size**2
     block = 4 * C * C + 3 * C * F + 2 * L * C
     dec_mod, final_mod = 6 * C * C, 2 * C * C
     per_image_cond = E * 6 * C * C + 256 * C + C * C
     forward = L * (2 * C * P + (E + D) * block + D * dec_mod + final_mod + C * P) + per_image_cond
     decode = L * (C * P + D * block + D * dec_mod + final_mod + C * P)
     decode_cached = decode - L * (D * dec_mod + final_mod)
-    return {k: 2.0 * batch * v for k, v in
-            (("forward", forward), ("decode", decode), ("decode_cached_modulation", decode_cached))}
+    return {
+        k: 2.0 * batch * v
+        for k, v in (("forward", forward), ("decode", decode), ("decode_cached_modulation", decode_cached))
+    }
 
 
 def sampling_flops(model, sampler, batch: int, tokens: int) -> float:
@@ -130,7 +147,7 @@ def device_peak(device) -> dict:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     r = timed(lambda: a @ b, repeats=20, warmup=5, cuda=True)
-    return {"device": name, "table_bf16_tflops": table, "matmul_bf16_tflops": 2 * n ** 3 / r["min_s"] / 1e12}
+    return {"device": name, "table_bf16_tflops": table, "matmul_bf16_tflops": 2 * n**3 / r["min_s"] / 1e12}
 
 
 # -- torch.compile with a time limit --------------------------------------------------
@@ -190,14 +207,16 @@ def _in(ctx_factory, fn):
     def run():
         with torch.no_grad(), ctx_factory():
             return fn()
+
     return run
 
 
 # -- 1. forward -------------------------------------------------------------------------
 
 
-def bench_forward(name, device, dtype, batches, repeats, compile_timeout, with_fused, compile_static,
-                  no_compile_reason="--no-compile"):
+def bench_forward(
+    name, device, dtype, batches, repeats, compile_timeout, with_fused, compile_static, no_compile_reason="--no-compile"
+):
     """Rows for the full forward and the decoder-only step at each batch size."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -207,10 +226,14 @@ def bench_forward(name, device, dtype, batches, repeats, compile_timeout, with_f
     # compiled once per part with a dynamic batch size (static: once per batch size)
     compiled = {"forward": None, "decode": None}
     if compile_timeout is not None:
-        compiled = {"forward": torch.compile(model, dynamic=not compile_static),
-                    "decode": torch.compile(model.decode, dynamic=not compile_static)}
-    compile_info = {part: ({"compile_s_by_batch": {}} if c is not None else {"skipped": no_compile_reason})
-                    for part, c in compiled.items()}
+        compiled = {
+            "forward": torch.compile(model, dynamic=not compile_static),
+            "decode": torch.compile(model.decode, dynamic=not compile_static),
+        }
+    compile_info = {
+        part: ({"compile_s_by_batch": {}} if c is not None else {"skipped": no_compile_reason})
+        for part, c in compiled.items()
+    }
     for B in batches:
         x = torch.randn(B, model.in_channels, LATENT, LATENT, device=device, dtype=dtype)
         t = torch.rand(B, device=device)
@@ -230,28 +253,48 @@ def bench_forward(name, device, dtype, batches, repeats, compile_timeout, with_f
                     compiled[part], cfn = None, None
                     compile_info[part] = {"skipped": f"batch {B}: {value}"}
                     print(f"  torch.compile of the reference {part}: {compile_info[part]['skipped']}")
-            impls = {"reference_eager": _in(reference_backend, lambda: call(fn)),
-                     "ddt_fast": _in(ddt_fast_backend, lambda: call(fn))}
+            impls = {
+                "reference_eager": _in(reference_backend, lambda: call(fn)),
+                "ddt_fast": _in(ddt_fast_backend, lambda: call(fn)),
+            }
             if cfn is not None:
                 impls["reference_compiled"] = _in(reference_backend, lambda: call(cfn))
             if with_fused:
                 impls["ddt_fast_fused"] = _in(fused_backend, lambda: call(fn))
             if part == "decode":
-                impls["ddt_fast_cached_modulation"] = _in(ddt_fast_backend, lambda: model.decode(x, s, cache))
+                impls["ddt_fast_cached_modulation"] = _in(ddt_fast_backend, lambda: model.decode(x, s, cache))  # noqa: F821 (del'd after use)
             res = timed_interleaved(impls, repeats, warmup=1, cuda=cuda)
-            row = {"model": name, "part": part, "dtype": str(dtype).replace("torch.", ""), "batch": B,
-                   "tokens": tokens, "flops": flops[part], "compile": dict(compile_info[part]), "impls": {}}
+            row = {
+                "model": name,
+                "part": part,
+                "dtype": str(dtype).replace("torch.", ""),
+                "batch": B,
+                "tokens": tokens,
+                "flops": flops[part],
+                "compile": dict(compile_info[part]),
+                "impls": {},
+            }
             base = res["reference_eager"]["min_s"]
             for k, r in res.items():
                 f = flops["decode_cached_modulation"] if k == "ddt_fast_cached_modulation" else flops[part]
-                row["impls"][k] = {"seconds": r["min_s"], "median_s": r["median_s"], "images_per_s": B / r["min_s"],
-                                   "speedup_vs_reference_eager": base / r["min_s"], "tflops": f / r["min_s"] / 1e12}
+                row["impls"][k] = {
+                    "seconds": r["min_s"],
+                    "median_s": r["median_s"],
+                    "images_per_s": B / r["min_s"],
+                    "speedup_vs_reference_eager": base / r["min_s"],
+                    "tflops": f / r["min_s"] / 1e12,
+                }
             if "reference_compiled" in res:
                 row["ddt_fast_vs_reference_compiled"] = res["reference_compiled"]["min_s"] / res["ddt_fast"]["min_s"]
             rows.append(row)
-            print(f"  {name} {part:7s} {row['dtype']:8s} B={B:<4d}" + "".join(
-                f" {k} {r['seconds'] * 1e3:9.2f} ms (x{r['speedup_vs_reference_eager']:.2f})"
-                for k, r in row["impls"].items()), flush=True)
+            print(
+                f"  {name} {part:7s} {row['dtype']:8s} B={B:<4d}"
+                + "".join(
+                    f" {k} {r['seconds'] * 1e3:9.2f} ms (x{r['speedup_vs_reference_eager']:.2f})"
+                    for k, r in row["impls"].items()
+                ),
+                flush=True,
+            )
     del model, compiled
     torch._dynamo.reset()
     return rows
@@ -268,11 +311,14 @@ def bench_sampling(name, device, batch, steps, repeats, compile_timeout):
     tokens = (LATENT // model.patch_size) ** 2
     settings = dict(SETTINGS, num_steps=steps, autocast=torch.bfloat16 if bf16 else None)
     t0 = time.perf_counter()
-    calib = sampling.calibrate(model, sampling.EulerSampler(**settings), num_samples=8 if cuda else 2,
-                               latent_size=LATENT)
+    calib = sampling.calibrate(
+        model, sampling.EulerSampler(**settings), num_samples=8 if cuda else 2, latent_size=LATENT
+    )
     calib_s = time.perf_counter() - t0
-    samplers = {"published_eager": sampling.EulerSampler(**settings, mode="reference"),
-                "fast_every_step": sampling.EulerSampler(**settings, mode="fast")}
+    samplers = {
+        "published_eager": sampling.EulerSampler(**settings, mode="reference"),
+        "fast_every_step": sampling.EulerSampler(**settings, mode="fast"),
+    }
     dp = {}
     for r in RATIOS:
         sched = calib.schedule_for_ratio(r)
@@ -280,13 +326,19 @@ def bench_sampling(name, device, batch, steps, repeats, compile_timeout):
         samplers[f"fast_dp_{r}"] = sampling.EulerSampler(**settings, mode="fast", schedule=sched)
     if cuda:
         for k in ("fast_every_step", "fast_dp_0.8"):
-            samplers[f"{k}_cuda_graph"] = sampling.EulerSampler(**settings, mode="fast", cuda_graph=True,
-                                                                schedule=samplers[k].schedule)
+            samplers[f"{k}_cuda_graph"] = sampling.EulerSampler(
+                **settings, mode="fast", cuda_graph=True, schedule=samplers[k].schedule
+            )
     classes = torch.arange(batch, device=device) % model.num_classes
     noise = sampling.make_noise(range(batch), (model.in_channels, LATENT, LATENT), device)
     null = torch.full_like(classes, model.num_classes)
-    runs = {k: _in(reference_backend if k.startswith("published") else ddt_fast_backend,
-                   lambda s=s: s(model, noise, classes, null)) for k, s in samplers.items()}
+    runs = {
+        k: _in(
+            reference_backend if k.startswith("published") else ddt_fast_backend,
+            lambda s=s: s(model, noise, classes, null),  # noqa: F821 (del'd after use)
+        )
+        for k, s in samplers.items()
+    }
     compile_info = {"skipped": "--no-compile"}
     if compile_timeout is not None:
         ref, compiled = samplers["published_eager"], torch.compile(model)
@@ -302,19 +354,36 @@ def bench_sampling(name, device, batch, steps, repeats, compile_timeout):
     rows = {}
     for k, r in res.items():
         f = sampling_flops(model, samplers[k], batch, tokens)
-        rows[k] = {"seconds": r["min_s"], "median_s": r["median_s"], "images_per_s": batch / r["min_s"],
-                   "speedup_vs_published_eager": base / r["min_s"], "flops": f, "tflops": f / r["min_s"] / 1e12,
-                   "flop_ceiling_vs_published": sampling_flops(model, samplers["published_eager"], batch, tokens) / f}
+        rows[k] = {
+            "seconds": r["min_s"],
+            "median_s": r["median_s"],
+            "images_per_s": batch / r["min_s"],
+            "speedup_vs_published_eager": base / r["min_s"],
+            "flops": f,
+            "tflops": f / r["min_s"] / 1e12,
+            "flop_ceiling_vs_published": sampling_flops(model, samplers["published_eager"], batch, tokens) / f,
+        }
         if "published_compiled" in res:
             rows[k]["speedup_vs_published_compiled"] = res["published_compiled"]["min_s"] / r["min_s"]
-        print(f"  {k:28s} {r['min_s']:9.3f} s {batch / r['min_s']:9.3f} img/s  x{base / r['min_s']:.2f} "
-              f"(FLOP ceiling x{rows[k]['flop_ceiling_vs_published']:.2f})", flush=True)
-    out = {"model": name, "batch": batch, "steps": steps, "tokens": tokens,
-           "dtype": "bfloat16 (weights and autocast)" if bf16 else "float32",
-           "guided_steps": sum(samplers["fast_every_step"].is_guided(i) for i in range(steps)),
-           "settings": {k: v for k, v in SETTINGS.items()}, "compile": compile_info,
-           "calibration_s": calib_s, "dp": dp, "dp_curve": [[int(k), float(c)] for k, c in calib.curve()],
-           "results": rows}
+        print(
+            f"  {k:28s} {r['min_s']:9.3f} s {batch / r['min_s']:9.3f} img/s  x{base / r['min_s']:.2f} "
+            f"(FLOP ceiling x{rows[k]['flop_ceiling_vs_published']:.2f})",
+            flush=True,
+        )
+    out = {
+        "model": name,
+        "batch": batch,
+        "steps": steps,
+        "tokens": tokens,
+        "dtype": "bfloat16 (weights and autocast)" if bf16 else "float32",
+        "guided_steps": sum(samplers["fast_every_step"].is_guided(i) for i in range(steps)),
+        "settings": {k: v for k, v in SETTINGS.items()},
+        "compile": compile_info,
+        "calibration_s": calib_s,
+        "dp": dp,
+        "dp_curve": [[int(k), float(c)] for k, c in calib.curve()],
+        "results": rows,
+    }
     del model
     torch._dynamo.reset()
     return out
@@ -325,14 +394,18 @@ def bench_sampling(name, device, batch, steps, repeats, compile_timeout):
 
 def training_summary(tag: str):
     """The training benchmark's result for this device, if one has been written."""
-    paths = [p for name in (f"train_{tag}.json", f"training_{tag}.json")
-             for p in glob.glob(os.path.join(RESULTS, name))]
+    paths = [
+        p for name in (f"train_{tag}.json", f"training_{tag}.json") for p in glob.glob(os.path.join(RESULTS, name))
+    ]
     if not paths:
         return None
     with open(paths[0]) as f:
         d = json.load(f)
-    return {"source": os.path.relpath(paths[0], os.path.dirname(RESULTS)), "machine": d.get("machine"),
-            "results": d.get("results", {k: v for k, v in d.items() if k != "machine"})}
+    return {
+        "source": os.path.relpath(paths[0], os.path.dirname(RESULTS)),
+        "machine": d.get("machine"),
+        "results": d.get("results", {k: v for k, v in d.items() if k != "machine"}),
+    }
 
 
 def _ints(text):
@@ -345,20 +418,35 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: small model, few steps, no torch.compile")
     p.add_argument("--models", default=None, help="comma-separated presets for the forward benchmark")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes for the forward benchmark")
-    p.add_argument("--bf16-batches", default=None,
-                   help="CPU: batch sizes for the bf16 forward (slow on a CPU; no compiled baseline unless --compile)")
+    p.add_argument(
+        "--bf16-batches",
+        default=None,
+        help="CPU: batch sizes for the bf16 forward (slow on a CPU; no compiled baseline unless --compile)",
+    )
     p.add_argument("--sample-model", default=None)
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (published: 250)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--parts", default="forward,sampling", help="forward, sampling (comma-separated)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="time torch.compile of the reference (default: on, except --quick and the CPU's bf16 forward)")
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="time torch.compile of the reference (default: on, except --quick and the CPU's bf16 forward)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--compile-static", action="store_true",
-                   help="compile the forward benchmark per batch size (default: once, dynamic batch size)")
-    p.add_argument("--compile-timeout", type=float, default=None,
-                   help="seconds a compile may take before that baseline is skipped (default 600, quick 120)")
+    p.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile the forward benchmark per batch size (default: once, dynamic batch size)",
+    )
+    p.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=None,
+        help="seconds a compile may take before that baseline is skipped (default 600, quick 120)",
+    )
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/model_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -369,53 +457,90 @@ def main(argv=None) -> int:
     machine = machine_info(device)
     q = args.quick
     if cuda:
-        d = dict(models="DDT-B/2" if q else "DDT-B/2,DDT-L/2,DDT-XL/2", batches="16,64" if q else "16,64,128",
-                 bf16="", sample_model="DDT-B/2" if q else "DDT-XL/2", sample_batch=16 if q else 64,
-                 steps=20 if q else 100, repeats=2)
+        d = dict(
+            models="DDT-B/2" if q else "DDT-B/2,DDT-L/2,DDT-XL/2",
+            batches="16,64" if q else "16,64,128",
+            bf16="",
+            sample_model="DDT-B/2" if q else "DDT-XL/2",
+            sample_batch=16 if q else 64,
+            steps=20 if q else 100,
+            repeats=2,
+        )
     else:
-        d = dict(models="DDT-tiny/2" if q else "DDT-B/2", batches="1,2" if q else "2,4", bf16="1" if q else "2",
-                 sample_model="DDT-tiny/2" if q else "DDT-B/2", sample_batch=2, steps=4 if q else 10,
-                 repeats=1 if q else 2)
+        d = dict(
+            models="DDT-tiny/2" if q else "DDT-B/2",
+            batches="1,2" if q else "2,4",
+            bf16="1" if q else "2",
+            sample_model="DDT-tiny/2" if q else "DDT-B/2",
+            sample_batch=2,
+            steps=4 if q else 10,
+            repeats=1 if q else 2,
+        )
     use_compile = args.compile if args.compile is not None else not q
     compile_timeout = (args.compile_timeout or (120.0 if q else 600.0)) if use_compile else None
     repeats = args.repeats or d["repeats"]
     parts = set(args.parts.split(","))
     torch._dynamo.config.cache_size_limit = 64
-    out = {"machine": machine, "quick": q, "repeats": repeats, "plan": ops.plan(device),
-           "flop_formula": "see the docstring of benchmarks/bench_model.py", "targets_gpu": TARGETS_GPU}
+    out = {
+        "machine": machine,
+        "quick": q,
+        "repeats": repeats,
+        "plan": ops.plan(device),
+        "flop_formula": "see the docstring of benchmarks/bench_model.py",
+        "targets_gpu": TARGETS_GPU,
+    }
     if cuda:
         out["peak"] = device_peak(device)
         with fused_backend():
             fused_plan = ops.plan(device)
         out["plan_fused"] = fused_plan
-        print(f"peak bf16: table {out['peak']['table_bf16_tflops']} TFLOP/s, "
-              f"matmul {out['peak']['matmul_bf16_tflops']:.0f} TFLOP/s")
+        print(
+            f"peak bf16: table {out['peak']['table_bf16_tflops']} TFLOP/s, "
+            f"matmul {out['peak']['matmul_bf16_tflops']:.0f} TFLOP/s"
+        )
     if "forward" in parts:
         print("forward (min over interleaved repeats; x = speed-up vs the eager reference):")
         rows = []
         for name in (args.models or d["models"]).split(","):
-            dtypes = [(torch.bfloat16, _ints(args.batches or d["batches"]))] if cuda else \
-                [(torch.float32, _ints(args.batches or d["batches"])),
-                 (torch.bfloat16, _ints(args.bf16_batches if args.bf16_batches is not None else d["bf16"]))]
+            dtypes = (
+                [(torch.bfloat16, _ints(args.batches or d["batches"]))]
+                if cuda
+                else [
+                    (torch.float32, _ints(args.batches or d["batches"])),
+                    (torch.bfloat16, _ints(args.bf16_batches if args.bf16_batches is not None else d["bf16"])),
+                ]
+            )
             for dtype, batches in dtypes:
                 if batches:
                     # on a CPU the compiled baseline of the forward is timed in float32 only (compile time)
                     cpu_bf16 = not cuda and dtype != torch.float32 and not args.compile
-                    rows += bench_forward(name, device, dtype, batches, repeats, None if cpu_bf16 else compile_timeout,
-                                          with_fused=cuda and out.get("plan_fused") != out["plan"],
-                                          compile_static=args.compile_static,
-                                          no_compile_reason="not timed for bf16 on a CPU by default (compile time; "
-                                          "--compile times it)" if cpu_bf16 and use_compile else "--no-compile")
+                    rows += bench_forward(
+                        name,
+                        device,
+                        dtype,
+                        batches,
+                        repeats,
+                        None if cpu_bf16 else compile_timeout,
+                        with_fused=cuda and out.get("plan_fused") != out["plan"],
+                        compile_static=args.compile_static,
+                        no_compile_reason="not timed for bf16 on a CPU by default (compile time; --compile times it)"
+                        if cpu_bf16 and use_compile
+                        else "--no-compile",
+                    )
         if cuda:
             for row in rows:
                 for r in row["impls"].values():
-                    r["mfu_table_peak"] = (r["tflops"] / out["peak"]["table_bf16_tflops"]
-                                           if out["peak"]["table_bf16_tflops"] else None)
+                    r["mfu_table_peak"] = (
+                        r["tflops"] / out["peak"]["table_bf16_tflops"] if out["peak"]["table_bf16_tflops"] else None
+                    )
                     r["mfu_matmul_peak"] = r["tflops"] / out["peak"]["matmul_bf16_tflops"]
         out["forward"] = rows
     if "sampling" in parts:
-        name, batch, steps = args.sample_model or d["sample_model"], args.sample_batch or d["sample_batch"], \
-            args.steps or d["steps"]
+        name, batch, steps = (
+            args.sample_model or d["sample_model"],
+            args.sample_batch or d["sample_batch"],
+            args.steps or d["steps"],
+        )
         print(f"sampling {name}, batch {batch}, {steps} Euler steps, CFG 2.0 in (0.3, 1.0):")
         try:
             out["sampling"] = bench_sampling(name, device, batch, steps, repeats, compile_timeout)

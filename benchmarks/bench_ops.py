@@ -27,6 +27,7 @@ fused backend against the reference backend. Writes
 benchmarks/results/ops_<device>.json (or --out); a grid of other dtypes
 (--dtypes float16) goes to ops_<device>_<dtypes>.json, a result of its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,31 +60,43 @@ def make_case(op, B, L, C, dtype, device, per_sample=False):
     if op == "rms_norm_modulate":
         x, w = rnd(B, L, C), rnd(C)
         sh, sc, *_ = rnd(B, Lm, 6 * C).chunk(6, -1)
-        return (lambda x, w, sh, sc: f.rms_norm_modulate(x, w, sh, sc, 1e-6),
-                lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
-                (x, w, sh, sc), 2 * B * L * C * e + 2 * mod_bytes)
+        return (
+            lambda x, w, sh, sc: f.rms_norm_modulate(x, w, sh, sc, 1e-6),
+            lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+            (x, w, sh, sc),
+            2 * B * L * C * e + 2 * mod_bytes,
+        )
     if op == "gated_residual_rms_norm_modulate":
         x, y, w = rnd(B, L, C), rnd(B, L, C), rnd(C)
         sh, sc, gate, *_ = rnd(B, Lm, 6 * C).chunk(6, -1)
-        return (lambda x, gate, y, w, sh, sc: f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
-                lambda x, gate, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
-                (x, gate, y, w, sh, sc), 4 * B * L * C * e + 3 * mod_bytes)
+        return (
+            lambda x, gate, y, w, sh, sc: f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+            lambda x, gate, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+            (x, gate, y, w, sh, sc),
+            4 * B * L * C * e + 3 * mod_bytes,
+        )
     if op == "layer_norm_modulate":
         x = rnd(B, L, C)
         sh, sc = rnd(B, Lm, 2 * C).chunk(2, -1)
-        return (lambda x, sh, sc: f.layer_norm_modulate(x, sh, sc, 1e-6),
-                lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6),
-                (x, sh, sc), 2 * B * L * C * e + 2 * mod_bytes)
+        return (
+            lambda x, sh, sc: f.layer_norm_modulate(x, sh, sc, 1e-6),
+            lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6),
+            (x, sh, sc),
+            2 * B * L * C * e + 2 * mod_bytes,
+        )
     if op == "qk_norm_rope":
         D = 64 if C % 72 else 72
         H = C // D
-        side = int(L ** 0.5)
+        side = int(L**0.5)
         freqs = ops.rope_frequencies(side, L // side, D, torch.device(device))
         rope = torch.view_as_real(freqs).contiguous()
         qkv, qw, kw = rnd(B, L, 3 * C), rnd(D), rnd(D)
-        return (lambda qkv, qw, kw: f.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6),
-                lambda qkv, qw, kw: reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6),
-                (qkv, qw, kw), 6 * B * L * C * e)
+        return (
+            lambda qkv, qw, kw: f.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6),
+            lambda qkv, qw, kw: reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6),
+            (qkv, qw, kw),
+            6 * B * L * C * e,
+        )
     if op == "swiglu":
         hidden = int(2 * int(4 * C) / 3)
         a, b = rnd(B, L, hidden), rnd(B, L, hidden)
@@ -132,6 +145,7 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
         def run():
             with torch.no_grad():
                 fn(*inputs)
+
         return run
 
     fwd_runs = {name: forward(fn) for name, fn in impls.items()}
@@ -145,8 +159,12 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
     # On a CPU each backward is also timed alone, inside the same rotation.
     bwd_times = {name: [] for name in impls}
     warmup = 3
-    both = timed_interleaved({name: fwd_bwd(fn, inputs, None if cuda else bwd_times[name])
-                              for name, fn in impls.items()}, max(5, repeats // 2), warmup=warmup, cuda=cuda)
+    both = timed_interleaved(
+        {name: fwd_bwd(fn, inputs, None if cuda else bwd_times[name]) for name, fn in impls.items()},
+        max(5, repeats // 2),
+        warmup=warmup,
+        cuda=cuda,
+    )
     # Ratios use each implementation's fastest run (see timed_interleaved).
     for name in impls:
         row[f"{name}_fwd_s"] = fwd[name]["min_s"]
@@ -156,8 +174,9 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
     row["fwd_vs_eager"] = row["eager_fwd_s"] / row["fused_fwd_s"]
     row["fwdbwd_vs_eager"] = row["eager_fwdbwd_s"] / row["fused_fwdbwd_s"]
     if cuda:  # backward alone, as (fwd+bwd) - fwd
-        row["bwd_vs_eager"] = ((row["eager_fwdbwd_s"] - row["eager_fwd_s"])
-                               / max(row["fused_fwdbwd_s"] - row["fused_fwd_s"], 1e-9))
+        row["bwd_vs_eager"] = (row["eager_fwdbwd_s"] - row["eager_fwd_s"]) / max(
+            row["fused_fwdbwd_s"] - row["fused_fwd_s"], 1e-9
+        )
     else:  # backward alone, timed around torch.autograd.backward (warm-up calls dropped)
         for name in impls:
             row[f"{name}_bwd_s"] = min(bwd_times[name][warmup:])
@@ -180,8 +199,9 @@ def bench_case(op, B, L, C, dtype, device, repeats, compile_ref, per_sample=Fals
         bwd = backward_case(op, inputs, B, L, C, dtype, per_sample)
         if bwd is not None:
             bwd_fn, bwd_inputs, bwd_bytes = bwd
-            bandwidth_columns(row, "fused_bwd", bwd_bytes, bwd_fn,
-                              (bwd_inputs, tuple(t.clone() for t in bwd_inputs)), peak)
+            bandwidth_columns(
+                row, "fused_bwd", bwd_bytes, bwd_fn, (bwd_inputs, tuple(t.clone() for t in bwd_inputs)), peak
+            )
         # the practical ceiling: a device-to-device copy moving the same bytes (half read, half written)
         src = [torch.empty(nbytes // 2, dtype=torch.uint8, device=device) for _ in range(2)]
         dst = torch.empty_like(src[0])
@@ -203,19 +223,29 @@ def backward_case(op, inputs, B, L, C, dtype, per_sample=False):
     if op == "rms_norm_modulate":
         x, w, sh, sc = inputs
         # reads grad_out, x (scale); writes grad_x (grad_shift, grad_scale)
-        return (lambda go, x, w, sh, sc: f.norm_modulate_backward(go, None, x, None, None, w, sh, sc, 1e-6, 1, False),
-                (go, x, w, sh, sc), 3 * n + 3 * m)
+        return (
+            lambda go, x, w, sh, sc: f.norm_modulate_backward(go, None, x, None, None, w, sh, sc, 1e-6, 1, False),
+            (go, x, w, sh, sc),
+            3 * n + 3 * m,
+        )
     if op == "layer_norm_modulate":
         x, sh, sc = inputs
-        return (lambda go, x, sh, sc: f.norm_modulate_backward(go, None, x, None, None, None, sh, sc, 1e-6, 2, False),
-                (go, x, sh, sc), 3 * n + 3 * m)
+        return (
+            lambda go, x, sh, sc: f.norm_modulate_backward(go, None, x, None, None, None, sh, sc, 1e-6, 2, False),
+            (go, x, sh, sc),
+            3 * n + 3 * m,
+        )
     if op == "gated_residual_rms_norm_modulate":
         x, gate, y, w, sh, sc = inputs
         gxo = torch.randn_like(go)
         # reads grad_out, grad_x', x', y (gate, scale); writes grad_x, grad_y (grad_gate, grad_shift, grad_scale)
-        return (lambda go, gxo, x, gate, y, w, sh, sc: f.norm_modulate_backward(go, gxo, x, gate, y, w, sh, sc,
-                                                                                1e-6, 1, True),
-                (go, gxo, x, gate, y, w, sh, sc), 6 * n + 5 * m)
+        return (
+            lambda go, gxo, x, gate, y, w, sh, sc: f.norm_modulate_backward(
+                go, gxo, x, gate, y, w, sh, sc, 1e-6, 1, True
+            ),
+            (go, gxo, x, gate, y, w, sh, sc),
+            6 * n + 5 * m,
+        )
     if op == "swiglu":
         a, b = inputs
         g = torch.randn_like(a)
@@ -295,17 +325,29 @@ def bench_model(device, dtype, repeats):
 
     def forward(backend):
         def run():
-            with torch.no_grad(), ops.use_backend(backend), torch.autocast(
-                    device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with (
+                torch.no_grad(),
+                ops.use_backend(backend),
+                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+            ):
                 m(x, t, y)
+
         return run
 
-    res = timed_interleaved({b: forward(b) for b in ("reference", "fused")}, repeats, warmup=1,
-                            cuda=device.type == "cuda")
-    return {"model": "DDT-B/2", "batch": 2, "tokens": 256, "dtype": str(dtype).replace("torch.", ""),
-            "reference_s": res["reference"]["min_s"], "fused_s": res["fused"]["min_s"],
-            "reference_median_s": res["reference"]["median_s"], "fused_median_s": res["fused"]["median_s"],
-            "speedup": res["reference"]["min_s"] / res["fused"]["min_s"]}
+    res = timed_interleaved(
+        {b: forward(b) for b in ("reference", "fused")}, repeats, warmup=1, cuda=device.type == "cuda"
+    )
+    return {
+        "model": "DDT-B/2",
+        "batch": 2,
+        "tokens": 256,
+        "dtype": str(dtype).replace("torch.", ""),
+        "reference_s": res["reference"]["min_s"],
+        "fused_s": res["fused"]["min_s"],
+        "reference_median_s": res["reference"]["median_s"],
+        "fused_median_s": res["fused"]["median_s"],
+        "speedup": res["reference"]["min_s"] / res["fused"]["min_s"],
+    }
 
 
 def _label(row):
@@ -317,20 +359,35 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="one small shape per op, no torch.compile")
     p.add_argument("--full", action="store_true", help="the whole grid (B 4 and 32); slow on a CPU")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved forward repeats per implementation (default 30 on a CPU, 20 on a GPU, 5 with "
-                        "--quick); forward+backward takes half as many, at least 5")
-    p.add_argument("--xl-only", action="store_true",
-                   help="DDT-XL shapes only (B 32, L 256 and 1024, C 1152, bf16), no torch.compile: "
-                        "a short GPU run")
-    p.add_argument("--compile", action="store_true",
-                   help="with --xl-only: also time torch.compile of the reference (compiles each op and shape)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved forward repeats per implementation (default 30 on a CPU, 20 on a GPU, 5 with "
+        "--quick); forward+backward takes half as many, at least 5",
+    )
+    p.add_argument(
+        "--xl-only",
+        action="store_true",
+        help="DDT-XL shapes only (B 32, L 256 and 1024, C 1152, bf16), no torch.compile: a short GPU run",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --xl-only: also time torch.compile of the reference (compiles each op and shape)",
+    )
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--per-sample", action="store_true",
-                   help="also time the norm ops with per-sample shift/scale/gate ([B, 1, C], the encoder's case)")
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="comma-separated dtypes of the grid (float32, bfloat16, float16; default float32,bfloat16); "
-                        "the whole-model rows are timed for the float32 and bfloat16 among them")
+    p.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="also time the norm ops with per-sample shift/scale/gate ([B, 1, C], the encoder's case)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="comma-separated dtypes of the grid (float32, bfloat16, float16; default float32,bfloat16); "
+        "the whole-model rows are timed for the float32 and bfloat16 among them",
+    )
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/ops_<device>.json)")
     args = p.parse_args(argv)
     chosen = [op for op in args.ops.split(",") if op]
@@ -340,7 +397,9 @@ def main(argv=None):
     dtype_names = [d for d in args.dtypes.split(",") if d]
     bad = sorted(set(dtype_names) - {"float32", "bfloat16", "float16"})
     if bad or not dtype_names:
-        p.error(f"--dtypes: unknown dtype(s) {', '.join(bad) or '(none given)'}; choose from float32, bfloat16, float16")
+        p.error(
+            f"--dtypes: unknown dtype(s) {', '.join(bad) or '(none given)'}; choose from float32, bfloat16, float16"
+        )
     dtypes = tuple(getattr(torch, d) for d in dtype_names)
     device = torch.device(args.device)
     machine = machine_info(device)  # before the runs: its load average shows competing work
@@ -361,8 +420,10 @@ def main(argv=None):
     # (thread pool start-up, first-touch page faults): run one case untimed first.
     bench_case(OPS[0], *shapes[0][:3], shapes[0][3], device, 3, compile_ref=False)
     rows = []
-    header = f"{'op':46s} {'B':>3s} {'L':>5s} {'C':>5s} {'dtype':>8s} {'fused ms':>9s} {'x eager':>8s} " \
-             f"{'x compile':>9s} {'bwd x eager':>11s}"
+    header = (
+        f"{'op':46s} {'B':>3s} {'L':>5s} {'C':>5s} {'dtype':>8s} {'fused ms':>9s} {'x eager':>8s} "
+        f"{'x compile':>9s} {'bwd x eager':>11s}"
+    )
     print(header)
     compile_ref = not (args.quick or args.xl_only) or (args.xl_only and args.compile)
     cases = [(shape, op, False) for shape, op in itertools.product(shapes, chosen)]
@@ -371,20 +432,28 @@ def main(argv=None):
     for (B, L, C, dtype), op, per_sample in cases:
         row = bench_case(op, B, L, C, dtype, device, repeats, compile_ref=compile_ref, per_sample=per_sample)
         rows.append(row)
-        print(f"{_label(row):46s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
-              f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
-              f"{row['bwd_vs_eager']:11.2f}", flush=True)
+        print(
+            f"{_label(row):46s} {B:3d} {L:5d} {C:5d} {row['dtype']:>8s} {row['fused_fwd_s'] * 1e3:9.3f} "
+            f"{row['fwd_vs_eager']:8.2f} {row.get('fwd_vs_compile', float('nan')):9.2f} "
+            f"{row['bwd_vs_eager']:11.2f}",
+            flush=True,
+        )
     # On a CPU the fused ops are a small share of a forward (GEMMs dominate):
     # more interleaved repeats (~0.8 s a forward) to see past the machine's
     # noise. The reference backend's bf16 GEMMs are PyTorch's (5-7x slower
     # than float32 without bf16 matrix instructions, ~5 s a forward); ddt_fast
     # multiplies in float32 there (ops.linear).
     cpu_repeats = {torch.float32: 15, torch.bfloat16: 8}
-    model_rows = [bench_model(device, dt, cpu_repeats[dt] if device.type == "cpu" else 20)
-                  for dt in (torch.float32, torch.bfloat16) if dt in dtypes]
+    model_rows = [
+        bench_model(device, dt, cpu_repeats[dt] if device.type == "cpu" else 20)
+        for dt in (torch.float32, torch.bfloat16)
+        if dt in dtypes
+    ]
     for r in model_rows:
-        print(f"whole {r['model']} forward ({r['dtype']}, B={r['batch']}, L={r['tokens']}): reference "
-              f"{r['reference_s'] * 1e3:.1f} ms, fused {r['fused_s'] * 1e3:.1f} ms, x{r['speedup']:.2f}")
+        print(
+            f"whole {r['model']} forward ({r['dtype']}, B={r['batch']}, L={r['tokens']}): reference "
+            f"{r['reference_s'] * 1e3:.1f} ms, fused {r['fused_s'] * 1e3:.1f} ms, x{r['speedup']:.2f}"
+        )
     summary = {}
     if device.type == "cpu" and not args.quick:
         for op in ("rms_norm_modulate", "gated_residual_rms_norm_modulate"):
@@ -396,9 +465,11 @@ def main(argv=None):
         print("worst-case ratios for ops 1 and 2 (targets", TARGETS, "):", summary)
         print("fwd GB/s: fused / compiled / copy of the same bytes (fused as % of copy):")
         for r in rows:
-            print(f"{_label(r):46s} L={r['L']:5d} C={r['C']:5d} {r['dtype']:>8s} {r['fused_fwd_GBs']:.1f} / "
-                  f"{r.get('compile_fwd_GBs', float('nan')):.1f} / {r['copy_GBs']:.1f} "
-                  f"({r['fused_fwd_pct_copy']:.0f}%)")
+            print(
+                f"{_label(r):46s} L={r['L']:5d} C={r['C']:5d} {r['dtype']:>8s} {r['fused_fwd_GBs']:.1f} / "
+                f"{r.get('compile_fwd_GBs', float('nan')):.1f} / {r['copy_GBs']:.1f} "
+                f"({r['fused_fwd_pct_copy']:.0f}%)"
+            )
     if device.type == "cuda":
         print("GB/s (% of HBM peak), stream launches | CUDA graph:")
         for r in rows:

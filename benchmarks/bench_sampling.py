@@ -15,6 +15,7 @@ also (b) and (c) with `cuda_graph=True` (each step's model calls replayed
 from CUDA graphs), and the model in bf16 with bf16 autocast by default.
 Writes benchmarks/results/sampling_<device>.json (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--autocast", choices=["auto", "none", "bf16"], default="auto",
-                   help="bf16: model in bf16 and the loop under bf16 autocast (auto: bf16 on a GPU)")
+    p.add_argument(
+        "--autocast",
+        choices=["auto", "none", "bf16"],
+        default="auto",
+        help="bf16: model in bf16 and the loop under bf16 autocast (auto: bf16 on a GPU)",
+    )
     p.add_argument("--quick", action="store_true", help="DDT-tiny, a smoke run")
     p.add_argument("--out", default=None, help="output path (default benchmarks/results/sampling_<device>.json)")
     args = p.parse_args(argv)
@@ -89,8 +94,15 @@ def main(argv=None):
     bf16 = args.autocast == "bf16" or (args.autocast == "auto" and device.type == "cuda")
     model = random_model(name, device, torch.bfloat16 if bf16 else torch.float32)
     N = args.steps
-    settings = dict(num_steps=N, guidance=2.0, timeshift=1.0, guidance_interval_min=0.3,
-                    guidance_interval_max=1.0, last_step=0.04, autocast=torch.bfloat16 if bf16 else None)
+    settings = dict(
+        num_steps=N,
+        guidance=2.0,
+        timeshift=1.0,
+        guidance_interval_min=0.3,
+        guidance_interval_max=1.0,
+        last_step=0.04,
+        autocast=torch.bfloat16 if bf16 else None,
+    )
     calib = sampling.calibrate(model, sampling.EulerSampler(**settings), num_samples=2, latent_size=32)
     budget = max(1, round(N / 5))
     dp_schedule = calib.schedule(budget)
@@ -103,33 +115,58 @@ def main(argv=None):
     if device.type == "cuda":
         for k in ("b_fast_every_step", "c_fast_dp_ratio_0.8"):
             s = samplers[k]
-            samplers[f"{k}_cuda_graph"] = sampling.EulerSampler(**settings, mode="fast", schedule=s.schedule,
-                                                                cuda_graph=True)
+            samplers[f"{k}_cuda_graph"] = sampling.EulerSampler(
+                **settings, mode="fast", schedule=s.schedule, cuda_graph=True
+            )
     classes = torch.arange(args.batch, device=device) % model.num_classes
     noise = sampling.make_noise(range(args.batch), (model.in_channels, 32, 32), device)
     null = torch.full_like(classes, model.num_classes)
-    res = timed_interleaved({k: (lambda s=s: s(model, noise, classes, null)) for k, s in samplers.items()},
-                            args.repeats, warmup=1, cuda=device.type == "cuda")
+    res = timed_interleaved(
+        {k: (lambda s=s: s(model, noise, classes, null)) for k, s in samplers.items()},
+        args.repeats,
+        warmup=1,
+        cuda=device.type == "cuda",
+    )
     guided_steps = sum(samplers["b_fast_every_step"].is_guided(i) for i in range(N))
     rows = {}
     base = res["a_reference_every_step"]["min_s"]
     for k, r in res.items():
-        rows[k] = {"seconds": r["min_s"], "median_s": r["median_s"], "images_per_s": args.batch / r["min_s"],
-                   "speedup_vs_a": base / r["min_s"]}
-    print(f"{name}, {N} steps, batch {args.batch}, {device}: guided steps {guided_steps}/{N}, "
-          f"DP budget {budget} (cost {dp_schedule.cost:.4f}, steps {list(dp_schedule.steps)})")
+        rows[k] = {
+            "seconds": r["min_s"],
+            "median_s": r["median_s"],
+            "images_per_s": args.batch / r["min_s"],
+            "speedup_vs_a": base / r["min_s"],
+        }
+    print(
+        f"{name}, {N} steps, batch {args.batch}, {device}: guided steps {guided_steps}/{N}, "
+        f"DP budget {budget} (cost {dp_schedule.cost:.4f}, steps {list(dp_schedule.steps)})"
+    )
     for k, r in rows.items():
         print(f"  {k:26s} {r['seconds']:8.2f} s  {r['images_per_s']:7.3f} img/s  x{r['speedup_vs_a']:.2f}")
-    graph_vs_eager = {k: rows[k]["speedup_vs_a"] / rows[k[: -len("_cuda_graph")]]["speedup_vs_a"]
-                      for k in rows if k.endswith("_cuda_graph")}
+    graph_vs_eager = {
+        k: rows[k]["speedup_vs_a"] / rows[k[: -len("_cuda_graph")]]["speedup_vs_a"]
+        for k in rows
+        if k.endswith("_cuda_graph")
+    }
     for k, r in graph_vs_eager.items():
         print(f"  {k}: x{r:.2f} vs the same run without CUDA graphs")
     print(f"  multiply-add ceilings: (b) x{ceil['ceiling_b']:.2f}, (c) x{ceil['ceiling_c']:.2f}")
-    path = write_json(args.out or result_path(f"sampling_{device_tag(device)}{'_quick' if args.quick else ''}.json"), {
-        "machine": machine, "model": name, "steps": N, "batch": args.batch, "guided_steps": guided_steps,
-        "dtype": "bfloat16 (autocast)" if bf16 else "float32", "graph_vs_eager": graph_vs_eager,
-        "dp": {"budget": budget, "cost": dp_schedule.cost, "steps": list(dp_schedule.steps)},
-        "results": rows, "ceilings": ceil, "targets": {"b_vs_a": 1.15, "c_vs_a": 2.5}})
+    path = write_json(
+        args.out or result_path(f"sampling_{device_tag(device)}{'_quick' if args.quick else ''}.json"),
+        {
+            "machine": machine,
+            "model": name,
+            "steps": N,
+            "batch": args.batch,
+            "guided_steps": guided_steps,
+            "dtype": "bfloat16 (autocast)" if bf16 else "float32",
+            "graph_vs_eager": graph_vs_eager,
+            "dp": {"budget": budget, "cost": dp_schedule.cost, "steps": list(dp_schedule.steps)},
+            "results": rows,
+            "ceilings": ceil,
+            "targets": {"b_vs_a": 1.15, "c_vs_a": 2.5},
+        },
+    )
     print("wrote", path)
 
 

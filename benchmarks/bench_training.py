@@ -14,6 +14,7 @@ training_<device>_bf16.json, a result of its own). With bf16 autocast on a CPU
 without bf16 matrix instructions, (b) also multiplies in float32 (ops.linear)
 where the reference runs PyTorch's bf16 kernels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,18 @@ class RandomLatents(torch.utils.data.Dataset):
 
 
 def make_trainer(args, device, out_dir, compile_):
-    cfg = TrainConfig(model=args.model, global_batch=args.batch, steps=10**9, ckpt_every=10**9, out_dir=out_dir,
-                      precision=args.precision, compile=compile_, device=str(device), progress=False,
-                      tensorboard=False)
+    cfg = TrainConfig(
+        model=args.model,
+        global_batch=args.batch,
+        steps=10**9,
+        ckpt_every=10**9,
+        out_dir=out_dir,
+        precision=args.precision,
+        compile=compile_,
+        device=str(device),
+        progress=False,
+        tensorboard=False,
+    )
     data = RandomLatents(args.batch, (4, args.latent, args.latent), preset_config(args.model)["num_classes"])
     trainer = Trainer(cfg, dataset=data)
     batch = {k: torch.stack([data[i][k] for i in range(args.batch)]) for k in ("x", "y")}
@@ -59,8 +69,13 @@ def main(argv=None):
     p.add_argument("--latent", type=int, default=32)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="time (c) (default on a GPU; on the CPU compiling takes minutes, so off unless asked)")
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="time (c) (default on a GPU; on the CPU compiling takes minutes, so off unless asked)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="DDT-tiny, a smoke run")
@@ -91,13 +106,22 @@ def main(argv=None):
             runs[name] = step
         res = timed_interleaved(runs, args.repeats, warmup=1, cuda=cuda)
     base = res["a_reference"]["min_s"]
-    rows = {k: {"seconds": r["min_s"], "median_s": r["median_s"], "images_per_s": args.batch / r["min_s"],
-                "speedup_vs_reference": base / r["min_s"]} for k, r in res.items()}
+    rows = {
+        k: {
+            "seconds": r["min_s"],
+            "median_s": r["median_s"],
+            "images_per_s": args.batch / r["min_s"],
+            "speedup_vs_reference": base / r["min_s"],
+        }
+        for k, r in res.items()
+    }
     if "c_compiled_reference" in rows:
         rows["b_fused"]["speedup_vs_compiled"] = res["c_compiled_reference"]["min_s"] / res["b_fused"]["min_s"]
     tokens = (args.latent // 2) ** 2
-    print(f"{args.model}, batch {args.batch}, {tokens} tokens, {args.precision}, {device}: one training step "
-          "(forward, backward, AdamW, EMA)")
+    print(
+        f"{args.model}, batch {args.batch}, {tokens} tokens, {args.precision}, {device}: one training step "
+        "(forward, backward, AdamW, EMA)"
+    )
     for k, r in rows.items():
         print(f"  {k:22s} {r['seconds']:8.3f} s  {r['images_per_s']:8.2f} img/s  x{r['speedup_vs_reference']:.2f}")
     if compile_s is not None:
@@ -105,11 +129,20 @@ def main(argv=None):
     # a bf16 run is a result of its own beside the float32 one (its own table in docs/benchmarks.md)
     variant = "" if args.precision == "fp32" else args.precision
     name = f"training_{device_tag(device)}{'_' + variant if variant else ''}{'_quick' if args.quick else ''}.json"
-    path = write_json(result_path(name), {
-        "machine": machine, "model": args.model, "batch": args.batch, "tokens": tokens,
-        "precision": args.precision, "results": rows, "compile_seconds": compile_s,
-        "targets_gpu": {"fused_vs_reference": 1.5, "fused_vs_compiled": 1.15},
-        **({"variant": variant} if variant else {})})
+    path = write_json(
+        result_path(name),
+        {
+            "machine": machine,
+            "model": args.model,
+            "batch": args.batch,
+            "tokens": tokens,
+            "precision": args.precision,
+            "results": rows,
+            "compile_seconds": compile_s,
+            "targets_gpu": {"fused_vs_reference": 1.5, "fused_vs_compiled": 1.15},
+            **({"variant": variant} if variant else {}),
+        },
+    )
     print("wrote", path)
 
 

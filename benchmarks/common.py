@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: timing, machine facts, result files."""
+
 from __future__ import annotations
 
 import datetime
@@ -19,8 +20,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def timed(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
-          cuda: bool = False, flush_l2: bool = False) -> Dict[str, float]:
+def timed(
+    fn: Callable[[], object], repeats: int = 10, warmup: int = 2, cuda: bool = False, flush_l2: bool = False
+) -> Dict[str, float]:
     """Median and min wall time of `fn()` (CUDA events on a GPU; optionally
     flushing L2 before each run so large working sets are measured from HBM)."""
     for _ in range(warmup):
@@ -44,8 +46,9 @@ def timed(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
-def timed_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
-                      cuda: bool = False) -> Dict[str, Dict[str, float]]:
+def timed_interleaved(
+    fns: Dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2, cuda: bool = False
+) -> Dict[str, Dict[str, float]]:
     """Time several implementations of one thing in rotation (A B C A B C ...),
     so slow drifts of a shared machine hit them alike. Returns, per name, the
     median and the minimum; on a noisy machine the minimum is the steadier
@@ -67,8 +70,7 @@ def timed_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 20, w
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats}
-            for name, t in times.items()}
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats} for name, t in times.items()}
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
@@ -106,8 +108,9 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         "ddt_fast": ddt_fast.__version__,
         "extension": ddt_fast._extension.available(),
         # backend choices and kernel tuning switches in force (docs/backends-and-kernels.md)
-        "ddt_fast_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DDT_FAST_")
-                         and k != "DDT_FAST_GIT_COMMIT"},
+        "ddt_fast_env": {
+            k: v for k, v in sorted(os.environ.items()) if k.startswith("DDT_FAST_") and k != "DDT_FAST_GIT_COMMIT"
+        },
     }
 
 
@@ -132,8 +135,7 @@ def device_tag(device: torch.device) -> str:
 
 def _git(*args) -> Optional[str]:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

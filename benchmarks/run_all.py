@@ -18,6 +18,7 @@ and dp_budget.png. --stage-timeout stops a stage that runs too long;
 --budget bounds the whole run (stages that no longer fit are recorded as not
 run, and the first of them is named as where the run stopped).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,12 +79,16 @@ def run_stage(name, script, args, out_dir, quick, timeout_s, device) -> dict:
         rc = "timeout"
     seconds = time.time() - t0
     if "--out" not in options:  # a script without --out writes under benchmarks/results: copy its newest file
-        prefix = os.path.basename(script)[len("bench_"):-len(".py")]
+        prefix = os.path.basename(script)[len("bench_") : -len(".py")]
         fresh = [p for p in glob.glob(os.path.join(RESULTS, f"{prefix}_*.json")) if os.path.getmtime(p) >= t0]
         if fresh:
             shutil.copyfile(max(fresh, key=os.path.getmtime), json_out)
-    result = {"rc": rc, "seconds": round(seconds, 1), "log": os.path.basename(log),
-              "json": os.path.basename(json_out) if os.path.exists(json_out) else None}
+    result = {
+        "rc": rc,
+        "seconds": round(seconds, 1),
+        "log": os.path.basename(log),
+        "json": os.path.basename(json_out) if os.path.exists(json_out) else None,
+    }
     print(f"   {name}: rc {rc}, {seconds:.0f} s" + ("" if rc == 0 else f" (see {log})"), flush=True)
     return result
 
@@ -117,12 +122,19 @@ def plot(out_dir: str) -> list:
         for (model, part, dtype), rs in series.items():
             rs = sorted(rs, key=lambda r: r["batch"])
             b = [r["batch"] for r in rs]
-            line, = ax.plot(b, [r["impls"]["ddt_fast"]["speedup_vs_reference_eager"] for r in rs], "o-",
-                            label=f"{model} {part} {dtype} vs eager")
-            comp = [(r["batch"], r["ddt_fast_vs_reference_compiled"]) for r in rs
-                    if "ddt_fast_vs_reference_compiled" in r]
+            (line,) = ax.plot(
+                b,
+                [r["impls"]["ddt_fast"]["speedup_vs_reference_eager"] for r in rs],
+                "o-",
+                label=f"{model} {part} {dtype} vs eager",
+            )
+            comp = [
+                (r["batch"], r["ddt_fast_vs_reference_compiled"]) for r in rs if "ddt_fast_vs_reference_compiled" in r
+            ]
             if comp:
-                ax.plot(*zip(*comp), "s--", color=line.get_color(), alpha=0.6, label=f"{model} {part} {dtype} vs compiled")
+                ax.plot(
+                    *zip(*comp), "s--", color=line.get_color(), alpha=0.6, label=f"{model} {part} {dtype} vs compiled"
+                )
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -147,10 +159,20 @@ def plot(out_dir: str) -> list:
         if "fast_every_step" in sm["results"]:
             pts.append((sm["steps"], sm["results"]["fast_every_step"]))
         pts.sort(key=lambda p: p[0])
-        ax2.plot([p[0] for p in pts], [p[1]["speedup_vs_published_eager"] for p in pts], "o-", color="tab:red",
-                 label="measured speed-up vs published path")
-        ax2.plot([p[0] for p in pts], [p[1]["flop_ceiling_vs_published"] for p in pts], "x--", color="tab:orange",
-                 label="FLOP-count ceiling")
+        ax2.plot(
+            [p[0] for p in pts],
+            [p[1]["speedup_vs_published_eager"] for p in pts],
+            "o-",
+            color="tab:red",
+            label="measured speed-up vs published path",
+        )
+        ax2.plot(
+            [p[0] for p in pts],
+            [p[1]["flop_ceiling_vs_published"] for p in pts],
+            "x--",
+            color="tab:orange",
+            label="FLOP-count ceiling",
+        )
         ax2.set_ylabel("speed-up (x)", color="tab:red")
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax2.legend(handles=handles, loc="center right", fontsize=7)
@@ -216,16 +238,23 @@ def main(argv=None) -> int:
         write_json(os.path.join(out_dir, "summary.json"), summary)
     summary["plots"] = plot(out_dir)
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    jsons = [os.path.join(out_dir, f"{n}.json") for n in summary["stages"]
-             if os.path.exists(os.path.join(out_dir, f"{n}.json"))]
+    jsons = [
+        os.path.join(out_dir, f"{n}.json")
+        for n in summary["stages"]
+        if os.path.exists(os.path.join(out_dir, f"{n}.json"))
+    ]
     tables = render_files(jsons, base=out_dir, include_quick=True) if jsons else "No results."
     m = summary["machine"]
-    stage_rows = "\n".join(f"| {n} | {s.get('rc')} | {s.get('seconds', '-')} | {s.get('skipped') or s.get('log')} |"
-                           for n, s in summary["stages"].items())
-    md = (f"# Benchmarks on {m.get('gpu') or m.get('cpu')}\n\n{m['date_utc']}, commit `{(m['git_commit'] or '?')[:10]}`"
-          f"{' (uncommitted changes)' if m.get('git_dirty') else ''}, torch {m['torch']}"
-          f"{', quick mode' if args.quick else ''}\n\n| stage | exit status | seconds | log |\n|---|---|---|---|\n"
-          f"{stage_rows}\n\n" + "".join(f"![{x}]({x})\n\n" for x in summary["plots"]) + tables + "\n")
+    stage_rows = "\n".join(
+        f"| {n} | {s.get('rc')} | {s.get('seconds', '-')} | {s.get('skipped') or s.get('log')} |"
+        for n, s in summary["stages"].items()
+    )
+    md = (
+        f"# Benchmarks on {m.get('gpu') or m.get('cpu')}\n\n{m['date_utc']}, commit `{(m['git_commit'] or '?')[:10]}`"
+        f"{' (uncommitted changes)' if m.get('git_dirty') else ''}, torch {m['torch']}"
+        f"{', quick mode' if args.quick else ''}\n\n| stage | exit status | seconds | log |\n|---|---|---|---|\n"
+        f"{stage_rows}\n\n" + "".join(f"![{x}]({x})\n\n" for x in summary["plots"]) + tables + "\n"
+    )
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(md)
     print(f"wrote {out_dir}/summary.md")

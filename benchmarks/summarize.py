@@ -8,6 +8,7 @@ run_all.py and gpu_suite.sh write), skipping quick runs; for each device and
 benchmark the newest result is shown, grouped by device.
 --check exits non-zero if docs/benchmarks.md is not up to date with the JSON files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,40 +80,65 @@ _OPS_BANDWIDTH_HEADER = {
 
 def ops_section(d: dict) -> str:
     rows_in = d["rows"]
-    mode = ("gpu_graph" if any("fused_fwd_graph_pct_peak" in r for r in rows_in)
-            else "gpu" if any("fused_fwd_pct_peak" in r for r in rows_in)
-            else "cpu" if any("copy_GBs" in r for r in rows_in) else "")
+    mode = (
+        "gpu_graph"
+        if any("fused_fwd_graph_pct_peak" in r for r in rows_in)
+        else "gpu"
+        if any("fused_fwd_pct_peak" in r for r in rows_in)
+        else "cpu"
+        if any("copy_GBs" in r for r in rows_in)
+        else ""
+    )
     extra = _OPS_BANDWIDTH_HEADER[mode]
-    rows = ["| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |"
-            + extra, "|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|")]
+    rows = [
+        "| op | B | L | C | dtype | fused fwd | vs eager | vs compile | fwd+bwd vs eager | bwd vs eager |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra.count("|"),
+    ]
     for r in rows_in:
         op = r["op"] + (" (per sample)" if r.get("modulation") == "per_sample" else "")
-        line = (f"| {op} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
-                f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
-                f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
-                f"{r['bwd_vs_eager']:.2f}x |")
+        line = (
+            f"| {op} | {r['B']} | {r['L']} | {r['C']} | {r['dtype']} | "
+            f"{r['fused_fwd_s'] * 1e3:.3f} ms | {r['fwd_vs_eager']:.2f}x | "
+            f"{_x(r.get('fwd_vs_compile'))} | {r['fwdbwd_vs_eager']:.2f}x | "
+            f"{r['bwd_vs_eager']:.2f}x |"
+        )
         if mode:
             line += _ops_bandwidth(r, mode)
         rows.append(line)
-    model = [f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
-             f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"
-             for m in d.get("model", [])]
+    model = [
+        f"- whole {m['model']} forward ({m['dtype']}, batch {m['batch']}, {m['tokens']} tokens): reference "
+        f"backend {m['reference_s'] * 1e3:.0f} ms, fused {m['fused_s'] * 1e3:.0f} ms ({m['speedup']:.2f}x)"
+        for m in d.get("model", [])
+    ]
     summary = []
     for op, s in d.get("summary", {}).items():
-        summary.append(f"- {op}, worst case over the grid: forward {s['fwd_vs_eager']:.2f}x eager, "
-                       f"{s['fwd_vs_compile']:.2f}x compiled, backward {s['bwd_vs_eager']:.2f}x eager "
-                       f"(targets {d['cpu_targets']['fwd_vs_eager']:.0f}x / {d['cpu_targets']['fwd_vs_compile']}x / "
-                       f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
-)
+        summary.append(
+            f"- {op}, worst case over the grid: forward {s['fwd_vs_eager']:.2f}x eager, "
+            f"{s['fwd_vs_compile']:.2f}x compiled, backward {s['bwd_vs_eager']:.2f}x eager "
+            f"(targets {d['cpu_targets']['fwd_vs_eager']:.0f}x / {d['cpu_targets']['fwd_vs_compile']}x / "
+            f"{d['cpu_targets']['bwd_vs_eager']:.0f}x: {'met' if s['meets_targets'] else 'not met'})"
+        )
     note = [f"- {d['note']}"] if d.get("note") else []
     if any("fused_bwd_s" in r for r in rows_in):
-        note.append("- bwd vs eager: the backward alone, timed around `torch.autograd.backward` inside each "
-                    "forward+backward call of the rotation")
+        note.append(
+            "- bwd vs eager: the backward alone, timed around `torch.autograd.backward` inside each "
+            "forward+backward call of the rotation"
+        )
     else:
         note.append("- bwd vs eager: (fastest forward+backward) - (fastest forward)")
     title = "Fused block ops" + (f", {d['variant'].replace('_', ' and ')} grid" if d.get("variant") else "")
-    return "\n".join([f"**{title}** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
-                      "ratios > 1 mean ddt_fast is faster):", "", *rows, "", *model, *summary, *note])
+    return "\n".join(
+        [
+            f"**{title}** ({_machine(d['machine'])}; fastest of interleaved repeats, same process, "
+            "ratios > 1 mean ddt_fast is faster):",
+            "",
+            *rows,
+            "",
+            *model,
+            *summary,
+            *note,
+        ]
+    )
 
 
 def sampling_section(d: dict) -> str:
@@ -120,13 +146,22 @@ def sampling_section(d: dict) -> str:
     ceil = {"b_fast_every_step": d["ceilings"]["ceiling_b"], "c_fast_dp_ratio_0.8": d["ceilings"]["ceiling_c"]}
     target = {"b_fast_every_step": d["targets"]["b_vs_a"], "c_fast_dp_ratio_0.8": d["targets"]["c_vs_a"]}
     for k, r in d["results"].items():
-        rows.append(f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {r['speedup_vs_a']:.2f}x | "
-                    f"{'%.2fx' % ceil[k] if k in ceil else '-'} | {'>= %.2fx' % target[k] if k in target else '-'} |")
+        rows.append(
+            f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {r['speedup_vs_a']:.2f}x | "
+            f"{f'{ceil[k]:.2f}x' if k in ceil else '-'} | {f'>= {target[k]:.2f}x' if k in target else '-'} |"
+        )
     dp = d["dp"]
-    return "\n".join([f"**Sampling** ({_machine(d['machine'])}): {d['model']} (random weights), {d['steps']} Euler "
-                      f"steps, batch {d['batch']}, {d.get('dtype', 'float32')}, 32x32 latents, CFG 2.0 in (0.3, 1.0) ({d['guided_steps']} guided "
-                      f"steps); (a) published code path, (b) fast mode, (c) fast mode + DP schedule at sharing "
-                      f"ratio 0.8 (K={dp['budget']}, steps {dp['steps']}, DP cost {dp['cost']:.4f}):", "", *rows])
+    return "\n".join(
+        [
+            f"**Sampling** ({_machine(d['machine'])}): {d['model']} (random weights), {d['steps']} Euler "
+            f"steps, batch {d['batch']}, {d.get('dtype', 'float32')}, 32x32 latents, CFG 2.0 in (0.3, 1.0) "
+            f"({d['guided_steps']} guided "
+            f"steps); (a) published code path, (b) fast mode, (c) fast mode + DP schedule at sharing "
+            f"ratio 0.8 (K={dp['budget']}, steps {dp['steps']}, DP cost {dp['cost']:.4f}):",
+            "",
+            *rows,
+        ]
+    )
 
 
 def _x(v, digits=2) -> str:
@@ -139,47 +174,66 @@ def _ms(r) -> str:
 
 def model_section(d: dict) -> str:
     gpu = bool(d["machine"].get("gpu"))
-    out = [f"**Whole model and sampling** ({_machine(d['machine'])}; fastest of interleaved repeats, "
-           "same process; x = speed-up, > 1 means faster):"]
+    out = [
+        f"**Whole model and sampling** ({_machine(d['machine'])}; fastest of interleaved repeats, "
+        "same process; x = speed-up, > 1 means faster):"
+    ]
     if gpu and d.get("peak"):
         pk = d["peak"]
-        out.append(f"Peak dense bf16: {pk['table_bf16_tflops'] or '?'} TFLOP/s (published), "
-                   f"{pk['matmul_bf16_tflops']:.0f} TFLOP/s (8192^3 matmul, measured); MFU against the published peak.")
+        out.append(
+            f"Peak dense bf16: {pk['table_bf16_tflops'] or '?'} TFLOP/s (published), "
+            f"{pk['matmul_bf16_tflops']:.0f} TFLOP/s (8192^3 matmul, measured); MFU against the published peak."
+        )
     if d.get("forward"):
-        head = "| model | part | dtype | batch | eager ref ms | compiled ref ms | ddt_fast ms | vs eager | vs compiled " \
-               "| decode, cached modulation, vs eager |" + (" ddt_fast TFLOP/s | MFU |" if gpu else "")
+        head = (
+            "| model | part | dtype | batch | eager ref ms | compiled ref ms | ddt_fast ms | vs eager | vs compiled "
+            "| decode, cached modulation, vs eager |" + (" ddt_fast TFLOP/s | MFU |" if gpu else "")
+        )
         out += ["", head, "|" + "---|" * (head.count("|") - 1)]
         for r in d["forward"]:
             i = r["impls"]
             f = i["ddt_fast"]
             cached = i.get("ddt_fast_cached_modulation")
-            line = (f"| {r['model']} | {r['part']} | {r['dtype']} | {r['batch']} | {_ms(i['reference_eager'])} | "
-                    f"{_ms(i.get('reference_compiled'))} | {_ms(f)} | {_x(f['speedup_vs_reference_eager'])} | "
-                    f"{_x(r.get('ddt_fast_vs_reference_compiled'))} | "
-                    f"{_x(cached['speedup_vs_reference_eager']) if cached else '-'} |")
+            line = (
+                f"| {r['model']} | {r['part']} | {r['dtype']} | {r['batch']} | {_ms(i['reference_eager'])} | "
+                f"{_ms(i.get('reference_compiled'))} | {_ms(f)} | {_x(f['speedup_vs_reference_eager'])} | "
+                f"{_x(r.get('ddt_fast_vs_reference_compiled'))} | "
+                f"{_x(cached['speedup_vs_reference_eager']) if cached else '-'} |"
+            )
             if gpu:
                 mfu = f.get("mfu_table_peak")
                 line += f" {f['tflops']:.0f} | {'-' if mfu is None else f'{100 * mfu:.0f}%'} |"
             out.append(line)
         if d.get("forward_machine"):
             out += ["", f"Forward rows from a separate run: {_machine(d['forward_machine'])}."]
-        skipped = sorted({f"{r['model']} {r['part']} ({r['dtype']}): {r['compile']['skipped']}"
-                          for r in d["forward"] if "skipped" in r["compile"]})
+        skipped = sorted(
+            {
+                f"{r['model']} {r['part']} ({r['dtype']}): {r['compile']['skipped']}"
+                for r in d["forward"]
+                if "skipped" in r["compile"]
+            }
+        )
         if skipped:
             out += ["", "torch.compile baseline missing: " + "; ".join(skipped)]
     sm = d.get("sampling")
     if sm and "results" in sm:
         dp = ", ".join(f"{v['ratio']}: K={v['budget']} (DP cost {v['cost']:.4f})" for v in sm["dp"].values())
-        out += ["", f"Sampling: {sm['model']} (random weights), batch {sm['batch']}, {sm['steps']} Euler steps, "
-                    f"{sm['dtype']}, CFG 2.0 in (0.3, 1.0) ({sm['guided_steps']} guided steps), DP schedules at "
-                    f"sharing ratios {dp}:", "",
-                "| run | seconds | images/s | vs published eager | vs published compiled | FLOP ceiling |"
-                + (" TFLOP/s |" if gpu else ""),
-                "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        out += [
+            "",
+            f"Sampling: {sm['model']} (random weights), batch {sm['batch']}, {sm['steps']} Euler steps, "
+            f"{sm['dtype']}, CFG 2.0 in (0.3, 1.0) ({sm['guided_steps']} guided steps), DP schedules at "
+            f"sharing ratios {dp}:",
+            "",
+            "| run | seconds | images/s | vs published eager | vs published compiled | FLOP ceiling |"
+            + (" TFLOP/s |" if gpu else ""),
+            "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        ]
         for k, r in sm["results"].items():
-            out.append(f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {_x(r['speedup_vs_published_eager'])} "
-                       f"| {_x(r.get('speedup_vs_published_compiled'))} | {_x(r['flop_ceiling_vs_published'])} |"
-                       + (f" {r['tflops']:.0f} |" if gpu else ""))
+            out.append(
+                f"| {k} | {r['seconds']:.2f} | {r['images_per_s']:.3f} | {_x(r['speedup_vs_published_eager'])} "
+                f"| {_x(r.get('speedup_vs_published_compiled'))} | {_x(r['flop_ceiling_vs_published'])} |"
+                + (f" {r['tflops']:.0f} |" if gpu else "")
+            )
         if "skipped" in sm.get("compile", {}):
             out += ["", f"torch.compile of the published path: {sm['compile']['skipped']}"]
     elif sm:
@@ -187,8 +241,13 @@ def model_section(d: dict) -> str:
     if gpu:
         out += ["", gpu_targets(d)]
     if d.get("training"):
-        out += ["", generic_section("Training step", {"machine": d["training"].get("machine") or d["machine"],
-                                                      "results": d["training"]["results"]})]
+        out += [
+            "",
+            generic_section(
+                "Training step",
+                {"machine": d["training"].get("machine") or d["machine"], "results": d["training"]["results"]},
+            ),
+        ]
     return "\n".join(out)
 
 
@@ -201,13 +260,17 @@ def gpu_targets(d: dict) -> str:
         vals = [res[n][key] for n in names if n in res and key in res[n]]
         return max(vals) if vals else None
 
-    mfu = [r["impls"]["ddt_fast"].get("mfu_table_peak") for r in d.get("forward", [])
-           if r["part"] == "forward" and r["model"] == "DDT-XL/2" and r["batch"] >= 64]
+    mfu = [
+        r["impls"]["ddt_fast"].get("mfu_table_peak")
+        for r in d.get("forward", [])
+        if r["part"] == "forward" and r["model"] == "DDT-XL/2" and r["batch"] >= 64
+    ]
     mfu = [m for m in mfu if m is not None]
     measured = {
         "fast_every_step_vs_published_eager": best("fast_every_step", "fast_every_step_cuda_graph"),
-        "fast_every_step_vs_published_compiled": best("fast_every_step", "fast_every_step_cuda_graph",
-                                                      key="speedup_vs_published_compiled"),
+        "fast_every_step_vs_published_compiled": best(
+            "fast_every_step", "fast_every_step_cuda_graph", key="speedup_vs_published_compiled"
+        ),
         "fast_dp_0.8_vs_published_eager": best("fast_dp_0.8", "fast_dp_0.8_cuda_graph"),
         "forward_mfu": max(mfu) if mfu else None,
     }
@@ -216,8 +279,10 @@ def gpu_targets(d: dict) -> str:
         v = measured.get(k)
         got = "not measured" if v is None else f"{v:.2f} ({'met' if v >= target else 'not met'})"
         items.append(f"{k.replace('_', ' ')} >= {target}: {got}")
-    return (f"Targets (set for an H100, DDT-XL/2, batch >= 64; this run: sampling {sm.get('model', '?')} batch "
-            f"{sm.get('batch', '?')}): " + "; ".join(items))
+    return (
+        f"Targets (set for an H100, DDT-XL/2, batch >= 64; this run: sampling {sm.get('model', '?')} batch "
+        f"{sm.get('batch', '?')}): " + "; ".join(items)
+    )
 
 
 def _scalar(v) -> str:
@@ -246,40 +311,79 @@ def generic_section(title: str, d: dict) -> str:
 def training_section(d: dict) -> str:
     rows = ["| run | seconds / step (fastest) | median | images/s | vs reference |", "|---|---|---|---|---|"]
     for k, r in d["results"].items():
-        rows.append(f"| {k} | {r['seconds']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
-                    f"{r['speedup_vs_reference']:.2f}x |")
+        rows.append(
+            f"| {k} | {r['seconds']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
+            f"{r['speedup_vs_reference']:.2f}x |"
+        )
     load = d["machine"].get("loadavg_1_5_15min")
-    notes = [f"- load average before the runs: {load[0]:.1f} (other work shared the machine: compare the fastest "
-             "runs, the medians are noisy)"] if load else []
+    notes = (
+        [
+            f"- load average before the runs: {load[0]:.1f} (other work shared the machine: compare the fastest "
+            "runs, the medians are noisy)"
+        ]
+        if load
+        else []
+    )
     if d.get("compile_seconds") is not None:
         notes.append(f"- first compiled step (compilation included): {d['compile_seconds']:.0f} s")
     t = d["targets_gpu"]
-    notes.append(f"- GPU targets (not measured here): fused >= {t['fused_vs_reference']}x the reference backend "
-                 f"and >= {t['fused_vs_compiled']}x its compiled form")
-    return "\n".join([f"**Training step** ({_machine(d['machine'])}): {d['model']} (random weights), batch "
-                      f"{d['batch']}, {d['tokens']} tokens, {d['precision']}; forward, backward, AdamW and EMA "
-                      "through `Trainer.train_step`, same process, same batch:", "", *rows, "", *notes])
+    notes.append(
+        f"- GPU targets (not measured here): fused >= {t['fused_vs_reference']}x the reference backend "
+        f"and >= {t['fused_vs_compiled']}x its compiled form"
+    )
+    return "\n".join(
+        [
+            f"**Training step** ({_machine(d['machine'])}): {d['model']} (random weights), batch "
+            f"{d['batch']}, {d['tokens']} tokens, {d['precision']}; forward, backward, AdamW and EMA "
+            "through `Trainer.train_step`, same process, same batch:",
+            "",
+            *rows,
+            "",
+            *notes,
+        ]
+    )
 
 
 def attention_section(d: dict) -> str:
-    out = [f"**Flash attention** ({_machine(d['machine'])}; {d['dtype']}, median of {d['repeats']}; "
-           "TFLOP/s, forward and forward+backward):", "",
-           "| shape | B | heads | L | D | " + " | ".join(d["attention"][0]["impls"]) + " |",
-           "|---|---|---|---|---|" + "---|" * len(d["attention"][0]["impls"])]
+    out = [
+        f"**Flash attention** ({_machine(d['machine'])}; {d['dtype']}, median of {d['repeats']}; "
+        "TFLOP/s, forward and forward+backward):",
+        "",
+        "| shape | B | heads | L | D | " + " | ".join(d["attention"][0]["impls"]) + " |",
+        "|---|---|---|---|---|" + "---|" * len(d["attention"][0]["impls"]),
+    ]
     for r in d["attention"]:
-        out.append(f"| {r['shape']} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | " + " | ".join(
-            f"{i['fwd_tflops']:.0f} / {i['fwd_bwd_tflops']:.0f}" for i in r["impls"].values()) + " |")
+        out.append(
+            f"| {r['shape']} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | "
+            + " | ".join(f"{i['fwd_tflops']:.0f} / {i['fwd_bwd_tflops']:.0f}" for i in r["impls"].values())
+            + " |"
+        )
     names = list(d["prologue"][0]["impls"])
-    out += ["", "The model's attention from the packed qkv projection (ms, forward / forward+backward):", "",
-            "| shape | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    out += [
+        "",
+        "The model's attention from the packed qkv projection (ms, forward / forward+backward):",
+        "",
+        "| shape | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for r in d["prologue"]:
-        out.append(f"| {r['shape']} | " + " | ".join(
-            f"{i['fwd_ms']:.3f} / {i['fwd_bwd_ms']:.3f}" for i in r["impls"].values()) + " |")
+        out.append(
+            f"| {r['shape']} | "
+            + " | ".join(f"{i['fwd_ms']:.3f} / {i['fwd_bwd_ms']:.3f}" for i in r["impls"].values())
+            + " |"
+        )
     return "\n".join(out)
 
 
-SECTIONS = {"dp": dp_section, "ops": ops_section, "sampling": sampling_section, "model": model_section,
-            "training": training_section, "train": training_section, "attention": attention_section}
+SECTIONS = {
+    "dp": dp_section,
+    "ops": ops_section,
+    "sampling": sampling_section,
+    "model": model_section,
+    "training": training_section,
+    "train": training_section,
+    "attention": attention_section,
+}
 
 
 def render_one(kind: str, d: dict) -> str:

@@ -4,6 +4,7 @@ Under `torchrun` (WORLD_SIZE > 1) a process joins the default process group:
 nccl with one GPU per local rank when CUDA is used, gloo on the CPU. Without
 torchrun everything runs as rank 0 of 1.
 """
+
 from __future__ import annotations
 
 import os

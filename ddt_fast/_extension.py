@@ -3,18 +3,19 @@
 Without it every op runs its pure-PyTorch reference; we say so once, in a
 log line, and carry on.
 """
+
 from __future__ import annotations
 
 import importlib
 import logging
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 logger = logging.getLogger("ddt_fast")
 
 _C = None
 _load_error: Optional[str] = None
-
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 try:  # registers torch.ops.ddt_fast.* as a side effect
     _C = importlib.import_module("ddt_fast._C")

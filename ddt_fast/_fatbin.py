@@ -6,6 +6,7 @@ GPU needed) and lists each embedded image: its kind (cubin or PTX), its arch
 build records the arch list it was asked for; this tells what the linker
 actually kept.
 """
+
 from __future__ import annotations
 
 import struct
@@ -17,9 +18,9 @@ _ARCH_SPECIFIC = 0x100000  # entry flag for sm_XXa (arch-specific features)
 
 
 class GpuImage(NamedTuple):
-    kind: str            # "cubin" or "ptx"
-    arch: str            # e.g. "sm_90a"
-    kernels: tuple       # mangled kernel names (cubins stored uncompressed only)
+    kind: str  # "cubin" or "ptx"
+    arch: str  # e.g. "sm_90a"
+    kernels: tuple  # mangled kernel names (cubins stored uncompressed only)
 
 
 def _elf_sections(data: bytes):
@@ -32,7 +33,7 @@ def _elf_sections(data: bytes):
 
     def name(n):
         end = data.index(b"\0", names_off + n)
-        return data[names_off + n:end].decode()
+        return data[names_off + n : end].decode()
 
     return {name(h[0]): (h[4], h[5]) for h in headers}
 
@@ -42,7 +43,7 @@ def _cubin_kernels(elf: bytes) -> tuple:
         sections = _elf_sections(elf)
     except (ValueError, struct.error, IndexError):
         return ()
-    return tuple(sorted(n[len(".text."):] for n in sections if n.startswith(".text.")))
+    return tuple(sorted(n[len(".text.") :] for n in sections if n.startswith(".text.")))
 
 
 def gpu_images(path: str) -> List[GpuImage]:
@@ -53,7 +54,7 @@ def gpu_images(path: str) -> List[GpuImage]:
     if ".nv_fatbin" not in sections:
         return []
     start, size = sections[".nv_fatbin"]
-    blob = data[start:start + size]
+    blob = data[start : start + size]
     images: List[GpuImage] = []
     pos = 0
     while pos + 16 <= len(blob):
@@ -65,7 +66,7 @@ def gpu_images(path: str) -> List[GpuImage]:
         while entry < end:
             kind, _v, entry_header, payload = struct.unpack_from("<HHIQ", blob, entry)
             arch, flags = struct.unpack_from("<I", blob, entry + 28)[0], struct.unpack_from("<I", blob, entry + 40)[0]
-            body = blob[entry + entry_header: entry + entry_header + payload]
+            body = blob[entry + entry_header : entry + entry_header + payload]
             name = f"sm_{arch}" + ("a" if flags & _ARCH_SPECIFIC else "")
             kernels = _cubin_kernels(body) if kind == 2 and body[:4] == b"\x7fELF" else ()
             images.append(GpuImage(_KIND.get(kind, f"kind{kind}"), name, kernels))

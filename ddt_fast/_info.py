@@ -1,4 +1,5 @@
 """ddt_fast.info(): what was built and which path each op will take."""
+
 from __future__ import annotations
 
 import re
@@ -47,25 +48,31 @@ def info() -> Dict[str, Any]:
         }
     from ddt_fast.ops import plan
 
-    report["backend"] = {"ops": _dispatch_state(), "cpu_plan": plan(torch.device("cpu")),
-                         "cpu_huge_pages": _cpu_huge_pages()}
+    report["backend"] = {
+        "ops": _dispatch_state(),
+        "cpu_plan": plan(torch.device("cpu")),
+        "cpu_huge_pages": _cpu_huge_pages(),
+    }
     if torch.cuda.is_available():
         report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
     from ddt_fast.ops.verified import SLOWER_ON_GPU, VERIFIED
 
     report["gpu_verified"] = [row._asdict() for row in VERIFIED]
     report["gpu_auto_off"] = dict(SLOWER_ON_GPU)  # verified, but measured slower: forced use only
-    report["cuda_devices"] = [
-        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
-    ] if torch.cuda.is_available() else []
+    report["cuda_devices"] = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return report
 
 
 def _dispatch_state() -> Dict[str, str]:
     from ddt_fast.ops import dispatch
 
-    return {"backend": dispatch.get_backend(), "attention": dispatch.get_attention_backend(),
-            "cpu_linear": dispatch.get_cpu_linear()}
+    return {
+        "backend": dispatch.get_backend(),
+        "attention": dispatch.get_attention_backend(),
+        "cpu_linear": dispatch.get_cpu_linear(),
+    }
 
 
 def _cpu_huge_pages() -> Dict[str, Any]:

@@ -11,6 +11,7 @@ Whether an existing target may be replaced is a decision of every caller
 (`overwrite=`): user-facing outputs refuse unless the user asked, derived
 files of a resumable output (a manifest, an index) are rewritten.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def _umask() -> int:
 
 def exists_error(path: str, what: str = "", hint: str = "pass overwrite=True to replace it") -> FileExistsError:
     """The one message for a refused overwrite."""
-    return FileExistsError(f"{what + ' ' if what else ''}{path} exists; nothing is overwritten without asking: "
-                           f"{hint}, or choose another path")
+    return FileExistsError(
+        f"{what + ' ' if what else ''}{path} exists; nothing is overwritten without asking: "
+        f"{hint}, or choose another path"
+    )
 
 
 def atomic_write(path: "os.PathLike[str] | str", write: Callable[[str], None], *, overwrite: bool) -> None:

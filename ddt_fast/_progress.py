@@ -1,4 +1,5 @@
 """Optional tqdm progress bars (nothing when tqdm is missing or the bar is off)."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ line on stderr, `ddt-fast <command>: error: ...`, naming the argument and the
 fix, and exit status 2. A path that does not exist is reported as not found,
 never looked up on the model hub. Nothing existing is replaced without
 --force."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,15 @@ def _check_int(value, name: str, lo: int = 1, hi: Optional[int] = None) -> int:
     return value
 
 
-def _check_number(value, name: str, lo: Optional[float] = None, hi: Optional[float] = None,
-                  lo_open: bool = False, hi_open: bool = False, hint: str = "") -> float:
+def _check_number(
+    value,
+    name: str,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> float:
     """A finite number within the bounds (open or closed), else CliError naming `name`."""
     number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     bad = number is None or not math.isfinite(number)
@@ -90,8 +98,10 @@ def _check_device(spec: Optional[str], name: str = "--device") -> None:
         warnings.simplefilter("ignore")
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise CliError(f"{name} {spec}: CUDA is not available here (torch {torch.__version__}, CUDA build "
-                               f"{torch.version.cuda or 'none'}); use --device cpu")
+                raise CliError(
+                    f"{name} {spec}: CUDA is not available here (torch {torch.__version__}, CUDA build "
+                    f"{torch.version.cuda or 'none'}); use --device cpu"
+                )
             count = torch.cuda.device_count()
             if device.index is not None and device.index >= count:
                 raise CliError(f"{name} {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
@@ -120,8 +130,9 @@ def _check_source(value: str, name: str, needs: str, hub: bool = True) -> None:
     if os.path.exists(value):
         return
     if not hub:
-        raise CliError(f"{name} {value}: checkpoint not found (give an existing checkpoint file or "
-                       "save_pretrained folder)")
+        raise CliError(
+            f"{name} {value}: checkpoint not found (give an existing checkpoint file or save_pretrained folder)"
+        )
     owner = value.split("/", 1)[0]
     if value.startswith((".", "/", "~")) or "\\" in value:
         why = "a path starting with '.', '/' or '~' is never looked up on the model hub"
@@ -156,19 +167,23 @@ def _check_new_file(path: str, name: str, force: bool) -> None:
     """An output file: writable, and not replaced unless --force."""
     _check_out(path, name, folder=False)
     if os.path.lexists(path) and not force:
-        raise CliError(f"{name} {path} exists; nothing is overwritten without asking: pass --force to replace "
-                       "it, or choose another path")
+        raise CliError(
+            f"{name} {path} exists; nothing is overwritten without asking: pass --force to replace "
+            "it, or choose another path"
+        )
 
 
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _check_seeds(seed: int, first: int, last: int, name: str = "--seed") -> None:
     """The noise seeds a run derives from --seed (first..last) fit torch's generator."""
     _check_int(seed, name, lo=SEED_RANGE[0])
     if first < SEED_RANGE[0] or last > SEED_RANGE[1]:
-        raise CliError(f"{name} {seed}: the noise seeds derived from it ({first}..{last}) do not fit in 64 bits; "
-                       "use a smaller seed")
+        raise CliError(
+            f"{name} {seed}: the noise seeds derived from it ({first}..{last}) do not fit in 64 bits; "
+            "use a smaller seed"
+        )
 
 
 def _init_distributed(args) -> None:
@@ -185,16 +200,42 @@ def _init_distributed(args) -> None:
 
 
 # sampling options a published config may set, and their defaults when neither it nor the command line does
-SAMPLING_DEFAULTS = dict(steps=250, guidance=2.0, interval_min=0.3, interval_max=1.0, shift=1.0, last_step=0.04,
-                         sampler="euler", order=2, latent_size=32)
+SAMPLING_DEFAULTS = dict(
+    steps=250,
+    guidance=2.0,
+    interval_min=0.3,
+    interval_max=1.0,
+    shift=1.0,
+    last_step=0.04,
+    sampler="euler",
+    order=2,
+    latent_size=32,
+)
 # the flag of each option, and its name in a published config
-OPTION_FLAGS = dict(steps="--steps", guidance="--guidance", interval_min="--interval MIN",
-                    interval_max="--interval MAX", shift="--shift", last_step="--last-step", sampler="--sampler",
-                    order="--order", latent_size="--latent-size", schedule="--schedule")
-PUBLISHED_NAMES = dict(steps="num_steps", guidance="guidance", interval_min="guidance_interval_min",
-                       interval_max="guidance_interval_max", shift="timeshift", last_step="last_step",
-                       sampler="class_path", order="order", latent_size="data.latent_shape",
-                       schedule="state_refresh_rate")
+OPTION_FLAGS = dict(
+    steps="--steps",
+    guidance="--guidance",
+    interval_min="--interval MIN",
+    interval_max="--interval MAX",
+    shift="--shift",
+    last_step="--last-step",
+    sampler="--sampler",
+    order="--order",
+    latent_size="--latent-size",
+    schedule="--schedule",
+)
+PUBLISHED_NAMES = dict(
+    steps="num_steps",
+    guidance="guidance",
+    interval_min="guidance_interval_min",
+    interval_max="guidance_interval_max",
+    shift="timeshift",
+    last_step="last_step",
+    sampler="class_path",
+    order="order",
+    latent_size="data.latent_shape",
+    schedule="state_refresh_rate",
+)
 
 
 def _resolve_sampling(args) -> None:
@@ -242,10 +283,12 @@ def _check_sampling(args) -> None:
     _check_number(lo, opt("interval_min"), hi=1, hint="the interval is on the shifted time, 0..1")
     _check_number(hi, opt("interval_max"), lo=0, hint="the interval is on the shifted time, 0..1")
     if lo > hi:
-        where = f" (guidance_interval_min/max from {args.config})" if {"interval_min", "interval_max"} & \
-            args.from_config else ""
-        raise CliError(f"--interval{where} {lo:g} {hi:g}: MIN > MAX; the guidance interval is MIN MAX, "
-                       "MIN <= MAX")
+        where = (
+            f" (guidance_interval_min/max from {args.config})"
+            if {"interval_min", "interval_max"} & args.from_config
+            else ""
+        )
+        raise CliError(f"--interval{where} {lo:g} {hi:g}: MIN > MAX; the guidance interval is MIN MAX, MIN <= MAX")
     _check_number(args.shift, opt("shift"), lo=0, lo_open=True, hint="1 = no shift")
     _check_number(args.last_step, opt("last_step"), lo=0, hi=1, lo_open=True)
     if args.sampler not in ("euler", "adams"):
@@ -271,11 +314,15 @@ def _load_model(args):
     model = from_pretrained(args.ckpt, ema=not args.no_ema, **kwargs)
     differ = {k: (v, model.config[k]) for k, v in arch.items() if k in model.config and model.config[k] != v}
     if differ:
-        raise CheckpointError(f"the weights in {args.ckpt} do not match model.denoiser.init_args of {args.config} "
-                              f"(config, weights): {differ}; is it the config of this checkpoint?")
+        raise CheckpointError(
+            f"the weights in {args.ckpt} do not match model.denoiser.init_args of {args.config} "
+            f"(config, weights): {differ}; is it the config of this checkpoint?"
+        )
     if args.latent_size % model.patch_size:
-        raise CliError(f"{_option(args, 'latent_size')} {args.latent_size} is not a multiple of the model's patch "
-                       f"size {model.patch_size}")
+        raise CliError(
+            f"{_option(args, 'latent_size')} {args.latent_size} is not a multiple of the model's patch "
+            f"size {model.patch_size}"
+        )
     return model.to(device).eval(), device
 
 
@@ -283,9 +330,17 @@ def _sampler(args, schedule=None, mode=None):
     from ddt_fast import sampling
 
     lo, hi = args.interval
-    common = dict(num_steps=args.steps, guidance=args.guidance, timeshift=args.shift, guidance_interval_min=lo,
-                  guidance_interval_max=hi, last_step=args.last_step, schedule=schedule,
-                  mode=mode or args.mode, progress=not args.quiet)
+    common = dict(
+        num_steps=args.steps,
+        guidance=args.guidance,
+        timeshift=args.shift,
+        guidance_interval_min=lo,
+        guidance_interval_max=hi,
+        last_step=args.last_step,
+        schedule=schedule,
+        mode=mode or args.mode,
+        progress=not args.quiet,
+    )
     if args.sampler == "adams":
         return sampling.AdamsSampler(order=args.order, **common)
     return sampling.EulerSampler(**common)
@@ -294,8 +349,14 @@ def _sampler(args, schedule=None, mode=None):
 def _calibrate(args, model, device):
     from ddt_fast import sampling
 
-    return sampling.calibrate(model, _sampler(args, mode="reference"), num_samples=args.calib_samples,
-                              seed=args.seed, latent_size=args.latent_size, device=device)
+    return sampling.calibrate(
+        model,
+        _sampler(args, mode="reference"),
+        num_samples=args.calib_samples,
+        seed=args.seed,
+        latent_size=args.latent_size,
+        device=device,
+    )
 
 
 def _check_calibration_seeds(args) -> None:
@@ -338,23 +399,29 @@ def _check_schedule(args) -> Tuple[str, object]:
         try:
             number = parse[kind](value)
         except ValueError:
-            raise CliError(f"{name} {spec}: {kind} takes {'an integer' if parse[kind] is int else 'a number'}, "
-                           f"e.g. {kind}:{4 if parse[kind] is int else 0.8}") from None
+            raise CliError(
+                f"{name} {spec}: {kind} takes {'an integer' if parse[kind] is int else 'a number'}, "
+                f"e.g. {kind}:{4 if parse[kind] is int else 0.8}"
+            ) from None
         if kind == "uniform" and not 1 <= number <= steps:
             raise CliError(f"{name} {spec}: the refresh_rate R of uniform:R must be in 1..{steps} (--steps)")
         if kind == "dp" and not 1 <= number <= steps:
             raise CliError(f"{name} {spec}: the budget K of dp:K must be in 1..{steps} (--steps)")
         if kind == "dp-ratio" and not 0.0 <= number < 1.0:
-            raise CliError(f"{name} {spec}: the sharing ratio of dp-ratio:R must be in [0, 1) (0.8 reuses the "
-                           "encoder's output at 80% of the steps)")
+            raise CliError(
+                f"{name} {spec}: the sharing ratio of dp-ratio:R must be in [0, 1) (0.8 reuses the "
+                "encoder's output at 80% of the steps)"
+            )
         if kind == "dp-tol" and not number >= 0.0:  # NaN fails too
             raise CliError(f"{name} {spec}: the cost tolerance of dp-tol:X must be a number >= 0")
         return kind, number
     if os.path.isfile(spec):
         n = _schedule_file_steps(spec)
         if n != steps:
-            raise CliError(f"{name} {spec} is for {n} steps but {_option(args, 'steps')} is {steps}; pass "
-                           f"--steps {n}, or calibrate for {steps} steps")
+            raise CliError(
+                f"{name} {spec} is for {n} steps but {_option(args, 'steps')} is {steps}; pass "
+                f"--steps {n}, or calibrate for {steps} steps"
+            )
         return "file", spec
     raise CliError(f"{name} {spec!r}: unknown schedule (and no such file); use {SCHEDULE_SYNTAX}")
 
@@ -429,11 +496,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     classes = _parse_classes(ids, model.num_classes, n)
     vae = None if args.vae == "none" else _load_vae(args, device)  # before a calibration, not after
     sampler = _sampler(args, _schedule(args, model, device, kind, value))
-    path = sampling.sample_to_folder(model, sampler, classes, range(args.seed, args.seed + n), args.out,
-                                     batch_size=args.batch_size, vae=vae, latent_size=args.latent_size,
-                                     png=not args.no_png, progress=not args.quiet, overwrite=args.force)
-    print(f"wrote {path} ({n} {'images' if vae is not None else 'latents'}, schedule: "
-          f"{sampler.schedule.budget}/{sampler.num_steps} encoder steps)")
+    path = sampling.sample_to_folder(
+        model,
+        sampler,
+        classes,
+        range(args.seed, args.seed + n),
+        args.out,
+        batch_size=args.batch_size,
+        vae=vae,
+        latent_size=args.latent_size,
+        png=not args.no_png,
+        progress=not args.quiet,
+        overwrite=args.force,
+    )
+    print(
+        f"wrote {path} ({n} {'images' if vae is not None else 'latents'}, schedule: "
+        f"{sampler.schedule.budget}/{sampler.num_steps} encoder steps)"
+    )
     return 0
 
 
@@ -466,20 +545,30 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401  (checked before the work, not after)
         except ImportError:
-            raise CliError("plotting the cost curve needs matplotlib: pip install matplotlib, or pass --plot none")
+            raise CliError(
+                "plotting the cost curve needs matplotlib: pip install matplotlib, or pass --plot none"
+            ) from None
     _check_device(args.device)
 
     model, device = _load_model(args)
     if earlier is not None:  # the same settings and weights: reuse it; anything else: refuse
         from ddt_fast.sampling import calibration_settings
 
-        differ = earlier.differences(calibration_settings(
-            model, _sampler(args, mode="reference"), num_samples=args.calib_samples, seed=args.seed,
-            latent_size=args.latent_size))
+        differ = earlier.differences(
+            calibration_settings(
+                model,
+                _sampler(args, mode="reference"),
+                num_samples=args.calib_samples,
+                seed=args.seed,
+                latent_size=args.latent_size,
+            )
+        )
         if differ:
             shown = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(differ.items())[:4])
-            raise CliError(f"--out {args.out} is a calibration made with other settings ({shown}); nothing is "
-                           "overwritten without asking: pass --force to replace it, or choose another path")
+            raise CliError(
+                f"--out {args.out} is a calibration made with other settings ({shown}); nothing is "
+                "overwritten without asking: pass --force to replace it, or choose another path"
+            )
         cal = earlier
         print(f"{args.out} is up to date (same settings and weights): reused")
         if plot and os.path.lexists(plot):
@@ -492,8 +581,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     for k, cost in curve[: min(len(curve), 12)]:
         print(f"  K={k:4d}  cost={cost:.5f}")
     if plot:
-        plot_cost_curve(curve, plot, title=f"{os.path.basename(args.ckpt)}: {cal.num_steps} steps, "
-                                           f"guidance {args.guidance}", overwrite=args.force)
+        plot_cost_curve(
+            curve,
+            plot,
+            title=f"{os.path.basename(args.ckpt)}: {cal.num_steps} steps, guidance {args.guidance}",
+            overwrite=args.force,
+        )
         print(f"wrote {plot}")
     return 0
 
@@ -537,11 +630,15 @@ def _check_train_config(config, path: str) -> None:
             raise CliError(f"{key} {where} must be a string, got {value!r}")
     _check_device(config.device, f"device {where}")
     if config.init_from and not os.path.exists(config.init_from):
-        raise CliError(f"init_from {where}: {config.init_from} not found (give an existing checkpoint file or "
-                       "save_pretrained folder)")
+        raise CliError(
+            f"init_from {where}: {config.init_from} not found (give an existing checkpoint file or "
+            "save_pretrained folder)"
+        )
     if config.data != "digits" and not os.path.isdir(config.data):
-        raise CliError(f"data {where}: dataset folder {config.data} not found (data: digits, or a folder written "
-                       "by ddt-fast extract-latents)")
+        raise CliError(
+            f"data {where}: dataset folder {config.data} not found (data: digits, or a folder written "
+            "by ddt-fast extract-latents)"
+        )
     if config.image_folder and not os.path.isdir(config.image_folder):
         raise CliError(f"image_folder {where}: {config.image_folder} not found")
     _check_out(config.out_dir, f"out_dir {where}", folder=True)
@@ -563,8 +660,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(config).fit()
     if rank_world()[0] == 0:
         loss = result["metrics"].get("loss")
-        print(f"trained {config.model} to step {result['step']} (loss {loss if loss is None else f'{loss:.5f}'}); "
-              f"checkpoint: {result['checkpoint']}")
+        print(
+            f"trained {config.model} to step {result['step']} (loss {loss if loss is None else f'{loss:.5f}'}); "
+            f"checkpoint: {result['checkpoint']}"
+        )
     return 0
 
 
@@ -572,36 +671,51 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ddt_fast.models import load_checkpoint
     from ddt_fast.training import save_lightning
 
-    for value, flag in ((args.encoder_blocks, "--encoder-blocks"), (args.in_channels, "--in-channels"),
-                        (args.patch_size, "--patch-size")):
+    for value, flag in (
+        (args.encoder_blocks, "--encoder-blocks"),
+        (args.in_channels, "--in-channels"),
+        (args.patch_size, "--patch-size"),
+    ):
         if value is not None:
             _check_int(value, flag)
     _check_source(args.src, "IN", needs=WEIGHTS_NAME, hub=False)
     to_lightning = os.path.isdir(args.src)  # a save_pretrained folder -> Lightning checkpoint, else the reverse
     if to_lightning and os.path.isdir(args.dst):
-        raise CliError(f"OUT {args.dst} is a folder; converting a save_pretrained folder writes a checkpoint file "
-                       "(e.g. model.ckpt)")
+        raise CliError(
+            f"OUT {args.dst} is a folder; converting a save_pretrained folder writes a checkpoint file "
+            "(e.g. model.ckpt)"
+        )
     if not to_lightning and os.path.isfile(args.dst):
         raise CliError(f"OUT {args.dst} is a file; converting a checkpoint file writes a save_pretrained folder")
     if os.path.exists(args.dst) and not args.force:
-        raise CliError(f"OUT {args.dst} exists; nothing is overwritten without asking: pass --force or choose "
-                       "another output")
+        raise CliError(
+            f"OUT {args.dst} exists; nothing is overwritten without asking: pass --force or choose another output"
+        )
     _check_out(args.dst, "OUT", folder=not to_lightning)
 
-    kwargs = dict(num_encoder_blocks=args.encoder_blocks, in_channels=args.in_channels,
-                  patch_size=args.patch_size, allow_pickle=args.allow_pickle)
+    kwargs = dict(
+        num_encoder_blocks=args.encoder_blocks,
+        in_channels=args.in_channels,
+        patch_size=args.patch_size,
+        allow_pickle=args.allow_pickle,
+    )
     if to_lightning:
         model = load_checkpoint(args.src, **kwargs)
         weights = model.state_dict()
-        save_lightning(args.dst, weights, weights, hyper_parameters={"model_config": model.config},
-                       overwrite=args.force)
-        print(f"wrote {args.dst}: published Lightning layout (denoiser.* and ema_denoiser.* = the folder's "
-              f"weights), {model.config}")
+        save_lightning(
+            args.dst, weights, weights, hyper_parameters={"model_config": model.config}, overwrite=args.force
+        )
+        print(
+            f"wrote {args.dst}: published Lightning layout (denoiser.* and ema_denoiser.* = the folder's "
+            f"weights), {model.config}"
+        )
     else:
         model = load_checkpoint(args.src, ema=not args.no_ema, **kwargs)
         model.save_pretrained(args.dst, overwrite=args.force)
-        print(f"wrote {args.dst}/ (config.json + model.safetensors, {'training' if args.no_ema else 'EMA'} "
-              f"weights), {model.config}")
+        print(
+            f"wrote {args.dst}/ (config.json + model.safetensors, {'training' if args.no_ema else 'EMA'} "
+            f"weights), {model.config}"
+        )
     return 0
 
 
@@ -613,17 +727,27 @@ def _cmd_extract_latents(args: argparse.Namespace) -> int:
     _check_int(args.batch_size, "--batch-size")
     _check_int(args.shard_size, "--shard-size")
     if not os.path.isdir(args.image_folder):
-        raise CliError(f"IMAGE_FOLDER {args.image_folder}: image folder not found (expected "
-                       "root/<class name>/<image files>)")
+        raise CliError(
+            f"IMAGE_FOLDER {args.image_folder}: image folder not found (expected root/<class name>/<image files>)"
+        )
     _check_source(args.vae, "--vae", needs="config.json")
     _check_out(args.out, "OUT", folder=True)
     _check_device(args.device)
 
     device = init_from_env(args.device) if launched_by_torchrun() else args.device
-    index = extract_latents(args.image_folder, args.out, vae=args.vae, resolution=args.resolution,
-                            flip=args.flip, batch_size=args.batch_size, shard_size=args.shard_size,
-                            dtype=args.dtype, store_std=not args.no_std, device=device,
-                            progress=not args.quiet)
+    index = extract_latents(
+        args.image_folder,
+        args.out,
+        vae=args.vae,
+        resolution=args.resolution,
+        flip=args.flip,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        store_std=not args.no_std,
+        device=device,
+        progress=not args.quiet,
+    )
     with open(index) as f:
         n = json.load(f)["num_items"]
     print(f"wrote {index} ({n} latents); train on it with data: {args.out}")
@@ -634,23 +758,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ddt_fast import demo
     from ddt_fast.training import list_checkpoints
 
-    for value, flag in ((args.train_steps, "--train-steps"), (args.per_class, "--per-class"),
-                        (args.threads, "--threads")):
+    for value, flag in (
+        (args.train_steps, "--train-steps"),
+        (args.per_class, "--per-class"),
+        (args.threads, "--threads"),
+    ):
         if value is not None:
             _check_int(value, flag)
     if args.seed is not None:  # scikit-learn's random_state takes 0..2^32-1
-        _check_int(args.seed, "--seed", lo=0, hi=2 ** 32 - 1)
+        _check_int(args.seed, "--seed", lo=0, hi=2**32 - 1)
     _check_device(args.device)
     make = demo.DemoSettings.quick if args.quick else demo.DemoSettings
-    overrides = {k: v for k, v in dict(out_dir=args.out, train_steps=args.train_steps, seed=args.seed,
-                                        device=args.device, per_class=args.per_class, threads=args.threads).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            out_dir=args.out,
+            train_steps=args.train_steps,
+            seed=args.seed,
+            device=args.device,
+            per_class=args.per_class,
+            threads=args.threads,
+        ).items()
+        if v is not None
+    }
     settings = make(progress=not args.quiet, **overrides)
     _check_out(settings.out_dir, "--out", folder=True)
     done = list_checkpoints(os.path.join(settings.out_dir, "train"))
     if done and done[-1][0] > settings.train_steps:
-        raise CliError(f"--out {settings.out_dir} holds a run trained for {done[-1][0]} steps, more than "
-                       f"--train-steps {settings.train_steps}; pass --train-steps {done[-1][0]} or another --out")
+        raise CliError(
+            f"--out {settings.out_dir} holds a run trained for {done[-1][0]} steps, more than "
+            f"--train-steps {settings.train_steps}; pass --train-steps {done[-1][0]} or another --out"
+        )
 
     metrics = demo.run_demo(settings)
     print()
@@ -660,32 +798,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint file, save_pretrained folder or model-hub id (owner/name); a path that does not "
-                        "exist is an error, never a hub lookup")
-    p.add_argument("--encoder-blocks", type=int, default=None,
-                   help="encoder/decoder split, if the checkpoint's architecture is not a published preset")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint file, save_pretrained folder or model-hub id (owner/name); a path that does not "
+        "exist is an error, never a hub lookup",
+    )
+    p.add_argument(
+        "--encoder-blocks",
+        type=int,
+        default=None,
+        help="encoder/decoder split, if the checkpoint's architecture is not a published preset",
+    )
     p.add_argument("--no-ema", action="store_true", help="use the training weights, not the EMA ones")
-    p.add_argument("--config", default=None,
-                   help="a YAML config of the published DDT code: the architecture (model.denoiser.init_args), "
-                        "the sampler and its settings (model.diffusion_sampler) and data.latent_shape; options "
-                        "given here override it")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a YAML config of the published DDT code: the architecture (model.denoiser.init_args), "
+        "the sampler and its settings (model.diffusion_sampler) and data.latent_shape; options "
+        "given here override it",
+    )
     d = SAMPLING_DEFAULTS
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {d['steps']})")
-    p.add_argument("--guidance", type=float, default=None,
-                   help=f"CFG scale >= 0: 1 = none, 0 = the unconditional model (default {d['guidance']})")
-    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help=f"guidance interval on the shifted time t in 0..1, strict: guided where MIN < t < MAX "
-                        f"(MIN <= MAX; MIN < 0 takes in t = 0) (default {d['interval_min']} {d['interval_max']})")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"CFG scale >= 0: 1 = none, 0 = the unconditional model (default {d['guidance']})",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help=f"guidance interval on the shifted time t in 0..1, strict: guided where MIN < t < MAX "
+        f"(MIN <= MAX; MIN < 0 takes in t = 0) (default {d['interval_min']} {d['interval_max']})",
+    )
     p.add_argument("--shift", type=float, default=None, help=f"time shift > 0, 1 = none (default {d['shift']})")
-    p.add_argument("--last-step", type=float, default=None,
-                   help=f"size of the last step, in (0, 1] (default {d['last_step']})")
+    p.add_argument(
+        "--last-step", type=float, default=None, help=f"size of the last step, in (0, 1] (default {d['last_step']})"
+    )
     p.add_argument("--sampler", choices=("euler", "adams"), default=None, help="default euler")
     p.add_argument("--order", type=int, default=None, help=f"Adams-Bashforth order 1-3 (default {d['order']})")
-    p.add_argument("--mode", choices=("fast", "reference"), default="fast",
-                   help="fast (default) or reference: step for step the published sampler")
-    p.add_argument("--latent-size", type=int, default=None,
-                   help=f"latent side, image side / 8 (default {d['latent_size']})")
+    p.add_argument(
+        "--mode",
+        choices=("fast", "reference"),
+        default="fast",
+        help="fast (default) or reference: step for step the published sampler",
+    )
+    p.add_argument(
+        "--latent-size", type=int, default=None, help=f"latent side, image side / 8 (default {d['latent_size']})"
+    )
     p.add_argument("--seed", type=int, default=0, help="sample i's noise comes from seed + i (default 0)")
     p.add_argument("--calib-samples", type=int, default=8, help="samples in a DP calibration (default 8)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -700,8 +864,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ddt-fast", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="ddt-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="build and runtime report: versions, kernels, archs, backends")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -712,64 +875,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="random", help="class ids, e.g. 207,360,387 (cycled), or 'random'")
     p.add_argument("--num-images", type=int, default=8, help="default 8")
     p.add_argument("--batch-size", type=int, default=16, help="default 16")
-    p.add_argument("--schedule", default=None,
-                   help="every | uniform:R | dp:K | dp-ratio:R | dp-tol:X | FILE (schedule or calibration JSON); "
-                        "default every, or uniform at the published config's state_refresh_rate")
-    p.add_argument("--vae", default="none",
-                   help="VAE folder or model-hub id (stabilityai/sd-vae-ft-ema), or 'none' for latents (default)")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="every | uniform:R | dp:K | dp-ratio:R | dp-tol:X | FILE (schedule or calibration JSON); "
+        "default every, or uniform at the published config's state_refresh_rate",
+    )
+    p.add_argument(
+        "--vae",
+        default="none",
+        help="VAE folder or model-hub id (stabilityai/sd-vae-ft-ema), or 'none' for latents (default)",
+    )
     p.add_argument("--no-png", action="store_true", help="only the .npz, no PNG files")
-    p.add_argument("--out", required=True,
-                   help="output folder; a run stopped early resumes there with the same arguments")
-    p.add_argument("--force", action="store_true",
-                   help="replace the samples in --out if they were made with other settings (without it such a "
-                        "folder is refused)")
+    p.add_argument(
+        "--out", required=True, help="output folder; a run stopped early resumes there with the same arguments"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the samples in --out if they were made with other settings (without it such a folder is refused)",
+    )
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("calibrate", help="DP calibration: similarity statistic and cost-vs-budget curve (+ PNG)")
     _add_sampling_args(p)
     p.add_argument("--out", required=True, help="calibration JSON (pass it to sample --schedule)")
-    p.add_argument("--plot", default=None,
-                   help="the cost-vs-budget PNG (default: --out with .png; 'none' for no plot; needs matplotlib)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing --out (and plot); without it they are refused before any work")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="the cost-vs-budget PNG (default: --out with .png; 'none' for no plot; needs matplotlib)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out (and plot); without it they are refused before any work",
+    )
     p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("train", help="train a DDT from a YAML config (single process or under torchrun)",
-                       description="Train a DDT. The config is a flat YAML (or JSON) mapping of TrainConfig "
-                                   "fields (see configs/ and docs/training.md); key=value "
-                                   "arguments override it. Under torchrun every process joins the group.")
+    p = sub.add_parser(
+        "train",
+        help="train a DDT from a YAML config (single process or under torchrun)",
+        description="Train a DDT. The config is a flat YAML (or JSON) mapping of TrainConfig "
+        "fields (see configs/ and docs/training.md); key=value "
+        "arguments override it. Under torchrun every process joins the group.",
+    )
     p.add_argument("--config", required=True, help="training config (.yaml / .json), e.g. configs/digits_tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides, values parsed as YAML: steps=100 lr=3e-4 model_args.hidden_size=64 resume=true")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides, values parsed as YAML: steps=100 lr=3e-4 model_args.hidden_size=64 resume=true",
+    )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("convert", help="published Lightning checkpoint <-> save_pretrained folder",
-                       description="A checkpoint file (published Lightning .ckpt, ddt_fast training checkpoint, "
-                                   "state dict, .safetensors) becomes a save_pretrained folder (config.json + "
-                                   "model.safetensors); a save_pretrained folder becomes a Lightning checkpoint in "
-                                   "the published layout. Files are written to a temporary name and renamed.")
+    p = sub.add_parser(
+        "convert",
+        help="published Lightning checkpoint <-> save_pretrained folder",
+        description="A checkpoint file (published Lightning .ckpt, ddt_fast training checkpoint, "
+        "state dict, .safetensors) becomes a save_pretrained folder (config.json + "
+        "model.safetensors); a save_pretrained folder becomes a Lightning checkpoint in "
+        "the published layout. Files are written to a temporary name and renamed.",
+    )
     p.add_argument("src", metavar="IN", help="checkpoint file or save_pretrained folder")
     p.add_argument("dst", metavar="OUT", help="save_pretrained folder or .ckpt file (the other kind)")
     p.add_argument("--no-ema", action="store_true", help="take the training weights (denoiser.*), not the EMA ones")
-    p.add_argument("--encoder-blocks", type=int, default=None,
-                   help="encoder/decoder split, if neither the file nor a published preset gives it")
+    p.add_argument(
+        "--encoder-blocks",
+        type=int,
+        default=None,
+        help="encoder/decoder split, if neither the file nor a published preset gives it",
+    )
     p.add_argument("--in-channels", type=int, default=None, help="if the patch features do not factor as 4 * p^2")
     p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="open files holding Python objects (torch.load weights_only=False; trusted files only)")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists (the .ckpt file, or the folder's config.json and "
-                        "model.safetensors); without it OUT is refused")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="open files holding Python objects (torch.load weights_only=False; trusted files only)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it exists (the .ckpt file, or the folder's config.json and "
+        "model.safetensors); without it OUT is refused",
+    )
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("extract-latents", help="encode an image folder into latent shards with the SD VAE",
-                       description="Encode IMAGE_FOLDER (root/<class>/<images>) with the Stable Diffusion VAE into "
-                                   "safetensors shards + index.json, the latent dataset `train` reads "
-                                   "(data: OUT). Resumable; under torchrun rank r encodes shards r, r+W, ...")
+    p = sub.add_parser(
+        "extract-latents",
+        help="encode an image folder into latent shards with the SD VAE",
+        description="Encode IMAGE_FOLDER (root/<class>/<images>) with the Stable Diffusion VAE into "
+        "safetensors shards + index.json, the latent dataset `train` reads "
+        "(data: OUT). Resumable; under torchrun rank r encodes shards r, r+W, ...",
+    )
     p.add_argument("image_folder", metavar="IMAGE_FOLDER", help="root/<class name>/<image files>")
     p.add_argument("out", metavar="OUT", help="output folder (new or an earlier, unfinished extraction)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                   help="VAE folder or model-hub id (a path that does not exist is an error, never a hub lookup)")
+    p.add_argument(
+        "--vae",
+        default="stabilityai/sd-vae-ft-ema",
+        help="VAE folder or model-hub id (a path that does not exist is an error, never a hub lookup)",
+    )
     p.add_argument("--resolution", type=int, default=256, help="center-crop side in pixels, >= 8 (default 256)")
     p.add_argument("--flip", action="store_true", help="also encode every image mirrored")
     p.add_argument("--batch-size", type=int, default=32, help="default 32")
@@ -780,20 +984,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract_latents)
 
-    p = sub.add_parser("demo", help="train a digits DDT on the CPU, calibrate DP, compare schedules",
-                       description="Trains a small class-conditional DDT on scikit-learn's 8x8 digits (CPU, "
-                                   "minutes), calibrates the DP schedule, samples every class with CFG under "
-                                   "every step and uniform / DP schedules at K = N/2, N/4, N/5, N/8, and scores "
-                                   "them with a digits classifier (accuracy, Frechet distance). Writes OUT/ "
-                                   "and prints a table.")
+    p = sub.add_parser(
+        "demo",
+        help="train a digits DDT on the CPU, calibrate DP, compare schedules",
+        description="Trains a small class-conditional DDT on scikit-learn's 8x8 digits (CPU, "
+        "minutes), calibrates the DP schedule, samples every class with CFG under "
+        "every step and uniform / DP schedules at K = N/2, N/4, N/5, N/8, and scores "
+        "them with a digits classifier (accuracy, Frechet distance). Writes OUT/ "
+        "and prints a table.",
+    )
     p.add_argument("--out", default=None, help="output folder (default demo_out, quick: demo_out_quick)")
     p.add_argument("--quick", action="store_true", help="a one-minute version (few training steps, few samples)")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default 1200, quick 250)")
     p.add_argument("--per-class", type=int, default=None, help="samples per class and schedule (default 50)")
     p.add_argument("--seed", type=int, default=None, help="0..2^32-1 (default 0)")
     p.add_argument("--device", default=None, help="default cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1: the model is tiny; robust on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: the model is tiny; robust on a shared machine)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
     parser.commands = dict(sub.choices)  # name -> subcommand parser

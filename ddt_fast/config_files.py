@@ -8,6 +8,7 @@
   (the architecture), `model.diffusion_sampler` (class and `init_args`: the
   sampler settings) and `data.latent_shape`, read by `sample` and `calibrate`.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional
 
 # published sampler arguments -> ddt-fast sample/calibrate options
 PUBLISHED_SAMPLER_ARGS = {
-    "num_steps": "steps", "guidance": "guidance", "timeshift": "shift", "guidance_interval_min": "interval_min",
-    "guidance_interval_max": "interval_max", "last_step": "last_step", "state_refresh_rate": "refresh_rate",
+    "num_steps": "steps",
+    "guidance": "guidance",
+    "timeshift": "shift",
+    "guidance_interval_min": "interval_min",
+    "guidance_interval_max": "interval_max",
+    "last_step": "last_step",
+    "state_refresh_rate": "refresh_rate",
     "order": "order",
 }
 # published sampler arguments that name functions / classes of the published code; DDT's sampler is
@@ -39,8 +45,10 @@ def _yaml_loader(what: str):
     try:
         import yaml
     except ImportError as e:
-        raise ImportError(f"{what} needs PyYAML: pip install pyyaml (or pip install 'ddt_fast[cli]'), "
-                          "or pass the same settings as a .json file") from e
+        raise ImportError(
+            f"{what} needs PyYAML: pip install pyyaml (or pip install 'ddt_fast[cli]'), "
+            "or pass the same settings as a .json file"
+        ) from e
     if _LOADER is None:
         import re
 
@@ -49,9 +57,12 @@ def _yaml_loader(what: str):
 
         Loader.add_implicit_resolver(
             "tag:yaml.org,2002:float",
-            re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
-                       r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-            list("-+0123456789."))
+            re.compile(
+                r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+                r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+            ),
+            list("-+0123456789."),
+        )
         _LOADER = Loader
     return yaml, _LOADER
 
@@ -125,10 +136,12 @@ def load_train_config(path: str, overrides: List[str] = ()):
 
     data = read_config(path)
     if is_published_config(data):
-        raise ConfigError(f"{path} is a config of the published Lightning code (model.denoiser / "
-                          "model.diffusion_sampler); `ddt-fast train` takes ddt_fast's flat training config "
-                          "(see configs/ddt_xl2_256.yaml, which mirrors the published recipe). "
-                          "`sample` and `calibrate` read published configs.")
+        raise ConfigError(
+            f"{path} is a config of the published Lightning code (model.denoiser / "
+            "model.diffusion_sampler); `ddt-fast train` takes ddt_fast's flat training config "
+            "(see configs/ddt_xl2_256.yaml, which mirrors the published recipe). "
+            "`sample` and `calibrate` read published configs."
+        )
     data = apply_overrides(data, list(overrides))
     try:
         return TrainConfig.from_dict(data)
@@ -155,27 +168,35 @@ def published_settings(config: Mapping[str, Any], path: str = "config") -> Dict[
     from ddt_fast.models.presets import _constructor_args as constructor_args
 
     if not is_published_config(config):
-        raise ConfigError(f"{path} has no model.denoiser or model.diffusion_sampler section: it is not a config "
-                          "of the published DDT code (expected model: {denoiser: {init_args: ...}, "
-                          "diffusion_sampler: {class_path: ..., init_args: ...}})")
+        raise ConfigError(
+            f"{path} has no model.denoiser or model.diffusion_sampler section: it is not a config "
+            "of the published DDT code (expected model: {denoiser: {init_args: ...}, "
+            "diffusion_sampler: {class_path: ..., init_args: ...}})"
+        )
     model = config["model"]
     denoiser = _init_args(model.get("denoiser"), "model.denoiser")
     valid = set(constructor_args())
     unknown = sorted(set(denoiser) - valid)
     if unknown:
-        raise ConfigError(f"{path}: model.denoiser.init_args has unknown setting(s) {unknown}; "
-                          f"the DDT constructor takes {sorted(valid)}")
+        raise ConfigError(
+            f"{path}: model.denoiser.init_args has unknown setting(s) {unknown}; "
+            f"the DDT constructor takes {sorted(valid)}"
+        )
     sampler_section = model.get("diffusion_sampler") or {}
     class_name = str(sampler_section.get("class_path", "EulerSampler")).rsplit(".", 1)[-1]
     if class_name not in PUBLISHED_SAMPLERS:
-        raise ConfigError(f"{path}: model.diffusion_sampler.class_path {class_name!r} is not a sampler ddt_fast "
-                          f"runs; known: {sorted(PUBLISHED_SAMPLERS)}")
+        raise ConfigError(
+            f"{path}: model.diffusion_sampler.class_path {class_name!r} is not a sampler ddt_fast "
+            f"runs; known: {sorted(PUBLISHED_SAMPLERS)}"
+        )
     sampler_args = _init_args(sampler_section, "model.diffusion_sampler")
     unknown = sorted(set(sampler_args) - set(PUBLISHED_SAMPLER_ARGS) - set(PUBLISHED_SAMPLER_IGNORED))
     if unknown:
-        raise ConfigError(f"{path}: model.diffusion_sampler.init_args has unknown setting(s) {unknown}; "
-                          f"known: {sorted(PUBLISHED_SAMPLER_ARGS)} (and {list(PUBLISHED_SAMPLER_IGNORED)}, "
-                          "which select DDT's defaults)")
+        raise ConfigError(
+            f"{path}: model.diffusion_sampler.init_args has unknown setting(s) {unknown}; "
+            f"known: {sorted(PUBLISHED_SAMPLER_ARGS)} (and {list(PUBLISHED_SAMPLER_IGNORED)}, "
+            "which select DDT's defaults)"
+        )
     options = {PUBLISHED_SAMPLER_ARGS[k]: v for k, v in sampler_args.items() if k in PUBLISHED_SAMPLER_ARGS}
     latent_size: Optional[int] = None
     shape = (config.get("data") or {}).get("latent_shape") if isinstance(config.get("data"), Mapping) else None
@@ -183,5 +204,9 @@ def published_settings(config: Mapping[str, Any], path: str = "config") -> Dict[
         if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and shape[1] == shape[2]):
             raise ConfigError(f"{path}: data.latent_shape must be [C, H, H], got {shape!r}")
         latent_size = int(shape[1])
-    return {"model": denoiser, "sampler": PUBLISHED_SAMPLERS[class_name], "options": options,
-            "latent_size": latent_size}
+    return {
+        "model": denoiser,
+        "sampler": PUBLISHED_SAMPLERS[class_name],
+        "options": options,
+        "latent_size": latent_size,
+    }

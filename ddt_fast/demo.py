@@ -19,6 +19,7 @@ of the EMA weights) and `train/` (the training run: checkpoints,
 config.json, metrics.jsonl). Running it again on the same folder resumes the
 training run (nothing is trained twice) and redoes everything after it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,17 @@ class DemoSettings:
 
     out_dir: str = "demo_out"
     # model: DDT-tiny/2 widened, on 1-channel 8x8 digits, patch 2 (16 tokens)
-    model_args: Dict[str, Any] = field(default_factory=lambda: dict(
-        in_channels=1, num_classes=10, hidden_size=128, num_groups=4, num_blocks=4, num_encoder_blocks=3,
-        patch_size=2))
+    model_args: Dict[str, Any] = field(
+        default_factory=lambda: dict(
+            in_channels=1,
+            num_classes=10,
+            hidden_size=128,
+            num_groups=4,
+            num_blocks=4,
+            num_encoder_blocks=3,
+            patch_size=2,
+        )
+    )
     # training
     train_steps: int = 1200
     global_batch: int = 64
@@ -73,17 +82,33 @@ class DemoSettings:
     def quick(cls, **overrides) -> "DemoSettings":
         """About a minute on two CPU cores: a narrower model, 250 steps at a higher learning rate,
         10 samples per class. Recognisable digits for some classes, not all."""
-        quick = dict(out_dir="demo_out_quick", train_steps=250, lr=3e-3, warmup_steps=20, ema_decay=0.9,
-                     per_class=10, grid_per_class=10,
-                     model_args=dict(in_channels=1, num_classes=10, hidden_size=64, num_groups=2, num_blocks=4,
-                                     num_encoder_blocks=3, patch_size=2))
+        quick = dict(
+            out_dir="demo_out_quick",
+            train_steps=250,
+            lr=3e-3,
+            warmup_steps=20,
+            ema_decay=0.9,
+            per_class=10,
+            grid_per_class=10,
+            model_args=dict(
+                in_channels=1,
+                num_classes=10,
+                hidden_size=64,
+                num_groups=2,
+                num_blocks=4,
+                num_encoder_blocks=3,
+                patch_size=2,
+            ),
+        )
         return cls(**{**quick, **overrides})
 
     def budgets(self) -> List[int]:
         bad = [d for d in self.budgets_div if self.num_steps % d]
         if bad:
-            raise ValueError(f"num_steps={self.num_steps} is not divisible by {bad}: the budgets are N/d for d in "
-                             f"{list(self.budgets_div)}; use a multiple of 40")
+            raise ValueError(
+                f"num_steps={self.num_steps} is not divisible by {bad}: the budgets are N/d for d in "
+                f"{list(self.budgets_div)}; use a multiple of 40"
+            )
         return [self.num_steps // d for d in self.budgets_div]
 
 
@@ -114,9 +139,11 @@ class DigitsClassifier:
         x, y = real_digits()
         x = x.reshape(len(x), -1)
         self.x_train, self.x_test, self.y_train, self.y_test = train_test_split(
-            x, y, test_size=0.25, stratify=y, random_state=seed)
-        self.mlp = MLPClassifier(hidden_layer_sizes=(hidden,), activation="relu", alpha=1e-3, max_iter=2000,
-                                 random_state=seed).fit(self.x_train, self.y_train)
+            x, y, test_size=0.25, stratify=y, random_state=seed
+        )
+        self.mlp = MLPClassifier(
+            hidden_layer_sizes=(hidden,), activation="relu", alpha=1e-3, max_iter=2000, random_state=seed
+        ).fit(self.x_train, self.y_train)
         self.held_out_accuracy = float(self.mlp.score(self.x_test, self.y_test))
         self.hidden = hidden
 
@@ -175,8 +202,13 @@ def machine() -> Dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _log(message: str) -> None:
@@ -196,8 +228,10 @@ def check_out_dir(out_dir: str) -> None:
         return
     other = sorted(set(os.listdir(out_dir)) - set(DEMO_FILES))
     if other:
-        raise FileExistsError(f"{out_dir} holds files the demo did not write ({', '.join(other[:5])}); nothing "
-                              "is overwritten without asking: choose a new or empty --out, or an earlier demo's")
+        raise FileExistsError(
+            f"{out_dir} holds files the demo did not write ({', '.join(other[:5])}); nothing "
+            "is overwritten without asking: choose a new or empty --out, or an earlier demo's"
+        )
 
 
 def train_model(s: DemoSettings):
@@ -207,23 +241,45 @@ def train_model(s: DemoSettings):
 
     out = os.path.join(s.out_dir, "train")
     done = list_checkpoints(out)
-    config = TrainConfig(model="DDT-tiny/2", model_args=dict(s.model_args), data="digits",
-                         global_batch=s.global_batch, steps=s.train_steps, lr=s.lr, warmup_steps=s.warmup_steps,
-                         ema_decay=s.ema_decay, ckpt_every=min(500, s.train_steps), keep_last=1, log_every=25,
-                         seed=s.seed, out_dir=out, resume=True, device=s.device, tensorboard=False,
-                         progress=s.progress)
+    config = TrainConfig(
+        model="DDT-tiny/2",
+        model_args=dict(s.model_args),
+        data="digits",
+        global_batch=s.global_batch,
+        steps=s.train_steps,
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        ema_decay=s.ema_decay,
+        ckpt_every=min(500, s.train_steps),
+        keep_last=1,
+        log_every=25,
+        seed=s.seed,
+        out_dir=out,
+        resume=True,
+        device=s.device,
+        tensorboard=False,
+        progress=s.progress,
+    )
     start = done[-1][0] if done else 0
     if start > s.train_steps:
-        raise ValueError(f"{out} holds a run trained for {start} steps, more than train_steps={s.train_steps}; "
-                         "use another --out (or delete that folder)")
+        raise ValueError(
+            f"{out} holds a run trained for {start} steps, more than train_steps={s.train_steps}; "
+            "use another --out (or delete that folder)"
+        )
     t0 = time.perf_counter()
     result = Trainer(config).fit()
     seconds = time.perf_counter() - t0
     model = load_checkpoint(result["checkpoint"]).to(s.device).eval()
     losses = _read_losses(os.path.join(out, "metrics.jsonl"))
-    return model, {"steps": result["step"], "resumed_from_step": start, "seconds_this_run": round(seconds, 2),
-                   "final_loss": losses[-1][1] if losses else None, "checkpoint": result["checkpoint"],
-                   "parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict()}
+    return model, {
+        "steps": result["step"],
+        "resumed_from_step": start,
+        "seconds_this_run": round(seconds, 2),
+        "final_loss": losses[-1][1] if losses else None,
+        "checkpoint": result["checkpoint"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": config.to_dict(),
+    }
 
 
 def _read_losses(path: str) -> List[Tuple[int, float]]:
@@ -248,8 +304,15 @@ def schedules(s: DemoSettings, calibration) -> List[Tuple[str, Any]]:
 def _sampler(s: DemoSettings, schedule=None, progress: bool = False):
     from ddt_fast.sampling import EulerSampler
 
-    return EulerSampler(num_steps=s.num_steps, guidance=s.guidance, guidance_interval_min=s.interval[0],
-                        guidance_interval_max=s.interval[1], schedule=schedule, mode="fast", progress=progress)
+    return EulerSampler(
+        num_steps=s.num_steps,
+        guidance=s.guidance,
+        guidance_interval_min=s.interval[0],
+        guidance_interval_max=s.interval[1],
+        schedule=schedule,
+        mode="fast",
+        progress=progress,
+    )
 
 
 def run_demo(s: DemoSettings, log: Callable[[str], None] = _log) -> Dict[str, Any]:
@@ -272,12 +335,16 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     os.makedirs(s.out_dir, exist_ok=True)
     torch.manual_seed(s.seed)
 
-    log(f"[1/5] training a class-conditional DDT on the 8x8 digits ({s.train_steps} steps, batch "
-        f"{s.global_batch}, {s.device})")
+    log(
+        f"[1/5] training a class-conditional DDT on the 8x8 digits ({s.train_steps} steps, batch "
+        f"{s.global_batch}, {s.device})"
+    )
     model, training = train_model(s)
     model.save_pretrained(os.path.join(s.out_dir, "model"), overwrite=True)  # the demo's own folder
-    log(f"      {training['parameters']:,} parameters, final loss {training['final_loss']}, "
-        f"{training['seconds_this_run']:.1f} s this run")
+    log(
+        f"      {training['parameters']:,} parameters, final loss {training['final_loss']}, "
+        f"{training['seconds_this_run']:.1f} s this run"
+    )
 
     log("[2/5] training the digits classifier on real digits")
     clf = DigitsClassifier(hidden=s.classifier_hidden, seed=s.seed)
@@ -287,8 +354,14 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     log(f"      held-out accuracy {clf.held_out_accuracy:.4f}; FD held-out real vs train real {floor:.3f}")
 
     log(f"[3/5] calibrating the DP schedule ({s.calib_samples} samples, {s.num_steps} steps)")
-    cal = calibrate(model, _sampler(s), num_samples=s.calib_samples, seed=s.seed, latent_size=DIGIT_SIDE,
-                    device=torch.device(s.device))
+    cal = calibrate(
+        model,
+        _sampler(s),
+        num_samples=s.calib_samples,
+        seed=s.seed,
+        latent_size=DIGIT_SIDE,
+        device=torch.device(s.device),
+    )
     cal.save(os.path.join(s.out_dir, "calibration.json"), overwrite=True)
 
     plan = schedules(s, cal)
@@ -298,8 +371,10 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
     y = torch.tensor(classes, device=dev)
     null = torch.full_like(y, model.num_classes)
     noise = make_noise(seeds, (model.in_channels, DIGIT_SIDE, DIGIT_SIDE), dev)
-    log(f"[4/5] sampling {len(classes)} digits ({s.per_class} per class) under {len(plan)} schedules, "
-        f"CFG {s.guidance} in {tuple(s.interval)}")
+    log(
+        f"[4/5] sampling {len(classes)} digits ({s.per_class} per class) under {len(plan)} schedules, "
+        f"CFG {s.guidance} in {tuple(s.interval)}"
+    )
     with torch.inference_mode():  # warm-up, not timed (allocator, thread pool)
         _sampler(s)(model, noise[:8], y[:8], null[:8])
     rows, every_images = [], None
@@ -315,50 +390,72 @@ def _run_demo(s: DemoSettings, log: Callable[[str], None]) -> Dict[str, Any]:
             every_images = images
         pick = [i for i in range(len(classes)) if i % s.per_class < s.grid_per_class]
         grid_name = name.replace(" K=", "_K").replace(" ", "_") + ".png"
-        save_png(make_grid(to_uint8(images[pick]), nrow=min(s.grid_per_class, s.per_class)),
-                 os.path.join(s.out_dir, "grids", grid_name), overwrite=True)
-        rows.append({
-            "schedule": name, "kind": sched.kind, "K": sched.budget, "steps": list(sched.steps),
-            "wall_s": round(wall, 4), "accuracy": round(clf.accuracy(images, classes), 4),
-            "fd": round(frechet_distance(clf.features(images), real_features), 4),
-            "mse_vs_every": float(f"{np.mean((images - every_images) ** 2):.6g}"),
-            "dp_cost": float(f"{schedule_cost(cal.similarity, sched.steps):.6g}"),
-            "grid": os.path.join("grids", grid_name)})
+        save_png(
+            make_grid(to_uint8(images[pick]), nrow=min(s.grid_per_class, s.per_class)),
+            os.path.join(s.out_dir, "grids", grid_name),
+            overwrite=True,
+        )
+        rows.append(
+            {
+                "schedule": name,
+                "kind": sched.kind,
+                "K": sched.budget,
+                "steps": list(sched.steps),
+                "wall_s": round(wall, 4),
+                "accuracy": round(clf.accuracy(images, classes), 4),
+                "fd": round(frechet_distance(clf.features(images), real_features), 4),
+                "mse_vs_every": float(f"{np.mean((images - every_images) ** 2):.6g}"),
+                "dp_cost": float(f"{schedule_cost(cal.similarity, sched.steps):.6g}"),
+                "grid": os.path.join("grids", grid_name),
+            }
+        )
         log(f"      {name:<14} {wall:7.2f} s  accuracy {rows[-1]['accuracy']:.3f}  FD {rows[-1]['fd']:.3f}")
     for r in rows:
         r["speedup"] = round(rows[0]["wall_s"] / r["wall_s"], 3)
 
     log("[5/5] cost-vs-budget plot and metrics")
     uniform_pts = [(r["K"], r["dp_cost"]) for r in rows if r["kind"] == "uniform"]
-    plot_cost_curve(cal.curve(), os.path.join(s.out_dir, "cost_vs_budget.png"),
-                    points={"uniform": uniform_pts}, overwrite=True,
-                    title=f"digits DDT, {s.num_steps} Euler steps, CFG {s.guidance}")
+    plot_cost_curve(
+        cal.curve(),
+        os.path.join(s.out_dir, "cost_vs_budget.png"),
+        points={"uniform": uniform_pts},
+        overwrite=True,
+        title=f"digits DDT, {s.num_steps} Euler steps, CFG {s.guidance}",
+    )
     by = {(r["kind"], r["K"]): r for r in rows}
     comparison = []
     for k in budgets:
         u, d = by[("uniform", k)], by[("dp", k)]
-        comparison.append({"K": k, "accuracy": {"uniform": u["accuracy"], "dp": d["accuracy"]},
-                           "fd": {"uniform": u["fd"], "dp": d["fd"]},
-                           "mse_vs_every": {"uniform": u["mse_vs_every"], "dp": d["mse_vs_every"]},
-                           "dp_better_fd": d["fd"] < u["fd"], "dp_better_mse": d["mse_vs_every"] < u["mse_vs_every"],
-                           "dp_accuracy_not_lower": d["accuracy"] >= u["accuracy"]})
+        comparison.append(
+            {
+                "K": k,
+                "accuracy": {"uniform": u["accuracy"], "dp": d["accuracy"]},
+                "fd": {"uniform": u["fd"], "dp": d["fd"]},
+                "mse_vs_every": {"uniform": u["mse_vs_every"], "dp": d["mse_vs_every"]},
+                "dp_better_fd": d["fd"] < u["fd"],
+                "dp_better_mse": d["mse_vs_every"] < u["mse_vs_every"],
+                "dp_accuracy_not_lower": d["accuracy"] >= u["accuracy"],
+            }
+        )
     metrics = {
         "format": "ddt_fast.demo/1",
         "machine": machine(),
         "settings": _jsonable(dataclasses.asdict(s)),
         "training": training,
-        "classifier": {"model": f"MLP, one ReLU hidden layer of {clf.hidden}, on 64 pixels (scikit-learn)",
-                       "train_images": len(clf.y_train), "held_out_images": len(clf.y_test),
-                       "held_out_accuracy": round(clf.held_out_accuracy, 4),
-                       "fd_held_out_real_vs_train_real": round(floor, 4),
-                       "fd_reference_set": f"all {len(real_x)} real digits"},
+        "classifier": {
+            "model": f"MLP, one ReLU hidden layer of {clf.hidden}, on 64 pixels (scikit-learn)",
+            "train_images": len(clf.y_train),
+            "held_out_images": len(clf.y_test),
+            "held_out_accuracy": round(clf.held_out_accuracy, 4),
+            "fd_held_out_real_vs_train_real": round(floor, 4),
+            "fd_reference_set": f"all {len(real_x)} real digits",
+        },
         "calibration": {"samples": s.calib_samples, "cost_curve": [[k, c] for k, c in cal.curve()]},
         "schedules": rows,
         "dp_vs_uniform": comparison,
         "total_s": round(time.perf_counter() - t_start, 2),
     }
-    atomic_write_text(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n",
-                      overwrite=True)
+    atomic_write_text(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n", overwrite=True)
     return metrics
 
 
@@ -375,11 +472,23 @@ def format_table(metrics: Dict[str, Any]) -> str:
     head = ("schedule", "K", "wall s", "speed-up", "accuracy", "FD", "MSE vs every", "DP cost")
     lines = [head]
     for r in metrics["schedules"]:
-        lines.append((r["schedule"], str(r["K"]), f"{r['wall_s']:.2f}", f"{r['speedup']:.2f}x",
-                      f"{r['accuracy']:.3f}", f"{r['fd']:.3f}", f"{r['mse_vs_every']:.2e}", f"{r['dp_cost']:.3g}"))
+        lines.append(
+            (
+                r["schedule"],
+                str(r["K"]),
+                f"{r['wall_s']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['accuracy']:.3f}",
+                f"{r['fd']:.3f}",
+                f"{r['mse_vs_every']:.2e}",
+                f"{r['dp_cost']:.3g}",
+            )
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in lines]
+    text = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in lines
+    ]
     text.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(text)
 
@@ -391,18 +500,19 @@ def summary(metrics: Dict[str, Any]) -> str:
     fd_wins = sum(c_["dp_better_fd"] for c_ in cmp_)
     mse_wins = sum(c_["dp_better_mse"] for c_ in cmp_)
     acc_ok = sum(c_["dp_accuracy_not_lower"] for c_ in cmp_)
-    return "\n".join([
-        f"quality: accuracy of an MLP digits classifier (held-out accuracy {c['held_out_accuracy']:.3f}) on the "
-        f"samples w.r.t. their class; FD: Frechet distance to the real digits in its hidden-layer features "
-        f"(held-out real vs train real: {c['fd_held_out_real_vs_train_real']:.3f})",
-        f"training: {t['steps']} steps, {t['seconds_this_run']:.1f} s this run (resumed from step "
-        f"{t['resumed_from_step']}), final loss {t['final_loss']}",
-        f"DP vs uniform at equal K ({len(cmp_)} budgets): lower FD at {fd_wins}, lower MSE to every-step at "
-        f"{mse_wins}, accuracy not lower at {acc_ok}",
-        f"total {metrics['total_s']:.1f} s",
-    ])
+    return "\n".join(
+        [
+            f"quality: accuracy of an MLP digits classifier (held-out accuracy {c['held_out_accuracy']:.3f}) on the "
+            f"samples w.r.t. their class; FD: Frechet distance to the real digits in its hidden-layer features "
+            f"(held-out real vs train real: {c['fd_held_out_real_vs_train_real']:.3f})",
+            f"training: {t['steps']} steps, {t['seconds_this_run']:.1f} s this run (resumed from step "
+            f"{t['resumed_from_step']}), final loss {t['final_loss']}",
+            f"DP vs uniform at equal K ({len(cmp_)} budgets): lower FD at {fd_wins}, lower MSE to every-step at "
+            f"{mse_wins}, accuracy not lower at {acc_ok}",
+            f"total {metrics['total_s']:.1f} s",
+        ]
+    )
 
 
 def report(metrics: Dict[str, Any]) -> str:
     return format_table(metrics) + "\n\n" + summary(metrics)
-

@@ -1,4 +1,5 @@
 """Helpers of the fault-injection tests: damaging files, a small model."""
+
 import torch
 
 from ddt_fast import models

@@ -4,6 +4,7 @@ straight from docs/spec.md ("The model") for the tests (no ddt_fast code is used
 It reads a state dict and computes in float64 unless told otherwise, so the
 model under test can be compared against it.
 """
+
 import math
 
 import torch
@@ -71,8 +72,9 @@ def spec_forward(sd, cfg, x, t, y, s=None, dtype=torch.float64):
     patches = patches_by_loops(x.to(dtype), p)
     angles = rope_angles(hp, wp, D)
 
-    temb = lin(torch.nn.functional.silu(lin(timestep_embedding(t).to(dtype), "t_embedder.mlp.0")),
-               "t_embedder.mlp.2")[:, None]
+    temb = lin(torch.nn.functional.silu(lin(timestep_embedding(t).to(dtype), "t_embedder.mlp.0")), "t_embedder.mlp.2")[
+        :, None
+    ]
     yemb = g["y_embedder.embedding_table.weight"][y][:, None]
     c = torch.nn.functional.silu(temb + yemb)
 
@@ -109,5 +111,5 @@ def spec_forward(sd, cfg, x, t, y, s=None, dtype=torch.float64):
     v = torch.empty(B, Cin, H, W, dtype=dtype)
     for r in range(hp):
         for cc in range(wp):
-            v[:, :, r * p:(r + 1) * p, cc * p:(cc + 1) * p] = out[:, r * wp + cc].view(B, Cin, p, p)
+            v[:, :, r * p : (r + 1) * p, cc * p : (cc + 1) * p] = out[:, r * wp + cc].view(B, Cin, p, p)
     return v, s

@@ -1,6 +1,7 @@
 """The benchmark scripts: the analytic FLOP count against PyTorch's FLOP counter,
 the compile time limit, and smoke runs of run_all.py and gpu_suite.sh (quick
 modes, into a temporary folder)."""
+
 import json
 import os
 import subprocess
@@ -36,8 +37,11 @@ def test_flop_formula_equals_torch_flop_counter(name):
     with torch.no_grad(), ops.use_backend("reference", attention="sdpa"), sdpa_kernel(SDPBackend.MATH):
         s = m.encode(x, t, y)
         cache = ModulationCache().fill(m, s)
-        for part, fn in (("forward", lambda: m(x, t, y)), ("decode", lambda: m.decode(x, s)),
-                         ("decode_cached_modulation", lambda: m.decode(x, s, cache))):
+        for part, fn in (
+            ("forward", lambda: m(x, t, y)),
+            ("decode", lambda: m.decode(x, s)),
+            ("decode_cached_modulation", lambda: m.decode(x, s, cache)),
+        ):
             with FlopCounterMode(display=False) as counter:
                 fn()
             assert counter.get_total_flops() == expected[part], part
@@ -67,11 +71,25 @@ def test_compile_time_limit_gives_up_with_a_reason():
     assert not ok and why == "torch.compile failed: RuntimeError: inductor: unsupported"
 
 
+@pytest.mark.slow
 def test_run_all_quick_writes_results_summary_and_plots(tmp_path):
     out = tmp_path / "res"
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--quick", "--only",
-                        "sampling,model,train", "--out", str(out)], capture_output=True, text=True, env=ENV,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "run_all.py"),
+            "--quick",
+            "--only",
+            "sampling,model,train",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["sampling"]["rc"] == 0 and summary["stages"]["model"]["rc"] == 0
@@ -97,11 +115,18 @@ def test_run_all_quick_writes_results_summary_and_plots(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "suite"
     env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="240")
-    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     suite = json.loads((out / "suite.json").read_text())
     assert suite["stopped_at"] is None
@@ -111,11 +136,18 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert "gpu_suite summary" in r.stdout and "failed or unfinished: none" in r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_suite_reports_where_it_stopped(tmp_path):
     out = tmp_path / "suite"
     env = dict(ENV, DRY_RUN="1", DRY_RUN_ONLY="dp", TEST_PATHS="tests/test_sampling_graphs.py", BUDGET_S="20")
-    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_suite.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 1
     suite = json.loads((out / "suite.json").read_text())
     assert suite["stopped_at"] == "cuda_tests" and suite["stages"]["benchmarks"]["rc"] == "not-run"
@@ -124,14 +156,18 @@ def test_gpu_suite_reports_where_it_stopped(tmp_path):
 
 def test_summarize_renders_newest_result_per_device_and_kind(tmp_path):
     def result(date, gpu=None):
-        return {"machine": {"date_utc": date, "gpu": gpu, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
-                "rows": [{"step": "fwd", "seconds": 1.5}]}
+        return {
+            "machine": {"date_utc": date, "gpu": gpu, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
+            "rows": [{"step": "fwd", "seconds": 1.5}],
+        }
 
     (tmp_path / "dev").mkdir()
-    for path, d in ((tmp_path / "train_cpu.json", result("2026-01-01")),
-                    (tmp_path / "dev" / "train.json", result("2026-02-01")),
-                    (tmp_path / "dev" / "attention.json", result("2026-02-01", gpu="NVIDIA H100 80GB HBM3")),
-                    (tmp_path / "train_cpu_quick.json", result("2026-03-01"))):
+    for path, d in (
+        (tmp_path / "train_cpu.json", result("2026-01-01")),
+        (tmp_path / "dev" / "train.json", result("2026-02-01")),
+        (tmp_path / "dev" / "attention.json", result("2026-02-01", gpu="NVIDIA H100 80GB HBM3")),
+        (tmp_path / "train_cpu_quick.json", result("2026-03-01")),
+    ):
         path.write_text(json.dumps(d))
     md = summarize.render_files(summarize.result_files(str(tmp_path)), base=str(tmp_path))
     assert "(from `dev/train.json`)" in md and "train_cpu.json" not in md and "quick" not in md
@@ -141,10 +177,21 @@ def test_summarize_renders_newest_result_per_device_and_kind(tmp_path):
 
 def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
     def ops(date, variant=None, dtype="float32"):
-        row = {"op": "swiglu", "B": 4, "L": 256, "C": 768, "dtype": dtype, "fused_fwd_s": 1e-3, "fwd_vs_eager": 2.0,
-               "fwdbwd_vs_eager": 2.0, "bwd_vs_eager": 2.0}
-        d = {"machine": {"date_utc": date, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
-             "rows": [row]}
+        row = {
+            "op": "swiglu",
+            "B": 4,
+            "L": 256,
+            "C": 768,
+            "dtype": dtype,
+            "fused_fwd_s": 1e-3,
+            "fwd_vs_eager": 2.0,
+            "fwdbwd_vs_eager": 2.0,
+            "bwd_vs_eager": 2.0,
+        }
+        d = {
+            "machine": {"date_utc": date, "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
+            "rows": [row],
+        }
         return dict(d, variant=variant) if variant else d
 
     (tmp_path / "ops_cpu.json").write_text(json.dumps(ops("2026-01-01")))
@@ -154,6 +201,7 @@ def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
     assert md.index("**Fused block ops** (") < md.index("**Fused block ops, float16 grid** (")
 
 
+@pytest.mark.slow
 def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     import bench_training
 
@@ -172,27 +220,35 @@ def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     assert ", fp32;" in md and ", bf16;" in md
 
 
+@pytest.mark.slow
 def test_bench_ops_times_the_cpu_backward_directly():
     import bench_ops
 
-    row = bench_ops.bench_case("layer_norm_modulate", 1, 16, 64, torch.float32, torch.device("cpu"), repeats=10,
-                               compile_ref=False)
+    row = bench_ops.bench_case(
+        "layer_norm_modulate", 1, 16, 64, torch.float32, torch.device("cpu"), repeats=10, compile_ref=False
+    )
     for name in ("fused", "eager"):
         # the backward alone is part of a forward+backward call, and is timed inside it
         assert 0 < row[f"{name}_bwd_s"] < row[f"{name}_fwdbwd_s"]
     assert row["bwd_vs_eager"] == row["eager_bwd_s"] / row["fused_bwd_s"]
 
 
+@pytest.mark.slow
 def test_bench_ops_rejects_unknown_dtypes():
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_ops.py"), "--dtypes", "float8"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and "unknown dtype(s) float8" in r.stderr
 
 
 def test_benchmark_results_page_is_generated_by_summarize():
     assert summarize.RESULTS_PAGE == os.path.join("docs", "benchmarks.md")
-    assert summarize.main(["--check"]) == 0, \
-        "docs/benchmarks.md results are stale: run python benchmarks/summarize.py"
+    assert summarize.main(["--check"]) == 0, "docs/benchmarks.md results are stale: run python benchmarks/summarize.py"
     # one generated block, on the benchmarks page only
     with open(os.path.join(ROOT, "README.md")) as f:
         assert summarize.BEGIN not in f.read(), "README.md holds a results block; it lives in docs/benchmarks.md"

@@ -1,4 +1,5 @@
 """The build: extension present, CUDA compiled where a toolkit exists, info() truthful."""
+
 import os
 import shutil
 import subprocess
@@ -12,8 +13,11 @@ from ddt_fast import _extension
 from ddt_fast._fatbin import gpu_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_BUILD_EXPECTED = (torch.version.cuda is not None and shutil.which("nvcc") is not None
-                       and os.environ.get("DDT_FAST_BUILD_CUDA", "1") != "0")
+CUDA_BUILD_EXPECTED = (
+    torch.version.cuda is not None
+    and shutil.which("nvcc") is not None
+    and os.environ.get("DDT_FAST_BUILD_CUDA", "1") != "0"
+)
 
 
 def test_extension_is_built_and_loaded():
@@ -51,7 +55,7 @@ def test_attention_kernels_linked_for_each_arch():
         names = by_arch.get(sm, [])
         for kernel in ("forward_kernel", "dq_kernel", "dkdv_kernel", "delta_kernel"):
             for dtype in ("bf16_t", "f16_t"):
-                for dim in ((64, 72, 128) if kernel != "delta_kernel" else (None,)):
+                for dim in (64, 72, 128) if kernel != "delta_kernel" else (None,):
                     mangled = f"{len(dtype)}{dtype}E"  # 6bf16_tE, 5f16_tE
                     tag = mangled if dim is None else f"{mangled}Li{dim}E"
                     assert any(kernel in n and tag in n for n in names), (sm, kernel, dtype, dim)
@@ -60,6 +64,7 @@ def test_attention_kernels_linked_for_each_arch():
         assert _extension.has_kernel(op, "CUDA") and not _extension.has_kernel(op, "CPU")
 
 
+@pytest.mark.slow
 def test_fatbin_reader_on_a_freshly_compiled_object(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -67,15 +72,28 @@ def test_fatbin_reader_on_a_freshly_compiled_object(tmp_path):
     src = tmp_path / "k.cu"
     src.write_text("__global__ void probe_kernel(float* x) { x[threadIdx.x] *= 2.f; }\n")
     obj = tmp_path / "k.o"
-    subprocess.run([nvcc, "-c", str(src), "-o", str(obj),
-                    "-gencode", "arch=compute_80,code=sm_80",
-                    "-gencode", "arch=compute_90a,code=sm_90a",
-                    "-gencode", "arch=compute_90,code=compute_90"], check=True)
+    subprocess.run(
+        [
+            nvcc,
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+            "-gencode",
+            "arch=compute_90a,code=sm_90a",
+            "-gencode",
+            "arch=compute_90,code=compute_90",
+        ],
+        check=True,
+    )
     images = gpu_images(str(obj))
     assert [(i.kind, i.arch) for i in images] == [("cubin", "sm_80"), ("cubin", "sm_90a"), ("ptx", "sm_90")]
     assert images[0].kernels == ("_Z12probe_kernelPf",)
 
 
+@pytest.mark.slow
 def test_import_without_extension_uses_reference_and_logs_once():
     code = (
         "import sys, logging, io\n"
@@ -95,9 +113,9 @@ def test_import_without_extension_uses_reference_and_logs_once():
     assert out.stdout.strip() == "1"
 
 
+@pytest.mark.slow
 def test_cli_info_runs():
-    out = subprocess.run([sys.executable, "-m", "ddt_fast", "info", "--json"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ddt_fast", "info", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     import json
 

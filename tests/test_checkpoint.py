@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import ddt_fast
 from ddt_fast import models
-from ddt_fast.models import CheckpointError, DDT, infer_config, load_checkpoint
+from ddt_fast.models import DDT, CheckpointError, infer_config, load_checkpoint
 
 
 def _model(name="DDT-tiny/2", seed=0, **kw):
@@ -33,8 +33,7 @@ def _lightning_file(path, ema_model, train_model, prefix_extra=""):
     C = ema_model.hidden_size
     for i, shape in enumerate([(C, C), (C, C), (768, C)]):  # the REPA projector
         sd[f"diffusion_trainer.proj.{2 * i}.weight"] = torch.randn(shape)
-    torch.save({"state_dict": sd, "epoch": 3, "global_step": 1000,
-                "pytorch-lightning_version": "2.2.0"}, path)
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.0"}, path)
 
 
 def test_lightning_checkpoint_takes_ema_by_default(tmp_path):
@@ -166,8 +165,13 @@ class _Custom:
 
 def test_untrusted_pickle_refused_with_how_to_allow(tmp_path):
     m = _model()
-    torch.save({"state_dict": {"ema_denoiser." + k: v for k, v in m.state_dict().items()},
-                "hyper_parameters": {"obj": _Custom(), "num_encoder_blocks": 2}}, tmp_path / "p.ckpt")
+    torch.save(
+        {
+            "state_dict": {"ema_denoiser." + k: v for k, v in m.state_dict().items()},
+            "hyper_parameters": {"obj": _Custom(), "num_encoder_blocks": 2},
+        },
+        tmp_path / "p.ckpt",
+    )
     with pytest.raises(CheckpointError, match="allow_pickle=True"):
         load_checkpoint(str(tmp_path / "p.ckpt"))
     assert _same_weights(load_checkpoint(str(tmp_path / "p.ckpt"), allow_pickle=True), m)

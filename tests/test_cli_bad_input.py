@@ -3,6 +3,7 @@ before any work (no model loaded, no calibration, training, encoding or demo
 run, nothing written) with exactly one line on stderr,
 `ddt-fast <command>: error: ...` naming the argument, and exit status 2.
 Then the samplers' constructors, which reject the same values from Python."""
+
 import json
 import math
 import os
@@ -22,11 +23,18 @@ from ddt_fast.sampling import AdamsSampler, EulerSampler
 from ddt_fast.schedule import every_step
 
 # what the commands call to do their work; each fails the test if reached
-WORK = [(ddt_fast.models, "from_pretrained"), (ddt_fast.models, "load_checkpoint"),
-        (ddt_fast.training, "Trainer"), (ddt_fast.training, "extract_latents"),
-        (ddt_fast.training, "save_lightning"), (ddt_fast.sampling, "calibrate"),
-        (ddt_fast.sampling, "load_vae"), (ddt_fast.sampling, "sample_to_folder"),
-        (ddt_fast.demo, "run_demo"), (ddt_fast._distributed, "init_from_env")]
+WORK = [
+    (ddt_fast.models, "from_pretrained"),
+    (ddt_fast.models, "load_checkpoint"),
+    (ddt_fast.training, "Trainer"),
+    (ddt_fast.training, "extract_latents"),
+    (ddt_fast.training, "save_lightning"),
+    (ddt_fast.sampling, "calibrate"),
+    (ddt_fast.sampling, "load_vae"),
+    (ddt_fast.sampling, "sample_to_folder"),
+    (ddt_fast.demo, "run_demo"),
+    (ddt_fast._distributed, "init_from_env"),
+]
 
 
 def _refuse(name):
@@ -47,17 +55,39 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for folder in ("runs", "images/a", "empty", "vae_without_config", "pretrained", "demo_run/train/checkpoints"):
         os.makedirs(folder)
-    for name in ("file.txt", "taken.json", "taken.png", "weights.ckpt", "pretrained/model.safetensors",
-                 "demo_run/train/checkpoints/step_00000500.ckpt"):
+    for name in (
+        "file.txt",
+        "taken.json",
+        "taken.png",
+        "weights.ckpt",
+        "pretrained/model.safetensors",
+        "demo_run/train/checkpoints/step_00000500.ckpt",
+    ):
         with open(name, "w") as f:
             f.write("x")
     every_step(10).save("schedule10.json")
     with open("calibration10.json", "w") as f:
-        json.dump({"format": "ddt_fast.calibration", "version": 1, "settings": {},
-                   "similarity": np.eye(10).tolist()}, f)
-    train = dict(model="DDT-tiny/2", model_args=dict(in_channels=1, num_classes=10, hidden_size=32, num_groups=2,
-                                                     num_blocks=2, num_encoder_blocks=1, patch_size=2),
-                 data="digits", global_batch=8, steps=3, device="cpu", tensorboard=False, out_dir="runs/train")
+        json.dump(
+            {"format": "ddt_fast.calibration", "version": 1, "settings": {}, "similarity": np.eye(10).tolist()}, f
+        )
+    train = dict(
+        model="DDT-tiny/2",
+        model_args=dict(
+            in_channels=1,
+            num_classes=10,
+            hidden_size=32,
+            num_groups=2,
+            num_blocks=2,
+            num_encoder_blocks=1,
+            patch_size=2,
+        ),
+        data="digits",
+        global_batch=8,
+        steps=3,
+        device="cpu",
+        tensorboard=False,
+        out_dir="runs/train",
+    )
     with open("train.json", "w") as f:
         json.dump(train, f)
     with open("train_nan_lr.json", "w") as f:
@@ -65,8 +95,14 @@ def workdir(tmp_path, monkeypatch):
 
     def published(name, **sampler_args):
         with open(name, "w") as f:
-            json.dump({"model": {"diffusion_sampler": {"class_path": "src.diffusion.EulerSampler",
-                                                       "init_args": sampler_args}}}, f)
+            json.dump(
+                {
+                    "model": {
+                        "diffusion_sampler": {"class_path": "src.diffusion.EulerSampler", "init_args": sampler_args}
+                    }
+                },
+                f,
+            )
 
     published("published_steps0.json", num_steps=0)
     published("published_inverted.json", num_steps=10, guidance_interval_min=0.9, guidance_interval_max=0.3)
@@ -89,7 +125,7 @@ def _files(root):
 S = ["sample", "--ckpt", "owner/name", "--out", "out", "--steps", "10", "--quiet"]  # a hub id: checked, not fetched
 C = ["calibrate", "--ckpt", "owner/name", "--out", "cal.json", "--steps", "10", "--plot", "none", "--quiet"]
 T = ["train", "--config", "train.json"]
-BIG = str(2 ** 64 - 1)
+BIG = str(2**64 - 1)
 
 CASES = [
     # ---- sample: sizes
@@ -133,13 +169,19 @@ CASES = [
     (S + ["--schedule", "calibration10.json", "--steps", "12"], "--schedule calibration10.json is for 10 steps"),
     (S + ["--schedule", "file.txt"], "--schedule file.txt is not valid JSON"),
     # ---- sample: settings from a published config are checked the same way, and named
-    (["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_steps0.json"],
-     "--steps (num_steps from published_steps0.json)"),
-    (["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_inverted.json"],
-     "--interval (guidance_interval_min/max from published_inverted.json) 0.9 0.3: MIN > MAX"),
+    (
+        ["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_steps0.json"],
+        "--steps (num_steps from published_steps0.json)",
+    ),
+    (
+        ["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_inverted.json"],
+        "--interval (guidance_interval_min/max from published_inverted.json) 0.9 0.3: MIN > MAX",
+    ),
     (["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_refresh0.json"], "state_refresh_rate"),
-    (["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_refresh_big.json"],
-     "state_refresh_rate"),
+    (
+        ["sample", "--ckpt", "owner/name", "--out", "out", "--config", "published_refresh_big.json"],
+        "state_refresh_rate",
+    ),
     # ---- sample: devices
     (S + ["--device", "foo"], "--device"),
     (S + ["--device", "cuda:x"], "--device"),
@@ -182,8 +224,10 @@ CASES = [
     (C + ["--out", "taken.json", "--plot", "taken.json", "--force"], "--plot taken.json is the --out path"),
     (C + ["--out", "taken.json", "--force", "--plot", "file.txt/p.png"], "--plot file.txt/p.png"),
     (C + ["--out", "file.txt/cal.json"], "--out file.txt/cal.json"),
-    (["calibrate", "--ckpt", "owner/name", "--out", "cal.json", "--config", "published_steps0.json"],
-     "num_steps from published_steps0.json"),
+    (
+        ["calibrate", "--ckpt", "owner/name", "--out", "cal.json", "--config", "published_steps0.json"],
+        "num_steps from published_steps0.json",
+    ),
     (C + ["--config", "published_inverted.json"], "MIN > MAX"),  # --steps given: the interval comes from it
     (C + ["--steps", "x"], "argument --steps: invalid int value"),
     # ---- train
@@ -229,7 +273,7 @@ CASES = [
     (["demo", "--threads", "0"], "--threads"),
     (["demo", "--threads", "-2"], "--threads"),
     (["demo", "--seed", "-1"], "--seed"),
-    (["demo", "--seed", str(2 ** 32)], "--seed"),
+    (["demo", "--seed", str(2**32)], "--seed"),
     (["demo", "--device", "foo"], "--device"),
     (["demo", "--device", "cuda"], "--device"),
     (["demo", "--out", "file.txt"], "--out file.txt is a file"),
@@ -247,8 +291,9 @@ def _main(argv):
         return e.code
 
 
-@pytest.mark.parametrize("argv, expected", CASES,
-                         ids=[f"{i}:{' '.join(argv[:1] + argv[-2:])}" for i, (argv, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "argv, expected", CASES, ids=[f"{i}:{' '.join(argv[:1] + argv[-2:])}" for i, (argv, _) in enumerate(CASES)]
+)
 def test_bad_argument_is_one_line_before_any_work(workdir, capsys, argv, expected):
     before = _files(workdir)
     assert _main(list(argv)) == 2
@@ -276,9 +321,11 @@ def test_cuda_index_beyond_the_device_count(workdir, capsys, monkeypatch):
 def test_user_errors_from_the_work_are_one_line(monkeypatch, capsys):
     """An OSError (permission denied, disk full) or a RuntimeError caused by one is a user error; any other
     RuntimeError is a bug and keeps its traceback."""
+
     def raises(error):
         def info():
             raise error
+
         return info
 
     monkeypatch.setattr(ddt_fast, "info", raises(PermissionError(13, "Permission denied", "/out/x.json")))
@@ -303,8 +350,25 @@ def test_sample_force_is_passed_to_sample_to_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ddt_fast.models, "from_pretrained", lambda *a, **k: ddt_fast.models.create("DDT-tiny/2"))
     monkeypatch.setattr(ddt_fast.sampling, "sample_to_folder", sample_to_folder)
-    argv = ["sample", "--ckpt", "owner/name", "--out", str(tmp_path / "o"), "--steps", "2", "--latent-size", "8",
-            "--num-images", "1", "--device", "cpu", "--quiet", "--interval", "-1", "2"]  # every step guided
+    argv = [
+        "sample",
+        "--ckpt",
+        "owner/name",
+        "--out",
+        str(tmp_path / "o"),
+        "--steps",
+        "2",
+        "--latent-size",
+        "8",
+        "--num-images",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--interval",
+        "-1",
+        "2",
+    ]  # every step guided
     assert cli.main(argv) == 0 and cli.main(argv + ["--force"]) == 0
     assert calls == [False, True]
 
@@ -312,8 +376,12 @@ def test_sample_force_is_passed_to_sample_to_folder(tmp_path, monkeypatch):
 def test_latent_size_must_fit_the_patch_size(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ddt_fast.models, "from_pretrained", lambda *a, **k: ddt_fast.models.create("DDT-tiny/2"))
     monkeypatch.setattr(ddt_fast.sampling, "sample_to_folder", _refuse("sample_to_folder"))
-    assert cli.main(["sample", "--ckpt", "owner/name", "--out", str(tmp_path / "o"), "--latent-size", "7",
-                     "--device", "cpu"]) == 2
+    assert (
+        cli.main(
+            ["sample", "--ckpt", "owner/name", "--out", str(tmp_path / "o"), "--latent-size", "7", "--device", "cpu"]
+        )
+        == 2
+    )
     assert "--latent-size 7 is not a multiple of the model's patch size 2" in capsys.readouterr().err
 
 
@@ -362,11 +430,17 @@ def test_sampler_edges_still_accepted():
     """The valid edges keep their published meaning: guidance 0 (unconditional) and 1 (none), an empty or
     full interval (strict: a negative MIN takes in t = 0, a MAX above 1 runs to the end), a last step of 1, a
     one-step sampler, numpy scalars."""
-    for kwargs in (dict(guidance=0.0), dict(guidance=1.0), dict(guidance_interval_min=0.5, guidance_interval_max=0.5),
-                   dict(guidance_interval_min=0.0, guidance_interval_max=1.0), dict(last_step=1.0),
-                   dict(guidance_interval_min=-1.0, guidance_interval_max=2.0),
-                   dict(num_steps=1, last_step=0.04), dict(guidance=np.float32(2.0), timeshift=np.float64(3.0)),
-                   dict(timeshift=1e-3)):
+    for kwargs in (
+        dict(guidance=0.0),
+        dict(guidance=1.0),
+        dict(guidance_interval_min=0.5, guidance_interval_max=0.5),
+        dict(guidance_interval_min=0.0, guidance_interval_max=1.0),
+        dict(last_step=1.0),
+        dict(guidance_interval_min=-1.0, guidance_interval_max=2.0),
+        dict(num_steps=1, last_step=0.04),
+        dict(guidance=np.float32(2.0), timeshift=np.float64(3.0)),
+        dict(timeshift=1e-3),
+    ):
         s = EulerSampler(**dict(dict(num_steps=10), **kwargs))
         assert all(math.isfinite(float(t)) for t in s.timesteps)
     assert EulerSampler(4, guidance_interval_min=-1.0, guidance_interval_max=2.0).is_guided(0)  # t = 0

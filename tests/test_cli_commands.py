@@ -1,6 +1,7 @@
 """The `ddt-fast` subcommands added for the whole workflow: train (YAML config
 + overrides), convert (round trip), extract-latents, calibrate's plot,
 published YAML configs for sample / calibrate, and bad input."""
+
 import json
 import os
 import subprocess
@@ -20,36 +21,53 @@ yaml = pytest.importorskip("yaml")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # an architecture that is no published preset: the split must come from the config
-ARCH = dict(in_channels=4, patch_size=2, num_groups=2, hidden_size=32, num_blocks=3, num_encoder_blocks=2,
-            num_classes=10)
+ARCH = dict(
+    in_channels=4, patch_size=2, num_groups=2, hidden_size=32, num_blocks=3, num_encoder_blocks=2, num_classes=10
+)
 
 
 def _run(*args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "ddt_fast", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ddt_fast", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
 
 
-def _published_yaml(path, denoiser=None, sampler_class="src.diffusion.stateful_flow_matching.adam_sampling.AdamLMSampler",
-                    sampler_args=None):
+def _published_yaml(
+    path,
+    denoiser=None,
+    sampler_class="src.diffusion.stateful_flow_matching.adam_sampling.AdamLMSampler",
+    sampler_args=None,
+):
     """A config in the published Lightning CLI layout (field names as in the published configs)."""
-    sampler = dict(num_steps=6, guidance=3.0, state_refresh_rate=2, guidance_interval_min=0.1,
-                   guidance_interval_max=0.9, timeshift=1.5, last_step=0.1, order=2,
-                   scheduler="src.diffusion.flow_matching.scheduling.LinearScheduler",
-                   w_scheduler="src.diffusion.flow_matching.scheduling.LinearScheduler",
-                   guidance_fn="src.diffusion.base.guidance.simple_guidance_fn",
-                   step_fn="src.diffusion.flow_matching.sampling.ode_step_fn")
+    sampler = dict(
+        num_steps=6,
+        guidance=3.0,
+        state_refresh_rate=2,
+        guidance_interval_min=0.1,
+        guidance_interval_max=0.9,
+        timeshift=1.5,
+        last_step=0.1,
+        order=2,
+        scheduler="src.diffusion.flow_matching.scheduling.LinearScheduler",
+        w_scheduler="src.diffusion.flow_matching.scheduling.LinearScheduler",
+        guidance_fn="src.diffusion.base.guidance.simple_guidance_fn",
+        step_fn="src.diffusion.flow_matching.sampling.ode_step_fn",
+    )
     sampler.update(sampler_args or {})
     config = {
         "seed_everything": True,
         "trainer": {"precision": "bf16-mixed", "max_steps": 4000000},
         "model": {
-            "vae": {"class_path": "src.models.vae.LatentVAE",
-                    "init_args": {"precompute": True, "weight_path": "stabilityai/sd-vae-ft-ema"}},
-            "denoiser": {"class_path": "src.models.denoiser.decoupled_improved_dit.DDT",
-                         "init_args": dict(ARCH, **(denoiser or {}))},
-            "conditioner": {"class_path": "src.models.conditioner.LabelConditioner",
-                            "init_args": {"null_class": 10}},
+            "vae": {
+                "class_path": "src.models.vae.LatentVAE",
+                "init_args": {"precompute": True, "weight_path": "stabilityai/sd-vae-ft-ema"},
+            },
+            "denoiser": {
+                "class_path": "src.models.denoiser.decoupled_improved_dit.DDT",
+                "init_args": dict(ARCH, **(denoiser or {})),
+            },
+            "conditioner": {"class_path": "src.models.conditioner.LabelConditioner", "init_args": {"null_class": 10}},
             "diffusion_sampler": {"class_path": sampler_class, "init_args": sampler},
             "ema_tracker": {"class_path": "src.callbacks.simple_ema.SimpleEMA", "init_args": {"decay": 0.9999}},
         },
@@ -83,8 +101,27 @@ def test_sample_reads_the_published_yaml(published_ckpt, tmp_path):
     out = str(tmp_path / "out")
     # without the config the split cannot be known
     assert main(["sample", "--ckpt", published_ckpt, "--quiet", "--out", out, "--device", "cpu"]) == 2
-    assert main(["sample", "--ckpt", published_ckpt, "--config", cfg, "--quiet", "--num-images", "3",
-                 "--classes", "1,2,7", "--out", out, "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--ckpt",
+                published_ckpt,
+                "--config",
+                cfg,
+                "--quiet",
+                "--num-images",
+                "3",
+                "--classes",
+                "1,2,7",
+                "--out",
+                out,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     s = manifest["sampler"]
     assert (s["num_steps"], s["guidance"], s["timeshift"], s["last_step"]) == (6, 3.0, 1.5, 0.1)
@@ -92,18 +129,41 @@ def test_sample_reads_the_published_yaml(published_ckpt, tmp_path):
     assert manifest["schedule"]["kind"] == "uniform" and manifest["schedule"]["steps"] == [0, 2, 4]
     # the same numbers as the Python API with the settings written out by hand
     model = models.load_checkpoint(published_ckpt, num_encoder_blocks=2)
-    sampler = sampling.AdamsSampler(num_steps=6, guidance=3.0, timeshift=1.5, guidance_interval_min=0.1,
-                                    guidance_interval_max=0.9, state_refresh_rate=2, last_step=0.1, order=2)
+    sampler = sampling.AdamsSampler(
+        num_steps=6,
+        guidance=3.0,
+        timeshift=1.5,
+        guidance_interval_min=0.1,
+        guidance_interval_max=0.9,
+        state_refresh_rate=2,
+        last_step=0.1,
+        order=2,
+    )
     expect = sampling.sample(model, [1, 2, 7], seeds=[0, 1, 2], sampler=sampler, latent_size=8)
     with np.load(os.path.join(out, "latents.npz")) as z:
         np.testing.assert_allclose(z["arr_0"], expect.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path, capsys):
     cfg = _published_yaml(tmp_path / "ddt.yaml")
     cal = str(tmp_path / "cal.json")
-    first = ["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "5", "--calib-samples", "2",
-             "--quiet", "--out", cal, "--device", "cpu"]
+    first = [
+        "calibrate",
+        "--ckpt",
+        published_ckpt,
+        "--config",
+        cfg,
+        "--steps",
+        "5",
+        "--calib-samples",
+        "2",
+        "--quiet",
+        "--out",
+        cal,
+        "--device",
+        "cpu",
+    ]
     assert main(first) == 0
     text = open(cal).read()
     os.utime(cal, (1, 1))
@@ -118,12 +178,55 @@ def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path, cap
 
     assert Image.open(png).size[0] > 100
     os.remove(png)
-    assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
-                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]) == 2  # cal.json: other settings
+    assert (
+        main(
+            [
+                "calibrate",
+                "--ckpt",
+                published_ckpt,
+                "--config",
+                cfg,
+                "--steps",
+                "4",
+                "--calib-samples",
+                "1",
+                "--quiet",
+                "--out",
+                cal,
+                "--plot",
+                "none",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )  # cal.json: other settings
     err = capsys.readouterr().err.strip()
     assert "num_steps: 5 -> 4" in err and "--force" in err and len(err.splitlines()) == 1
-    assert main(["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1",
-                 "--quiet", "--out", cal, "--plot", "none", "--device", "cpu", "--force"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--ckpt",
+                published_ckpt,
+                "--config",
+                cfg,
+                "--steps",
+                "4",
+                "--calib-samples",
+                "1",
+                "--quiet",
+                "--out",
+                cal,
+                "--plot",
+                "none",
+                "--device",
+                "cpu",
+                "--force",
+            ]
+        )
+        == 0
+    )
     assert json.load(open(cal))["settings"]["num_steps"] == 4
     assert not os.path.exists(png)
 
@@ -149,11 +252,20 @@ def test_published_yaml_errors_name_the_setting(published_ckpt, tmp_path, capsys
 
 
 def test_published_config_euler_defaults():
-    got = published_settings({"model": {"denoiser": {"init_args": {"num_encoder_blocks": 22}},
-                                        "diffusion_sampler": {"class_path": "x.EulerSampler",
-                                                              "init_args": {"num_steps": 250, "guidance": 2.0}}}})
-    assert got == {"model": {"num_encoder_blocks": 22}, "sampler": "euler",
-                   "options": {"steps": 250, "guidance": 2.0}, "latent_size": None}
+    got = published_settings(
+        {
+            "model": {
+                "denoiser": {"init_args": {"num_encoder_blocks": 22}},
+                "diffusion_sampler": {"class_path": "x.EulerSampler", "init_args": {"num_steps": 250, "guidance": 2.0}},
+            }
+        }
+    )
+    assert got == {
+        "model": {"num_encoder_blocks": 22},
+        "sampler": "euler",
+        "options": {"steps": 250, "guidance": 2.0},
+        "latent_size": None,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -162,9 +274,13 @@ def test_published_config_euler_defaults():
 
 def test_schedule_syntax_errors_before_any_work(published_ckpt, tmp_path, capsys):
     common = ["sample", "--ckpt", str(tmp_path / "does-not-matter"), "--quiet", "--out", str(tmp_path / "o")]
-    for spec, message in (("foo:3", "unknown schedule"), ("uniform:x", "uniform takes an integer"),
-                          ("dp:half", "dp takes an integer"), ("dp-tol:", "unknown schedule"),
-                          (str(tmp_path / "nope.json"), "unknown schedule (and no such file)")):
+    for spec, message in (
+        ("foo:3", "unknown schedule"),
+        ("uniform:x", "uniform takes an integer"),
+        ("dp:half", "dp takes an integer"),
+        ("dp-tol:", "unknown schedule"),
+        (str(tmp_path / "nope.json"), "unknown schedule (and no such file)"),
+    ):
         assert main([*common, "--schedule", spec]) == 2
         assert message in capsys.readouterr().err, spec
 
@@ -186,10 +302,20 @@ def test_overrides_parse_as_yaml():
 # train, convert
 
 
-TINY_TRAIN = dict(model="DDT-tiny/2", model_args=dict(in_channels=1, num_classes=10, hidden_size=32, num_groups=2,
-                                                      num_blocks=2, num_encoder_blocks=1, patch_size=2),
-                  data="digits", global_batch=8, steps=3, ckpt_every=100, lr=1e-3, device="cpu",
-                  tensorboard=False, log_every=1)
+TINY_TRAIN = dict(
+    model="DDT-tiny/2",
+    model_args=dict(
+        in_channels=1, num_classes=10, hidden_size=32, num_groups=2, num_blocks=2, num_encoder_blocks=1, patch_size=2
+    ),
+    data="digits",
+    global_batch=8,
+    steps=3,
+    ckpt_every=100,
+    lr=1e-3,
+    device="cpu",
+    tensorboard=False,
+    log_every=1,
+)
 
 
 def _write_yaml(path, data):
@@ -209,6 +335,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_with_the_overrides(trained):
     run = trained / "run"
     saved = json.load(open(run / "config.json"))
@@ -244,11 +371,27 @@ def _weights(path, **kw):
 
 def _torchrun(nproc, *args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), "-m", "ddt_fast", *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "ddt_fast",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy):
     """`torchrun --nproc_per_node 2 ddt-fast train`: two gloo processes with the same global batch give
@@ -281,6 +424,7 @@ def test_train_under_torchrun_matches_one_process_and_resumes(tmp_path, strategy
     assert steps == [1, 2, 3, 4, 5]  # one writer (rank 0), the resumed run appends
 
 
+@pytest.mark.slow
 def test_convert_round_trip(trained, tmp_path, capsys):
     ckpt = str(trained / "run" / "checkpoints" / "step_00000004.ckpt")
     ema, raw = _weights(ckpt), _weights(ckpt, ema=False)
@@ -320,24 +464,63 @@ def test_extract_latents_command(tmp_path, capsys):
     from PIL import Image
 
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     vae.save_pretrained(str(tmp_path / "vae"))
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         os.makedirs(tmp_path / "images" / cls)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / cls / f"{i}.png"
+            )
     out = str(tmp_path / "latents")
-    assert main(["extract-latents", str(tmp_path / "images"), out, "--vae", str(tmp_path / "vae"),
-                 "--resolution", "16", "--flip", "--shard-size", "3", "--batch-size", "2", "--quiet",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract-latents",
+                str(tmp_path / "images"),
+                out,
+                "--vae",
+                str(tmp_path / "vae"),
+                "--resolution",
+                "16",
+                "--flip",
+                "--shard-size",
+                "3",
+                "--batch-size",
+                "2",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     index = json.load(open(os.path.join(out, "index.json")))
     assert index["num_items"] == 8 and index["classes"] == ["a", "b"] and len(index["shards"]) == 3
     assert "8 latents" in capsys.readouterr().out
-    assert main(["extract-latents", str(tmp_path / "nothing"), str(tmp_path / "l2"), "--vae",
-                 str(tmp_path / "vae"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "extract-latents",
+                str(tmp_path / "nothing"),
+                str(tmp_path / "l2"),
+                "--vae",
+                str(tmp_path / "vae"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "image folder not found" in capsys.readouterr().err
 
 
@@ -353,6 +536,7 @@ def test_every_subcommand_has_help(capsys):
         assert f"usage: ddt-fast {command}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_entry_point_help_in_a_subprocess():
     res = _run("--help", timeout=120)
     assert res.returncode == 0, res.stderr

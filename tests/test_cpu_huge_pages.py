@@ -2,6 +2,7 @@
 (csrc/torch/cpu_output.h); DDT_FAST_CPU_HUGE_PAGES=0 turns that off. Checked
 through the VMA flags the kernel reports for the output's memory ("hg" is
 MADV_HUGEPAGE in /proc/self/smaps)."""
+
 import json
 import os
 import subprocess
@@ -14,9 +15,13 @@ import torch
 from ddt_fast import _extension
 
 pytestmark = [
-    pytest.mark.skipif(not _extension.has_kernel("swiglu", "CPU"), reason="ddt_fast._C with the CPU kernels is not built"),
-    pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
-                       reason="needs Linux with transparent huge pages"),
+    pytest.mark.skipif(
+        not _extension.has_kernel("swiglu", "CPU"), reason="ddt_fast._C with the CPU kernels is not built"
+    ),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+        reason="needs Linux with transparent huge pages",
+    ),
 ]
 
 # Runs in a fresh process: the switch is read once per process.
@@ -56,14 +61,17 @@ def run_probe(rows, env_value=None):
     return res.stdout.split()
 
 
+@pytest.mark.slow
 def test_large_outputs_get_huge_page_advice():
     assert run_probe(4096) == ["True", "True"]  # 4096 x 2304 float32 = 36 MiB each
 
 
+@pytest.mark.slow
 def test_switch_turns_it_off():
     assert run_probe(4096, "0") == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_small_outputs_are_left_alone():
     assert run_probe(512) == ["False", "False"]  # 4.5 MiB
 
@@ -73,6 +81,7 @@ def test_advised_outputs_are_right():
     assert torch.allclose(torch.ops.ddt_fast.swiglu(a, b), torch.nn.functional.silu(a) * b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_info_reports_the_switch_and_the_system_mode():
     code = "import json, ddt_fast; print(json.dumps(ddt_fast.info()['backend']['cpu_huge_pages']))"
     for value, enabled in ((None, True), ("0", False)):

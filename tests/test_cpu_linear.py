@@ -4,6 +4,7 @@ The float32 path must give what PyTorch's 16-bit kernels give (float32
 accumulation, one rounding) up to summation order, gradients included, under
 autocast too; and the dispatch rule must send only the right cases to it.
 """
+
 import subprocess
 import sys
 
@@ -20,13 +21,13 @@ from ddt_fast.ops.float32_linear import Float32Linear
 
 HALF = (torch.bfloat16, torch.float16)
 # the spacing of 16-bit values in [1, 2): one rounding of the result is at most half of it
-ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _operands(dtype, rows=64, k=96, n=40, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, rows // 2, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return x, w, b
 
@@ -35,7 +36,7 @@ def _within_one_rounding(out, exact, dtype):
     """|out - exact| <= one ulp of out's magnitude (the exact value rounded once,
     plus float32 summation error far below a 16-bit ulp)."""
     err = (out.double() - exact).abs()
-    allowed = ULP[dtype] * exact.abs().clamp_min(2.0 ** -14) + 1e-6
+    allowed = ULP[dtype] * exact.abs().clamp_min(2.0**-14) + 1e-6
     assert bool((err <= allowed).all()), (err / allowed).max().item()
 
 
@@ -100,8 +101,7 @@ def test_backward_inside_autocast_stays_float32():
         with _MatmulDtypes() as backward:
             loss.backward()
     assert forward.seen and backward.seen
-    assert all(set(dtypes) == {torch.float32} for dtypes in forward.seen + backward.seen), (forward.seen,
-                                                                                           backward.seen)
+    assert all(set(dtypes) == {torch.float32} for dtypes in forward.seen + backward.seen), (forward.seen, backward.seen)
     assert ws.grad is not None and ws.grad.dtype == torch.float32
 
 
@@ -159,8 +159,9 @@ def test_dispatch_rule(monkeypatch):
     assert not takes_float32_path(x.float(), w.float(), b.float(), cpu_linear="float32")
     few = x.reshape(-1, x.shape[-1])[: dispatch.FLOAT32_LINEAR_MIN_ROWS - 1]
     assert not takes_float32_path(few, w, b, cpu_linear="float32")
-    assert takes_float32_path(x.reshape(-1, x.shape[-1])[: dispatch.FLOAT32_LINEAR_MIN_ROWS], w, b,
-                              cpu_linear="float32")
+    assert takes_float32_path(
+        x.reshape(-1, x.shape[-1])[: dispatch.FLOAT32_LINEAR_MIN_ROWS], w, b, cpu_linear="float32"
+    )
     # a CPU with bf16 matrix instructions keeps PyTorch's kernel under auto, not when forced
     monkeypatch.setattr(dispatch, "cpu_has_native_matmul", lambda dtype: True)
     assert not takes_float32_path(x, w, b, cpu_linear="auto")
@@ -178,13 +179,16 @@ def test_mixed_dtypes_keep_pytorchs_error():
             ops.linear(*args)
 
 
-@pytest.mark.parametrize("caps, bf16, f16", [
-    ({"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False}, False, False),
-    ({"architecture": "x86_64", "avx512_bf16": True}, True, False),
-    ({"architecture": "x86_64", "amx_bf16": True, "amx_fp16": True}, True, True),
-    ({"architecture": "aarch64", "bf16": True, "fp16_arith": True}, True, True),
-    ({}, True, True),  # unknown: leave PyTorch's kernels alone
-])
+@pytest.mark.parametrize(
+    "caps, bf16, f16",
+    [
+        ({"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False}, False, False),
+        ({"architecture": "x86_64", "avx512_bf16": True}, True, False),
+        ({"architecture": "x86_64", "amx_bf16": True, "amx_fp16": True}, True, True),
+        ({"architecture": "aarch64", "bf16": True, "fp16_arith": True}, True, True),
+        ({}, True, True),  # unknown: leave PyTorch's kernels alone
+    ],
+)
 def test_native_matmul_detection(monkeypatch, caps, bf16, f16):
     monkeypatch.setattr(dispatch, "_cpu_capabilities", lambda: caps)
     dispatch.cpu_has_native_matmul.cache_clear()
@@ -195,15 +199,21 @@ def test_native_matmul_detection(monkeypatch, caps, bf16, f16):
         dispatch.cpu_has_native_matmul.cache_clear()
 
 
+@pytest.mark.slow
 def test_bad_mode_names():
     with pytest.raises(ValueError, match="CPU linear mode must be one of"):
         ops.set_cpu_linear("fast")
-    out = subprocess.run([sys.executable, "-c", "import ddt_fast"], capture_output=True, text=True,
-                         env={"DDT_FAST_CPU_LINEAR": "bf16", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", "import ddt_fast"],
+        capture_output=True,
+        text=True,
+        env={"DDT_FAST_CPU_LINEAR": "bf16", "PATH": ""},
+    )
     assert out.returncode != 0 and "DDT_FAST_CPU_LINEAR='bf16' is not one of" in out.stderr
     code = "import ddt_fast.ops as o; print(o.get_cpu_linear())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"DDT_FAST_CPU_LINEAR": "native", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"DDT_FAST_CPU_LINEAR": "native", "PATH": ""}
+    )
     assert out.stdout.split() == ["native"], out.stderr
 
 
@@ -225,6 +235,7 @@ def test_model_linears_are_ops_linear_with_unchanged_keys():
     assert list(m.state_dict()) == list(ref.state_dict())
 
 
+@pytest.mark.slow
 def test_bf16_model_float32_linears_agree_with_native():
     """Whole bf16 model, forward and the gradients of a loss: the float32 path
     against PyTorch's bf16 kernels, both measured against a float32 run of the
@@ -250,6 +261,7 @@ def test_bf16_model_float32_linears_agree_with_native():
     assert errors["float32"][0] < 1.5 * errors["native"][0] + 1e-3, errors
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_bf16_float32_linears():
     m = _random_model().to(torch.bfloat16)
     x, t, y = torch.randn(2, 4, 8, 8).bfloat16(), torch.rand(2).bfloat16(), torch.tensor([1, 2])

@@ -4,6 +4,7 @@ Accuracy is judged the way the flash-attention projects judge it: against
 attention computed in float32 from the same 16-bit inputs, our error must stay
 within a small multiple of the error of PyTorch's own 16-bit attention.
 """
+
 import itertools
 import os
 import subprocess
@@ -16,9 +17,13 @@ import torch.nn.functional as F
 from ddt_fast import _extension, models, ops
 from ddt_fast.ops import reference
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not _extension.has_kernel("flash_attention", "CUDA"),
-                                 reason="ddt_fast._C was built without the CUDA attention kernels")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not _extension.has_kernel("flash_attention", "CUDA"),
+        reason="ddt_fast._C was built without the CUDA attention kernels",
+    ),
+]
 f = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -54,8 +59,11 @@ def ddt_fwd_bwd(q, k, v, grad):
     return out.detach(), q.grad, k.grad, v.grad, lse
 
 
-GRID = list(itertools.product([1, 2], [1, 12, 16], [1, 17, 255, 256, 1000, 1024], [64, 72, 128],
-                              [torch.bfloat16, torch.float16]))
+GRID = list(
+    itertools.product(
+        [1, 2], [1, 12, 16], [1, 17, 255, 256, 1000, 1024], [64, 72, 128], [torch.bfloat16, torch.float16]
+    )
+)
 
 
 @pytest.mark.parametrize("B,H,L,D,dtype", GRID)
@@ -69,7 +77,7 @@ def test_forward_backward_vs_sdpa_fp32(B, H, L, D, dtype):
         assert a.shape == r.shape and a.dtype == dtype
         assert_within(a, lo, r, f"{name} B={B} H={H} L={L} D={D} {dtype}")
     # log-sum-exp of the scaled scores, in float32
-    scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * D**-0.5
     torch.testing.assert_close(ours[4], torch.logsumexp(scores, -1), atol=1e-3, rtol=1e-4)
 
 
@@ -89,12 +97,12 @@ def test_strided_and_misaligned_inputs():
     B, L, H, D = 2, 77, 4, 72
     qkv = torch.randn(B, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] views into the packed tensor
-    want = f.flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), D ** -0.5)[0]
-    assert torch.equal(f.flash_attention(q, k, v, D ** -0.5)[0], want)
+    want = f.flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), D**-0.5)[0]
+    assert torch.equal(f.flash_attention(q, k, v, D**-0.5)[0], want)
     # a storage offset of one element breaks 16-byte alignment: the binding copies
     flat = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
     q_odd = flat[1:].view_as(q).copy_(q)
-    assert torch.equal(f.flash_attention(q_odd, k, v, D ** -0.5)[0], want)
+    assert torch.equal(f.flash_attention(q_odd, k, v, D**-0.5)[0], want)
 
 
 def test_backward_is_deterministic():
@@ -118,28 +126,43 @@ def _qkv_case(B, grid, H, D, dtype):
 
 def _unfused_qkv_attention(qkv, qw, kw, H, freqs, use_reference):
     B, L, three_c = qkv.shape
-    norm = reference.qk_norm_rope if use_reference else (
-        lambda *a: f.qk_norm_rope(*a[:4], torch.view_as_real(a[4]), a[5]))
+    norm = (
+        reference.qk_norm_rope if use_reference else (lambda *a: f.qk_norm_rope(*a[:4], torch.view_as_real(a[4]), a[5]))
+    )
     q, k, v = norm(qkv, qw, kw, H, freqs, 1e-6)
-    out = (F.scaled_dot_product_attention(q, k, v) if use_reference
-           else f.flash_attention(q, k, v, q.shape[-1] ** -0.5)[0])
+    out = (
+        F.scaled_dot_product_attention(q, k, v) if use_reference else f.flash_attention(q, k, v, q.shape[-1] ** -0.5)[0]
+    )
     return out.transpose(1, 2).reshape(B, L, three_c // 3)
 
 
 @pytest.mark.parametrize("k_prepass", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 64), (2, (3, 7), 3, 72), (2, (16, 16), 12, 64),
-                                        (2, (16, 16), 16, 72), (1, (32, 32), 16, 72), (2, (16, 16), 8, 128)])
+@pytest.mark.parametrize(
+    "B,grid,H,D",
+    [
+        (1, (1, 1), 1, 64),
+        (2, (3, 7), 3, 72),
+        (2, (16, 16), 12, 64),
+        (2, (16, 16), 16, 72),
+        (1, (32, 32), 16, 72),
+        (2, (16, 16), 8, 128),
+    ],
+)
 def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass):
     qkv, qw, kw, freqs = _qkv_case(B, grid, H, D, dtype)
     rope = torch.view_as_real(freqs)
-    fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D ** -0.5, k_prepass)[0]
+    fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D**-0.5, k_prepass)[0]
     # same kernels without the prologue: q/k differ at most by a rounding flip
     torch.testing.assert_close(fused, _unfused_qkv_attention(qkv, qw, kw, H, freqs, False), atol=2e-2, rtol=2e-2)
     # and against the reference path in float32
     args32 = (qkv.float(), qw.float(), kw.float(), H, freqs)
-    assert_within(fused, _unfused_qkv_attention(qkv, qw, kw, H, freqs, True),
-                  _unfused_qkv_attention(*args32, True), "qkv_attention forward")
+    assert_within(
+        fused,
+        _unfused_qkv_attention(qkv, qw, kw, H, freqs, True),
+        _unfused_qkv_attention(*args32, True),
+        "qkv_attention forward",
+    )
 
     # backward: gradients of qkv and both norm weights
     grad = torch.randn_like(fused)
@@ -149,8 +172,14 @@ def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass):
         fn(*leaves, *args[3:]).backward(grad.to(leaves[0].dtype))
         return [t.grad for t in leaves]
 
-    ours = grads(lambda a, b, c, h, fr: f.qkv_attention(a, b, c, h, torch.view_as_real(fr), 1e-6, D ** -0.5,
-                                                        k_prepass)[0], qkv, qw, kw, H, freqs)
+    ours = grads(
+        lambda a, b, c, h, fr: f.qkv_attention(a, b, c, h, torch.view_as_real(fr), 1e-6, D**-0.5, k_prepass)[0],
+        qkv,
+        qw,
+        kw,
+        H,
+        freqs,
+    )
     lowp = grads(lambda *a: _unfused_qkv_attention(*a, True), qkv, qw, kw, H, freqs)
     ref = grads(lambda *a: _unfused_qkv_attention(*a, True), *args32)
     for name, a, lo, r in zip(("grad_qkv", "grad_q_weight", "grad_k_weight"), ours, lowp, ref):
@@ -170,21 +199,31 @@ def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(ddt_attention, mon
     assert ops.dispatch.use_fused_qkv_attention(qkv, 2)
     with torch.no_grad():
         out = ops.qkv_attention(qkv, qw, kw, 2, freqs, 1e-6)
-    want = f.qkv_attention(qkv, qw, kw, 2, torch.view_as_real(freqs), 1e-6, 64 ** -0.5, k_prepass)[0]
+    want = f.qkv_attention(qkv, qw, kw, 2, torch.view_as_real(freqs), 1e-6, 64**-0.5, k_prepass)[0]
     assert torch.equal(out, want)
     with ops.use_backend("reference"):
         assert not ops.dispatch.use_fused_qkv_attention(qkv, 2)
 
 
 def test_opcheck():
-    q, k, v = (torch.randn(2, 3, 37, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 37, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     torch.library.opcheck(f.flash_attention, (q, k, v, 0.125))
     qkv, qw, kw, freqs = _qkv_case(2, (3, 5), 2, 72, torch.bfloat16)
     rope = torch.view_as_real(freqs).contiguous()
     for k_prepass in (True, False):
-        torch.library.opcheck(f.qkv_attention, (qkv.requires_grad_(True), qw.requires_grad_(True),
-                                                kw.requires_grad_(True), 2, rope, 1e-6, 72 ** -0.5, k_prepass))
+        torch.library.opcheck(
+            f.qkv_attention,
+            (
+                qkv.requires_grad_(True),
+                qw.requires_grad_(True),
+                kw.requires_grad_(True),
+                2,
+                rope,
+                1e-6,
+                72**-0.5,
+                k_prepass,
+            ),
+        )
 
 
 def test_cuda_graph_capture():
@@ -194,20 +233,20 @@ def test_cuda_graph_capture():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
-        f.flash_attention(q, k, v, 72 ** -0.5)
-        f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72 ** -0.5)
+        f.flash_attention(q, k, v, 72**-0.5)
+        f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72**-0.5)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, _ = f.flash_attention(q, k, v, 72 ** -0.5)
-        out2, _ = f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72 ** -0.5)
+        out, _ = f.flash_attention(q, k, v, 72**-0.5)
+        out2, _ = f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72**-0.5)
     for _ in range(2):  # new inputs in the captured buffers
         for t in (q, k, v, qkv):
             t.copy_(torch.randn_like(t))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, f.flash_attention(q, k, v, 72 ** -0.5)[0])
-        assert torch.equal(out2, f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72 ** -0.5)[0])
+        assert torch.equal(out, f.flash_attention(q, k, v, 72**-0.5)[0])
+        assert torch.equal(out2, f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72**-0.5)[0])
 
 
 def test_torch_compile_traces_the_ops(ddt_attention):
@@ -223,7 +262,11 @@ def test_model_ddt_attention_vs_sdpa(overrides):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    x, t, y = torch.randn(3, 4, 16, 16, device="cuda"), torch.rand(3, device="cuda"), torch.tensor([1, 2, 10], device="cuda")
+    x, t, y = (
+        torch.randn(3, 4, 16, 16, device="cuda"),
+        torch.rand(3, device="cuda"),
+        torch.tensor([1, 2, 10], device="cuda"),
+    )
     runs = {}
     for attention in ("ddt", "sdpa"):
         m.zero_grad()
@@ -237,6 +280,7 @@ def test_model_ddt_attention_vs_sdpa(overrides):
         assert rel_err(gd[name], gs[name]) < 5e-2, name
 
 
+@pytest.mark.slow
 def test_sixteen_rows_per_warp_forward_variant(tmp_path):
     """DDT_FAST_ATTENTION_WARP_ROWS=16 selects the forward with one 16-row
     tile per warp (the default for D <= 72 is two); it must agree with the
@@ -256,17 +300,24 @@ for D in (64, 72):
 print("ok")
 """
     env = dict(os.environ, DDT_FAST_ATTENTION_WARP_ROWS="16")
-    run = subprocess.run([sys.executable, "-c", code.replace("{DIR}", str(tmp_path))], capture_output=True,
-                         text=True, timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("{DIR}", str(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
     for D in (64, 72):
         for L in (17, 256, 1000):
             q, k, v, out16, lse16 = (t.cuda() for t in torch.load(tmp_path / f"rows16_{D}_{L}.pt"))
-            out, lse = f.flash_attention(q, k, v, D ** -0.5)
+            out, lse = f.flash_attention(q, k, v, D**-0.5)
             torch.testing.assert_close(out.float(), out16.float(), atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(lse, lse16, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_input_errors():
     """Run in a subprocess: on the H200 test machine (torch 2.11) a direct call
     with an unsupported head dim crashed the process instead of raising, and a
@@ -286,6 +337,11 @@ with ops.use_backend(attention="ddt"):  # the ops layer falls back to SDPA by it
     torch.testing.assert_close(ops.attention(q80, q80, q80), F.scaled_dot_product_attention(q80, q80, q80))
 print("ok")
 """
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])

@@ -2,24 +2,32 @@
 
 Run it on a GPU before adding an op to ddt_fast/ops/verified.py.
 """
+
 import itertools
 
 import pytest
 import torch
+
 from script_outputs import script_outputs
 from tolerances import close
 
 from ddt_fast import _extension, models, ops
 from ddt_fast.ops import reference
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CUDA"),
-                                 reason="ddt_fast._C was built without CUDA kernels")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not _extension.has_kernel("rms_norm_modulate", "CUDA"), reason="ddt_fast._C was built without CUDA kernels"
+    ),
+]
 f = torch.ops.ddt_fast if _extension.available() else None
 
 
-GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256],
-                              [8, 72, 768, 1152], [False, True]))
+GRID = list(
+    itertools.product(
+        [torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256], [8, 72, 768, 1152], [False, True]
+    )
+)
 
 
 @pytest.mark.parametrize("dtype,B,L,C,per_token", GRID)
@@ -36,8 +44,11 @@ def test_norm_family_grid_cuda(dtype, B, L, C, per_token):
     close(xo, xo_r, dtype)
     close(out, out_r, dtype, 2.0)
     # the GPU kernels agree with the CPU kernels on the same inputs
-    close(f.rms_norm_modulate(x, w, sh, sc, 1e-6).cpu(),
-          f.rms_norm_modulate(x.cpu(), w.cpu(), sh.cpu(), sc.cpu(), 1e-6), dtype)
+    close(
+        f.rms_norm_modulate(x, w, sh, sc, 1e-6).cpu(),
+        f.rms_norm_modulate(x.cpu(), w.cpu(), sh.cpu(), sc.cpu(), 1e-6),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,9 +60,19 @@ def test_norm_family_backward_cuda_matches_cpu_kernels(dtype, per_token, B, L, C
     sh, sc, g = (torch.randn(B, L if per_token else 1, C, dtype=dtype) for _ in range(3))
     grad_out, grad_xo = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
     for kind, residual in [(1, False), (2, False), (0, True), (1, True)]:
-        args = lambda d: [t.to(d) if t is not None else None for t in (
-            grad_out if kind else None, grad_xo if residual else None, x, g if residual else None,
-            y if residual else None, w if kind == 1 else None, sh if kind else None, sc if kind else None)]
+        args = lambda d: [
+            t.to(d) if t is not None else None
+            for t in (
+                grad_out if kind else None,
+                grad_xo if residual else None,
+                x,
+                g if residual else None,
+                y if residual else None,
+                w if kind == 1 else None,
+                sh if kind else None,
+                sc if kind else None,
+            )
+        ]
         cpu = f.norm_modulate_backward(*args("cpu"), 1e-6, kind, residual)
         gpu = f.norm_modulate_backward(*args("cuda"), 1e-6, kind, residual)
         for a, b in zip(gpu, cpu):
@@ -72,19 +93,33 @@ def _backward_args(dtype, device, B, L, C, per_token, kind, residual, with_grad_
     x, y, grad_out, grad_xo, w, mod = (t.to(device) for t in (x, y, grad_out, grad_xo, w, mod))
     sh, sc, gate, *_ = mod.chunk(6, -1)
     x, y, grad_out = (_offset_view(t, offset) for t in (x, y, grad_out))
-    return (grad_out if kind else None, grad_xo if residual and with_grad_xo else None, x,
-            gate if residual else None, y if residual else None, w if kind == 1 else None,
-            sh if kind else None, sc if kind else None, 1e-6, kind, residual)
+    return (
+        grad_out if kind else None,
+        grad_xo if residual and with_grad_xo else None,
+        x,
+        gate if residual else None,
+        y if residual else None,
+        w if kind == 1 else None,
+        sh if kind else None,
+        sc if kind else None,
+        1e-6,
+        kind,
+        residual,
+    )
 
 
-BACKWARD_CASES = [(kind, residual, with_grad_xo) for kind, residual in [(1, False), (2, False), (0, True), (1, True)]
-                  for with_grad_xo in ([True, False] if residual else [True])]
+BACKWARD_CASES = [
+    (kind, residual, with_grad_xo)
+    for kind, residual in [(1, False), (2, False), (0, True), (1, True)]
+    for with_grad_xo in ([True, False] if residual else [True])
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("B,L,C,offset", [(2, 33, 768, 0), (2, 70, 1152, 0), (2, 33, 1152, 1), (1, 5, 1280, 0),
-                                          (2, 9, 2048, 0)])
+@pytest.mark.parametrize(
+    "B,L,C,offset", [(2, 33, 768, 0), (2, 70, 1152, 0), (2, 33, 1152, 1), (1, 5, 1280, 0), (2, 9, 2048, 0)]
+)
 def test_norm_backward_packed_and_scalar_paths_cuda(dtype, per_token, B, L, C, offset):
     """The packed backward (aligned rows of up to 40 elements per lane: 16-bit
     C <= 1280, float32 C <= 1024; column sums on chip) and the scalar one
@@ -118,15 +153,19 @@ f = torch.ops.ddt_fast
 out = {}
 """
 
-_ROWS_BACKWARD_SCRIPT = _SCRIPT_HEAD + """
+_ROWS_BACKWARD_SCRIPT = (
+    _SCRIPT_HEAD
+    + """
 for dtype, per_token, B, L, C in t.variant_cases(((2, 33, 1152), (3, 7, 72), (1, 4, 4096))):
     for case in t.BACKWARD_CASES:
         args = t._backward_args(dtype, "cuda", B, L, C, per_token, *case)
         out[(str(dtype), per_token, B, L, C, case)] = [a.cpu() for a in f.norm_modulate_backward(*args)]
 torch.save(out, sys.argv[1])
 """
+)
 
 
+@pytest.mark.slow
 def test_norm_backward_rows_switch_agrees(tmp_path):
     """DDT_FAST_NORM_BACKWARD=rows selects the scalar backward (row kernel plus
     a column pass) everywhere; it must give the packed backward's values up to
@@ -141,7 +180,9 @@ def test_norm_backward_rows_switch_agrees(tmp_path):
                 close(a / mag, b / mag, a.dtype, 2.0)
 
 
-_FORWARD_SCRIPT = _SCRIPT_HEAD + """
+_FORWARD_SCRIPT = (
+    _SCRIPT_HEAD
+    + """
 for dtype, per_token, B, L, C in t.variant_cases(((2, 33, 1152), (3, 7, 72), (2, 16, 768), (1, 4, 4096))):
     _, _, x, gate, y, w, sh, sc, eps, _, _ = t._backward_args(dtype, "cuda", B, L, C, per_token, 1, True, True)
     outs = [f.rms_norm_modulate(x, w, sh, sc, eps), f.layer_norm_modulate(x, sh, sc, eps),
@@ -149,14 +190,17 @@ for dtype, per_token, B, L, C in t.variant_cases(((2, 33, 1152), (3, 7, 72), (2,
     out[(str(dtype), per_token, B, L, C)] = [a.cpu() for a in outs]
 torch.save(out, sys.argv[1])
 """
+)
 
 
+@pytest.mark.slow
 def test_norm_forward_staged_switch_identical(tmp_path):
     """DDT_FAST_NORM_FORWARD=staged (blocks of rows of one sample staging the
     weight and per-sample shift/scale/gate in shared memory) must give the
     default packed forward's results bit for bit, tails of L included."""
-    raw, staged = (script_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v})
-                   for v in ("raw", "staged"))
+    raw, staged = (
+        script_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v}) for v in ("raw", "staged")
+    )
     assert raw.keys() == staged.keys()
     for key in raw:
         for i, (a, b) in enumerate(zip(raw[key], staged[key])):
@@ -164,8 +208,9 @@ def test_norm_forward_staged_switch_identical(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 8), (3, (1, 7), 2, 36), (2, (16, 16), 12, 64),
-                                        (2, (16, 16), 16, 72)])
+@pytest.mark.parametrize(
+    "B,grid,H,D", [(1, (1, 1), 1, 8), (3, (1, 7), 2, 36), (2, (16, 16), 12, 64), (2, (16, 16), 16, 72)]
+)
 def test_qk_norm_rope_cuda(dtype, B, grid, H, D):
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype, device="cuda")
@@ -215,12 +260,18 @@ def test_norm_forward_packed_and_scalar_paths_cuda(dtype, C):
     w = (1 + 0.1 * torch.randn(C, device="cuda")).to(dtype)
     for per_token in (False, True):
         sh, sc, gate = (torch.randn(B, L if per_token else 1, 3 * C, dtype=dtype, device="cuda") * 0.5).chunk(3, -1)
-        expected = (reference.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6),
-                    *reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6))
+        expected = (
+            reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+            reference.layer_norm_modulate(x, sh, sc, 1e-6),
+            *reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+        )
         for offset in (0, 1):
             xs, ys = _offset_view(x, offset), _offset_view(y, offset)
-            got = (f.rms_norm_modulate(xs, w, sh, sc, 1e-6), f.layer_norm_modulate(xs, sh, sc, 1e-6),
-                   *f.gated_residual_rms_norm_modulate(xs, gate, ys, w, sh, sc, 1e-6))
+            got = (
+                f.rms_norm_modulate(xs, w, sh, sc, 1e-6),
+                f.layer_norm_modulate(xs, sh, sc, 1e-6),
+                *f.gated_residual_rms_norm_modulate(xs, gate, ys, w, sh, sc, 1e-6),
+            )
             for a, e in zip(got, expected):
                 close(a, e, dtype, 2.0)
 
@@ -269,7 +320,11 @@ def _model():
 
 def test_model_fused_vs_reference_cuda():
     m = _model()
-    x, t, y = torch.randn(3, 4, 16, 16, device="cuda"), torch.rand(3, device="cuda"), torch.tensor([1, 2, 10], device="cuda")
+    x, t, y = (
+        torch.randn(3, 4, 16, 16, device="cuda"),
+        torch.rand(3, device="cuda"),
+        torch.tensor([1, 2, 10], device="cuda"),
+    )
     grads = {}
     for backend in ("fused", "reference"):
         m.zero_grad()
@@ -285,7 +340,11 @@ def test_model_fused_vs_reference_cuda():
 
 def test_torch_compile_model_with_fused_ops():
     m = _model()
-    x, t, y = torch.randn(2, 4, 16, 16, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
+    x, t, y = (
+        torch.randn(2, 4, 16, 16, device="cuda"),
+        torch.rand(2, device="cuda"),
+        torch.tensor([1, 2], device="cuda"),
+    )
     with torch.no_grad(), ops.use_backend("fused"):
         eager = m(x, t, y)[0]
         compiled = torch.compile(m, fullgraph=True)(x, t, y)[0]

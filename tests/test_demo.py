@@ -1,5 +1,6 @@
 """`ddt-fast demo`: its quality measures against independent formulas, and
 the quick demo end to end in a subprocess."""
+
 import json
 import os
 import subprocess
@@ -71,11 +72,18 @@ def test_settings_budgets():
         DemoSettings(num_steps=30).budgets()
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = str(tmp_path / "demo")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "ddt_fast", "demo", "--quick", "--quiet", "--out", out],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", "ddt_fast", "demo", "--quick", "--quiet", "--out", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.load(open(os.path.join(out, "metrics.json")))
     names = [r["schedule"] for r in m["schedules"]]

@@ -80,8 +80,9 @@ def test_fused_qkv_attention_rule(monkeypatch):
     """One kernel from qkv (norm + rotary + attention) only where both the
     op backend and the attention backend would pick our kernels."""
     qkv = torch.empty(2, 256, 3 * 16 * 72, dtype=torch.bfloat16, device="meta")
-    monkeypatch.setattr(dispatch, "_ddt_case", lambda device, dtype, head_dim, mask, op:
-                        head_dim in (64, 72, 128) and mask is None)
+    monkeypatch.setattr(
+        dispatch, "_ddt_case", lambda device, dtype, head_dim, mask, op: head_dim in (64, 72, 128) and mask is None
+    )
     with ops.use_backend("auto", attention="auto"):
         monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)
         assert not dispatch.use_fused_qkv_attention(qkv, 16)  # not GPU-verified
@@ -111,20 +112,30 @@ def test_qkv_attention_on_cpu_is_norm_rope_plus_sdpa():
             torch.testing.assert_close(ops.qkv_attention(qkv, qw, kw, H, freqs, 1e-6), want)
 
 
+@pytest.mark.slow
 def test_bad_backend_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.set_backend("fast")
     with pytest.raises(ValueError, match="attention backend must be one of"):
         ops.set_attention_backend("xformers")
-    out = subprocess.run([sys.executable, "-c", "import ddt_fast"], capture_output=True, text=True,
-                         env={"DDT_FAST_BACKEND": "turbo", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", "import ddt_fast"],
+        capture_output=True,
+        text=True,
+        env={"DDT_FAST_BACKEND": "turbo", "PATH": ""},
+    )
     assert out.returncode != 0 and "DDT_FAST_BACKEND='turbo' is not one of" in out.stderr
 
 
+@pytest.mark.slow
 def test_env_var_selects_reference():
     code = "import ddt_fast.ops as o; print(o.get_backend(), o.get_attention_backend())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"DDT_FAST_BACKEND": "reference", "DDT_FAST_ATTENTION": "sdpa", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"DDT_FAST_BACKEND": "reference", "DDT_FAST_ATTENTION": "sdpa", "PATH": ""},
+    )
     assert out.stdout.split() == ["reference", "sdpa"], out.stderr
 
 

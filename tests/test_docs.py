@@ -5,6 +5,7 @@ Every relative link points to a file in the repository (and, with a
 file refers to specification documents outside the repository: docs/spec.md
 holds the specification.
 """
+
 import os
 import re
 import subprocess
@@ -16,9 +17,15 @@ README_MAX_LINES = 250
 
 # The names of documents that live outside the repository, joined at run time
 # so that neither this file nor its bytecode names them itself.
-OUTSIDE_NAMES = tuple(sep.join(parts) for sep, parts in (
-    ("-", ("ddt-model", "spec")), ("-", ("sampling-and-sharing", "spec")), (".", ("design", "md")),
-    ("/", ("shared", "docs"))))
+OUTSIDE_NAMES = tuple(
+    sep.join(parts)
+    for sep, parts in (
+        ("-", ("ddt-model", "spec")),
+        ("-", ("sampling-and-sharing", "spec")),
+        (".", ("design", "md")),
+        ("/", ("shared", "docs")),
+    )
+)
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
@@ -73,8 +80,7 @@ def broken_links(page: str):
         if _is_external(target):
             continue
         path, _, fragment = target.partition("#")
-        where = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else \
-            os.path.join(ROOT, page)
+        where = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
         if not where.startswith(ROOT + os.sep) and where != ROOT:
             bad.append((target, "points outside the repository"))
         elif not os.path.exists(where):
@@ -87,11 +93,15 @@ def broken_links(page: str):
 
 
 def test_link_checker_finds_links_and_skips_code():
-    text = ("See [a](docs/a.md#x), ![img](p.png) and [ext](https://example.org).\n"
-            "`[not](a link)` and\n```\n[not](either)\n```\n")
+    text = (
+        "See [a](docs/a.md#x), ![img](p.png) and [ext](https://example.org).\n"
+        "`[not](a link)` and\n```\n[not](either)\n```\n"
+    )
     assert links(text) == ["docs/a.md#x", "p.png", "https://example.org"]
-    assert slug("Loading checkpoints (`load_checkpoint`, `ddt-fast convert`)") == \
-        "loading-checkpoints-load_checkpoint-ddt-fast-convert"
+    assert (
+        slug("Loading checkpoints (`load_checkpoint`, `ddt-fast convert`)")
+        == "loading-checkpoints-load_checkpoint-ddt-fast-convert"
+    )
     assert anchors("# A\n## B c\n## B c\n```\n# not\n```\n") == {"a", "b-c", "b-c-1"}
 
 
@@ -114,15 +124,30 @@ def test_readme_is_a_short_front_page():
     assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}); move detail to docs/"
 
 
-_SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "demo_out",
-              "demo_out_quick", "tmp"}
+_SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "demo_out",
+    "demo_out_quick",
+    "tmp",
+}
 
 
 def _repository_files():
     """Tracked and untracked-but-not-ignored files (git), else a walk that skips build outputs."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         files = [f for f in out.decode().split("\0") if f]
         if files:
             return [f for f in files if os.path.isfile(os.path.join(ROOT, f))]
@@ -135,6 +160,7 @@ def _repository_files():
     return files
 
 
+@pytest.mark.slow
 def test_no_file_names_the_outside_specification_documents():
     hits = []
     for rel in _repository_files():
@@ -150,5 +176,6 @@ def test_no_file_names_the_outside_specification_documents():
             for name in OUTSIDE_NAMES:
                 if name in line:
                     hits.append(f"{rel}:{lineno}: {name}")
-    assert not hits, "files that name documents outside the repository (point at docs/spec.md instead):\n" + \
-        "\n".join(hits)
+    assert not hits, "files that name documents outside the repository (point at docs/spec.md instead):\n" + "\n".join(
+        hits
+    )

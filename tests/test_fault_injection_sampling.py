@@ -1,6 +1,7 @@
 """Fault injection on sampling outputs and file writes: changed-argument
 re-runs, byte flips, truncations, kills during a shard write, a full disk,
 overwrites and file permissions."""
+
 import errno
 import json
 import os
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddt_fast import _io, models, sampling
 from faults import flip_bytes, tiny_model
+
+from ddt_fast import _io, models, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +48,17 @@ class Counting:
 
 
 def _run(out, model=None, sampler=None, classes=CLASSES, seeds=SEEDS, batch_size=3, **kw):
-    return sampling.sample_to_folder(model or _tiny_model(), sampler or _sampler(), classes, seeds, str(out),
-                                     batch_size=batch_size, latent_size=8, progress=False, **kw)
+    return sampling.sample_to_folder(
+        model or _tiny_model(),
+        sampler or _sampler(),
+        classes,
+        seeds,
+        str(out),
+        batch_size=batch_size,
+        latent_size=8,
+        progress=False,
+        **kw,
+    )
 
 
 def _latents(path):
@@ -56,8 +67,7 @@ def _latents(path):
 
 
 def _direct(classes=CLASSES, seeds=SEEDS, model=None, sampler=None):
-    return sampling.sample(model or _tiny_model(), classes, seeds, sampler=sampler or _sampler(),
-                           latent_size=8).numpy()
+    return sampling.sample(model or _tiny_model(), classes, seeds, sampler=sampler or _sampler(), latent_size=8).numpy()
 
 
 def _shards(out):
@@ -69,13 +79,17 @@ def _shards(out):
 # changed-argument re-runs
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(seeds=[s + 100 for s in SEEDS]), "seed"),
-    (dict(classes=[c + 1 for c in CLASSES]), "class"),
-    (dict(sampler=_sampler(guidance=3.0)), "sampler.guidance: 2.0 -> 3.0"),
-    (dict(sampler=_sampler(steps=5)), "sampler.num_steps: 4 -> 5"),
-    (dict(model=_tiny_model(seed=1)), "weights_sha256"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(seeds=[s + 100 for s in SEEDS]), "seed"),
+        (dict(classes=[c + 1 for c in CLASSES]), "class"),
+        (dict(sampler=_sampler(guidance=3.0)), "sampler.guidance: 2.0 -> 3.0"),
+        (dict(sampler=_sampler(steps=5)), "sampler.num_steps: 4 -> 5"),
+        (dict(model=_tiny_model(seed=1)), "weights_sha256"),
+    ],
+)
 def test_rerun_with_other_settings_is_refused_then_replaced(tmp_path, change, named):
     first = _run(tmp_path)
     before = _latents(first)[0]
@@ -100,6 +114,7 @@ def test_other_batch_size_reuses_every_sample(tmp_path):
     np.testing.assert_array_equal(_latents(path)[0], before)
 
 
+@pytest.mark.slow
 def test_partial_run_resumed_with_other_batch_size_takes_the_right_indices(tmp_path):
     _run(tmp_path, batch_size=3)
     os.remove(_shards(tmp_path)[1])  # samples 3, 4, 5
@@ -119,8 +134,13 @@ def test_more_samples_extend_a_finished_run(tmp_path):
 
 def test_shards_of_an_earlier_version_are_not_trusted(tmp_path):
     os.makedirs(tmp_path / "shards")
-    sampling.save_npz(str(tmp_path / "shards" / "batch_000000.npz"), np.zeros((3, 4, 8, 8), np.float32),
-                      classes=np.asarray(CLASSES[:3]), seeds=np.asarray(SEEDS[:3]), index=np.arange(3))
+    sampling.save_npz(
+        str(tmp_path / "shards" / "batch_000000.npz"),
+        np.zeros((3, 4, 8, 8), np.float32),
+        classes=np.asarray(CLASSES[:3]),
+        seeds=np.asarray(SEEDS[:3]),
+        index=np.arange(3),
+    )
     with pytest.raises(FileExistsError, match="earlier ddt_fast version"):
         _run(tmp_path)
     _run(tmp_path, overwrite=True)
@@ -149,6 +169,7 @@ def test_an_unfinished_rerun_leaves_no_stale_merged_file(tmp_path, monkeypatch):
 # corruption: byte flips, truncation, leftovers of killed writes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_damaged_shard_is_detected_and_sampled_again(tmp_path, damage, caplog):
     first = _run(tmp_path)
@@ -225,10 +246,12 @@ def test_kill_during_a_shard_write_then_rerun_equals_an_uninterrupted_run(tmp_pa
     subprocess.run([sys.executable, str(script), str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
     assert not [f for f in os.listdir(out / "shards") if f.endswith(".tmp")]
     # (the child runs one thread: equal up to the float rounding of another reduction order)
-    np.testing.assert_allclose(_latents(out / "latents.npz")[0], _latents(_run(tmp_path / "ref"))[0],
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _latents(out / "latents.npz")[0], _latents(_run(tmp_path / "ref"))[0], atol=1e-5, rtol=1e-5
+    )
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_shard_write_keeps_what_was_written(tmp_path, monkeypatch):
     import ddt_fast.sampling.outputs as outputs
 
@@ -264,7 +287,10 @@ def _writers(tmp_path):
     cal = sampling.Calibration(np.eye(4))
     img = np.zeros((4, 4, 3), np.uint8)
     return {
-        "save_pretrained": (str(tmp_path / "model" / "config.json"), lambda ow: m.save_pretrained(str(tmp_path / "model"), overwrite=ow)),
+        "save_pretrained": (
+            str(tmp_path / "model" / "config.json"),
+            lambda ow: m.save_pretrained(str(tmp_path / "model"), overwrite=ow),
+        ),
         "Schedule.save": (str(tmp_path / "s.json"), lambda ow: sched.save(str(tmp_path / "s.json"), overwrite=ow)),
         "Calibration.save": (str(tmp_path / "c.json"), lambda ow: cal.save(str(tmp_path / "c.json"), overwrite=ow)),
         "save_png": (str(tmp_path / "i.png"), lambda ow: sampling.save_png(img, str(tmp_path / "i.png"), overwrite=ow)),
@@ -336,6 +362,7 @@ def test_remove_stale_temps_only_takes_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
+@pytest.mark.slow
 def test_calibration_records_what_made_it(tmp_path):
     m = _tiny_model()
     cal = sampling.calibrate(m, _sampler(), num_samples=2, latent_size=8)

@@ -3,6 +3,7 @@ writes, flipped bytes, truncation, a full disk, torn metrics, changed inputs.
 
 The tests marked slow start training processes and SIGKILL them in the
 middle of a checkpoint write; the others damage files in place."""
+
 import errno
 import json
 import logging
@@ -18,6 +19,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from faults import flip_bytes
 
 from ddt_fast import models
 from ddt_fast._io import read_checksum, sha256_file
@@ -35,11 +38,20 @@ from ddt_fast.training import (
 )
 from ddt_fast.training import checkpointing as ckpt
 from ddt_fast.training.data import DigitsDataset
-from faults import flip_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = dict(model="DDT-tiny/2", model_args={"in_channels": 1, "num_classes": 10}, data="digits",
-              progress=False, tensorboard=False, seed=3, global_batch=4, lr=1e-3, ema_decay=0.9, log_every=1)
+DIGITS = dict(
+    model="DDT-tiny/2",
+    model_args={"in_channels": 1, "num_classes": 10},
+    data="digits",
+    progress=False,
+    tensorboard=False,
+    seed=3,
+    global_batch=4,
+    lr=1e-3,
+    ema_decay=0.9,
+    log_every=1,
+)
 
 
 def _cfg(tmp_path, name="run", **kw):
@@ -78,6 +90,7 @@ def _run_to(tmp_path, steps, name="run", **kw):
 # checkpoints: sidecars, fallback
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_sha256sum_sidecars_and_prune_removes_them(tmp_path):
     cfg = _run_to(tmp_path, 4, keep_last=1, export_lightning=True)
     folder = os.path.join(cfg.out_dir, "checkpoints")
@@ -91,6 +104,7 @@ def test_checkpoints_carry_sha256sum_sidecars_and_prune_removes_them(tmp_path):
             subprocess.run(["sha256sum", "-c", "--status", name], cwd=where, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["byte_flips", "truncated", "zero_bytes", "unreadable"])
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, straight, caplog, damage):
     cfg = _run_to(tmp_path, 4)
@@ -130,9 +144,14 @@ def test_no_good_checkpoint_is_a_clear_error_and_nothing_is_moved(tmp_path):
     paths = [p for _, p in list_checkpoints(cfg.out_dir)]
     for p in paths:
         flip_bytes(p, [os.path.getsize(p) // 2])
-    with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* can be resumed from.*"
-                                              + re.escape(paths[1]) + r" fails its checksum.*"
-                                              + re.escape(paths[0]) + r".*start a new run in another out_dir"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)no checkpoint in .* can be resumed from.*"
+        + re.escape(paths[1])
+        + r" fails its checksum.*"
+        + re.escape(paths[0])
+        + r".*start a new run in another out_dir",
+    ):
         Trainer(cfg.replace(resume=True, steps=6))
     assert [p for _, p in list_checkpoints(cfg.out_dir)] == paths
 
@@ -146,10 +165,11 @@ def test_legacy_checkpoint_without_sidecar_loads_with_warning(tmp_path, caplog):
     assert any("no checksum file" in r.getMessage() and path in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_verifies_but_does_not_load_is_not_skipped(tmp_path):
     cfg = _run_to(tmp_path, 4)
     newest = ckpt.checkpoint_path(cfg.out_dir, 4)
-    torch.save({"format": "something else"}, newest)       # intact bytes, wrong content
+    torch.save({"format": "something else"}, newest)  # intact bytes, wrong content
     with open(newest + ".sha256", "w") as f:
         f.write(f"{sha256_file(newest)}  step_00000004.ckpt\n")
     with pytest.raises(CheckpointError, match="not a ddt_fast training checkpoint.*checksum verifies"):
@@ -187,10 +207,12 @@ def test_non_finite_loss_names_the_newest_checkpoint_that_verifies(tmp_path):
 def test_leftovers_of_killed_writes_are_removed_at_start(tmp_path, caplog):
     cfg = _run_to(tmp_path, 2, export_lightning=True)
     folder = os.path.join(cfg.out_dir, "checkpoints")
-    leftovers = [os.path.join(folder, ".step_00000004.ckpt.a1B2c3D4.tmp"),
-                 os.path.join(folder, "step_00000004.ckpt.sha256"),          # sidecar, never renamed checkpoint
-                 os.path.join(cfg.out_dir, "lightning", ".last.ckpt.x9Y8z7W6.tmp"),
-                 os.path.join(cfg.out_dir, ".metrics.jsonl.q1W2e3R4.tmp")]
+    leftovers = [
+        os.path.join(folder, ".step_00000004.ckpt.a1B2c3D4.tmp"),
+        os.path.join(folder, "step_00000004.ckpt.sha256"),  # sidecar, never renamed checkpoint
+        os.path.join(cfg.out_dir, "lightning", ".last.ckpt.x9Y8z7W6.tmp"),
+        os.path.join(cfg.out_dir, ".metrics.jsonl.q1W2e3R4.tmp"),
+    ]
     for p in leftovers:
         with open(p, "w") as f:
             f.write("half")
@@ -201,6 +223,7 @@ def test_leftovers_of_killed_writes_are_removed_at_start(tmp_path, caplog):
     assert sorted(os.listdir(folder)) == ["step_00000002.ckpt", "step_00000002.ckpt.sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["torch_save", "rename"])
 def test_disk_full_leaves_no_temp_and_the_previous_checkpoint_intact(tmp_path, monkeypatch, where):
     cfg = _cfg(tmp_path, steps=4, ckpt_every=2, keep_last=1, export_lightning=True)
@@ -229,15 +252,14 @@ def test_disk_full_leaves_no_temp_and_the_previous_checkpoint_intact(tmp_path, m
         import ddt_fast._io as io
 
         real_replace = os.replace
-        monkeypatch.setattr(io.os, "replace",
-                            lambda a, b: full() if b.endswith(".ckpt") else real_replace(a, b))
+        monkeypatch.setattr(io.os, "replace", lambda a, b: full() if b.endswith(".ckpt") else real_replace(a, b))
     trainer.config = cfg
     with pytest.raises(OSError, match="No space left"):
         trainer.fit()
     monkeypatch.undo()
     assert not _temps(folder) and not _temps(os.path.dirname(lightning))
     after = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
-    assert after == before                                   # no sidecar of step 4, step 2 untouched
+    assert after == before  # no sidecar of step 4, step 2 untouched
     load_training_checkpoint(ckpt.checkpoint_path(cfg.out_dir, 2))
     assert open(lightning, "rb").read() == lightning_before and read_checksum(lightning) == sha256_file(lightning)
     assert Trainer(cfg.replace(resume=True)).step == 2
@@ -268,12 +290,13 @@ def test_export_failing_after_its_sidecar_restores_the_old_sidecar(tmp_path, mon
 # metrics.jsonl
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_path, straight, caplog):
     cfg = _run_to(tmp_path, 4)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     good = open(metrics).read()
     with open(metrics, "a") as f:
-        f.write('{"step": 5, "loss": 0.12')                 # a write killed mid-line
+        f.write('{"step": 5, "loss": 0.12')  # a write killed mid-line
     with caplog.at_level(logging.WARNING, logger="ddt_fast"):
         Trainer(cfg.replace(resume=True, steps=6)).fit()
     assert any(metrics in r.getMessage() and "line 5" in r.getMessage() for r in caplog.records)
@@ -299,6 +322,7 @@ def _init_file(tmp_path, seed, name):
     return path
 
 
+@pytest.mark.slow
 def test_resume_with_other_init_weights_or_dataset_is_refused(tmp_path, caplog):
     first, second = _init_file(tmp_path, 1, "init_a"), _init_file(tmp_path, 2, "init_b")
     cfg = _run_to(tmp_path, 2, init_from=first)
@@ -352,9 +376,16 @@ def test_resume_with_another_feature_encoder_is_refused(tmp_path):
 def _vae(seed):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                   down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -401,8 +432,8 @@ def test_damaged_shard_is_a_dataset_error_and_re_extraction_repairs_it(latents, 
     fix = "re-run extract_latents with the same arguments"
     if damage == "byte_flip":  # in the tensor data: the header still parses
         flip_bytes(shard, [len(original) - 5])
-        ds = LatentDataset(data)                                # size and header are fine
-        ds[0]                                                   # shard 0 reads fine
+        ds = LatentDataset(data)  # size and header are fine
+        ds[0]  # shard 0 reads fine
         with pytest.raises(DatasetError, match=rf"{re.escape(shard)} fails its checksum.*{fix}"):
             ds[2]
         with pytest.raises(DatasetError, match=rf"{re.escape(shard)} fails its checksum"):
@@ -412,10 +443,13 @@ def test_damaged_shard_is_a_dataset_error_and_re_extraction_repairs_it(latents, 
             f.truncate(len(original) - 8)
         with pytest.raises(DatasetError, match=rf"corrupt: {re.escape(shard)} \(\d+ bytes, the index says.*{fix}"):
             LatentDataset(data)
-    others = {n: os.stat(os.path.join(data, "shards", n)).st_mtime_ns
-              for n in os.listdir(os.path.join(data, "shards")) if "000001" not in n}
+    others = {
+        n: os.stat(os.path.join(data, "shards", n)).st_mtime_ns
+        for n in os.listdir(os.path.join(data, "shards"))
+        if "000001" not in n
+    }
     extract_latents(latents["images"], data, **latents["kwargs"])
-    assert open(shard, "rb").read() == original                 # re-encoded, the rest skipped
+    assert open(shard, "rb").read() == original  # re-encoded, the rest skipped
     assert {n: os.stat(os.path.join(data, "shards", n)).st_mtime_ns for n in others} == others
     ds = LatentDataset(data, verify="open")
     assert len(ds) == 5 and ds[2]["x"].shape == (4, 8, 8)
@@ -424,16 +458,16 @@ def test_damaged_shard_is_a_dataset_error_and_re_extraction_repairs_it(latents, 
 def test_resumed_extraction_skips_only_shards_that_verify(latents, tmp_path):
     data = _copy(latents, tmp_path)
     shards = os.path.join(data, "shards")
-    os.remove(os.path.join(data, "index.json"))                 # an unfinished extraction
-    os.remove(os.path.join(shards, "shard_000000.safetensors.sha256"))   # no sidecar: not known complete
+    os.remove(os.path.join(data, "index.json"))  # an unfinished extraction
+    os.remove(os.path.join(shards, "shard_000000.safetensors.sha256"))  # no sidecar: not known complete
     damaged = os.path.join(shards, "shard_000002.safetensors")
-    flip_bytes(damaged, [os.path.getsize(damaged) - 3])              # damaged, still parses
+    flip_bytes(damaged, [os.path.getsize(damaged) - 3])  # damaged, still parses
     open(os.path.join(shards, ".shard_000001.safetensors.k3Jd93Ls.tmp"), "w").close()  # a killed write
     before = {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in os.listdir(shards)}
     extract_latents(latents["images"], data, **latents["kwargs"])
     after = {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in os.listdir(shards)}
-    assert after["shard_000001.safetensors"] == before["shard_000001.safetensors"]      # verified: skipped
-    assert after["shard_000000.safetensors"] != before["shard_000000.safetensors"]      # re-encoded
+    assert after["shard_000001.safetensors"] == before["shard_000001.safetensors"]  # verified: skipped
+    assert after["shard_000000.safetensors"] != before["shard_000000.safetensors"]  # re-encoded
     assert after["shard_000002.safetensors"] != before["shard_000002.safetensors"]
     assert not _temps(shards)
     assert open(os.path.join(data, "index.json")).read() == open(os.path.join(latents["out"], "index.json")).read()
@@ -449,19 +483,29 @@ def test_re_extraction_with_another_vae_or_changed_images_is_refused(latents, tm
     images = str(tmp_path / "images")
     shutil.copytree(latents["images"], images)
     with open(os.path.join(images, "dog", "1.png"), "ab") as f:
-        f.write(b"\0")                                          # same names, other content
+        f.write(b"\0")  # same names, other content
     with pytest.raises(ValueError, match=r"other settings.*files_digest \(the input images"):
         extract_latents(images, data, **latents["kwargs"])
 
 
+@pytest.mark.slow
 def test_training_resume_on_another_dataset_is_refused_and_a_moved_one_accepted(latents, tmp_path):
     data = _copy(latents, tmp_path)
-    cfg = TrainConfig(model="DDT-tiny/2", model_args={"num_classes": 2}, data=data, global_batch=2, steps=2,
-                      ckpt_every=2, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False)
+    cfg = TrainConfig(
+        model="DDT-tiny/2",
+        model_args={"num_classes": 2},
+        data=data,
+        global_batch=2,
+        steps=2,
+        ckpt_every=2,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        tensorboard=False,
+    )
     Trainer(cfg).fit()
-    moved = _copy(latents, tmp_path, "moved")                   # the same latents elsewhere
+    moved = _copy(latents, tmp_path, "moved")  # the same latents elsewhere
     assert Trainer(cfg.replace(resume=True, data=moved, steps=3)).step == 2
-    shutil.rmtree(data)                                         # other latents under the same path
+    shutil.rmtree(data)  # other latents under the same path
     extract_latents(latents["images"], data, **dict(latents["kwargs"], shard_size=3))
     with pytest.raises(CheckpointError, match="the dataset's content"):
         Trainer(cfg.replace(resume=True, steps=3))
@@ -513,8 +557,13 @@ def _child(tmp_path, out, steps, hang):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(script), out, str(steps), hang], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), out, str(steps), hang],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc):
@@ -537,13 +586,17 @@ def test_sigkill_during_checkpoint_write_then_resume_gives_the_uninterrupted_wei
     proc.wait()
     folder = os.path.join(killed, "checkpoints")
     left = sorted(os.listdir(folder))
-    assert [n for n in left if n.endswith(".tmp")], left                # the killed write's temp file
+    assert [n for n in left if n.endswith(".tmp")], left  # the killed write's temp file
     assert "step_00000004.ckpt" not in left and [s for s, _ in list_checkpoints(killed)] == [2]
     assert ("step_00000004.ckpt.sha256" in left) == (hang == "rename")  # the sidecar comes first
     _finish(_child(tmp_path, reference, 6, "none"))
     _finish(_child(tmp_path, killed, 6, "resume"))
-    assert sorted(os.listdir(folder)) == ["step_00000004.ckpt", "step_00000004.ckpt.sha256",
-                                          "step_00000006.ckpt", "step_00000006.ckpt.sha256"]
+    assert sorted(os.listdir(folder)) == [
+        "step_00000004.ckpt",
+        "step_00000004.ckpt.sha256",
+        "step_00000006.ckpt",
+        "step_00000006.ckpt.sha256",
+    ]
     for _, path in list_checkpoints(killed):
         assert ckpt.verify_checksum(path)
     a = load_training_checkpoint(ckpt.checkpoint_path(reference, 6))
@@ -562,8 +615,19 @@ def _resume_worker(rank, world, store, out, report):
     try:
         torch.set_num_threads(1)
         try:
-            step = Trainer(TrainConfig(**{**DIGITS, "out_dir": out, "steps": 6, "ckpt_every": 2, "keep_last": 0,
-                                          "resume": True, "device": "cpu"})).step
+            step = Trainer(
+                TrainConfig(
+                    **{
+                        **DIGITS,
+                        "out_dir": out,
+                        "steps": 6,
+                        "ckpt_every": 2,
+                        "keep_last": 0,
+                        "resume": True,
+                        "device": "cpu",
+                    }
+                )
+            ).step
             result = {"step": step}
         except CheckpointError as e:
             result = {"error": str(e)}
@@ -595,7 +659,7 @@ def test_load_checkpoint_checks_a_sidecar_when_there_is_one(tmp_path):
     """ddt_fast.load_checkpoint (weights for sampling) verifies a training
     checkpoint against its sidecar too, not only the resume path."""
     Trainer(_cfg(tmp_path, steps=2, ckpt_every=2)).fit()
-    (_, path), = list_checkpoints(str(tmp_path / "run"))
+    ((_, path),) = list_checkpoints(str(tmp_path / "run"))
     models.load_checkpoint(path)  # verifies and loads
     size = os.path.getsize(path)
     flip_bytes(path, [size // 2, size // 2 + 3])

@@ -1,15 +1,19 @@
 """q/k norm + rotary + head split, and SwiGLU, against the reference."""
+
 import itertools
 
 import pytest
 import torch
+
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("qk_norm_rope", "CPU"),
-                                reason="ddt_fast._C with the qk_norm_rope/swiglu kernels is not built")
+pytestmark = pytest.mark.skipif(
+    not _extension.has_kernel("qk_norm_rope", "CPU"),
+    reason="ddt_fast._C with the qk_norm_rope/swiglu kernels is not built",
+)
 ops = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -17,12 +21,19 @@ def rope_table(hp, wp, D):
     return reference.rope_frequencies(hp, wp, D)
 
 
-GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16], [1, 3],
-                              [(1, 1), (1, 7), (16, 16)], [(1, 8), (2, 36), (12, 64), (16, 72)]))
+GRID = list(
+    itertools.product(
+        [torch.float32, torch.bfloat16, torch.float16],
+        [1, 3],
+        [(1, 1), (1, 7), (16, 16)],
+        [(1, 8), (2, 36), (12, 64), (16, 72)],
+    )
+)
 
 
-@pytest.mark.parametrize("dtype,B,grid,heads_dim", GRID,
-                         ids=[f"{str(d)[6:]}-B{b}-L{g[0] * g[1]}-H{h[0]}xD{h[1]}" for d, b, g, h in GRID])
+@pytest.mark.parametrize(
+    "dtype,B,grid,heads_dim", GRID, ids=[f"{str(d)[6:]}-B{b}-L{g[0] * g[1]}-H{h[0]}xD{h[1]}" for d, b, g, h in GRID]
+)
 def test_qk_norm_rope_forward_grid(dtype, B, grid, heads_dim):
     H, D = heads_dim
     L = grid[0] * grid[1]
@@ -119,6 +130,7 @@ torch.save(out, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_qk_norm_rope_float16_in_loop_conversion_matches_staged(tmp_path):
     """The float16 forward converts with F16C inside its loops where the build
     has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging of each
@@ -127,8 +139,10 @@ def test_qk_norm_rope_float16_in_loop_conversion_matches_staged(tmp_path):
     products may fuse differently) and within float16's tolerance."""
     from script_outputs import script_outputs
 
-    outs = {mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode})
-            for mode in ("default", "staged")}
+    outs = {
+        mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode})
+        for mode in ("default", "staged")
+    }
     assert outs["default"].keys() == outs["staged"].keys()
     for key, (q, k, v) in outs["default"].items():
         q_s, k_s, v_s = outs["staged"][key]
@@ -148,8 +162,9 @@ def _loss_grads(fn, inputs, seed=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,grid,H,D", [(1, (1, 1), 1, 8), (2, (3, 5), 4, 72), (2, (16, 16), 2, 64),
-                                        (1, (2, 3), 3, 36)])
+@pytest.mark.parametrize(
+    "B,grid,H,D", [(1, (1, 1), 1, 8), (2, (3, 5), 4, 72), (2, (16, 16), 2, 64), (1, (2, 3), 3, 36)]
+)
 def test_qk_norm_rope_backward_matches_reference(dtype, B, grid, H, D):
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype)
@@ -165,6 +180,7 @@ def test_qk_norm_rope_backward_matches_reference(dtype, B, grid, H, D):
         close_relative(a, b, dtype, 2.0 if dtype == torch.bfloat16 else 4.0)
 
 
+@pytest.mark.slow
 def test_qk_norm_rope_gradcheck_float64():
     B, L, H, D = 2, 6, 2, 8
     freqs = rope_table(2, 3, D)
@@ -172,8 +188,9 @@ def test_qk_norm_rope_gradcheck_float64():
     qkv = torch.randn(B, L, 3 * H * D, dtype=torch.float64, requires_grad=True)
     qw = (1 + 0.2 * torch.randn(D, dtype=torch.float64)).requires_grad_(True)
     kw = (1 + 0.2 * torch.randn(D, dtype=torch.float64)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, a, b: ops.qk_norm_rope(x, a, b, H, rope, 1e-6), (qkv, qw, kw),
-                                    eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: ops.qk_norm_rope(x, a, b, H, rope, 1e-6), (qkv, qw, kw), eps=1e-6, atol=1e-5
+    )
 
 
 def test_qk_norm_rope_opcheck_and_errors():
@@ -192,8 +209,11 @@ def test_qk_norm_rope_opcheck_and_errors():
         ops.qk_norm_rope(qkv, torch.randn(D + 1), kw, H, rope, 1e-6)
 
 
-SWIGLU_GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16],
-                                     [(1, 1, 8), (3, 7, 72), (2, 3, 301), (2, 256, 3072)]))
+SWIGLU_GRID = list(
+    itertools.product(
+        [torch.float32, torch.bfloat16, torch.float16], [(1, 1, 8), (3, 7, 72), (2, 3, 301), (2, 256, 3072)]
+    )
+)
 
 
 @pytest.mark.parametrize("dtype,shape", SWIGLU_GRID, ids=[f"{str(d)[6:]}-{s}" for d, s in SWIGLU_GRID])
@@ -213,7 +233,7 @@ def test_swiglu_packed_halves_are_views_not_copies(dtype, width, start):
     halves starting at an odd element (bfloat16's 32-bit words straddling
     4-byte boundaries)."""
     h = torch.randn(2, 5, 2 * width + start, dtype=dtype) * 3
-    a, b = h[..., start:start + width], h[..., start + width:]
+    a, b = h[..., start : start + width], h[..., start + width :]
     assert not a.is_contiguous()
     close(ops.swiglu(a, b), reference.swiglu(a, b), dtype)
     _, grads = _loss_grads(lambda x, y: ops.swiglu(x, y), (a, b))

@@ -1,16 +1,19 @@
 """Fused norm + modulate family against the pure-PyTorch reference."""
+
 import itertools
 
 import pytest
 import torch
+
 from script_outputs import script_outputs
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CPU"),
-                                reason="ddt_fast._C with the norm kernels is not built")
+pytestmark = pytest.mark.skipif(
+    not _extension.has_kernel("rms_norm_modulate", "CPU"), reason="ddt_fast._C with the norm kernels is not built"
+)
 ops = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -20,8 +23,11 @@ def mods(B, L, C, dtype, per_token, k=6, device="cpu"):
     return t.chunk(k, dim=-1)
 
 
-GRID = list(itertools.product([torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256],
-                              [8, 72, 768, 1152], [False, True]))
+GRID = list(
+    itertools.product(
+        [torch.float32, torch.bfloat16, torch.float16], [1, 3], [1, 7, 256], [8, 72, 768, 1152], [False, True]
+    )
+)
 
 
 def _id(p):
@@ -29,16 +35,31 @@ def _id(p):
     return f"{str(dtype)[6:]}-B{B}-L{L}-C{C}-{'tok' if per_token else 'smp'}"
 
 
-@pytest.mark.parametrize("dtype,B,L,C,per_token", GRID, ids=[_id(p) for p in GRID])
+def _grid(values, ids, fast):
+    """`values` as test parameters, the ones `fast` rejects marked slow: `make test`
+    runs the whole grid, `make test-fast` the representative part."""
+    return [pytest.param(*v, id=i, marks=() if fast(*v) else pytest.mark.slow) for v, i in zip(values, ids)]
+
+
+# Per dtype: the one-row edge, a small per-token case, and the model's widths
+# 768 and 1152 over many rows, in both modulation layouts.
+FAST_FORWARD = {(1, 1, 8, False), (3, 7, 72, True), (1, 256, 768, True), (3, 7, 1152, False)}
+
+
+@pytest.mark.parametrize(
+    "dtype,B,L,C,per_token", _grid(GRID, [_id(p) for p in GRID], lambda dtype, *shape: shape in FAST_FORWARD)
+)
 def test_forward_grid(dtype, B, L, C, per_token):
     x = torch.randn(B, L, C, dtype=dtype) * 2
     y = torch.randn(B, L, C, dtype=dtype)
     weight = (1 + 0.1 * torch.randn(C)).to(dtype)
     shift, scale, gate, *_ = mods(B, L, C, dtype, per_token)
-    close(ops.rms_norm_modulate(x, weight, shift, scale, 1e-6),
-          reference.rms_norm_modulate(x, weight, shift, scale, 1e-6), dtype)
-    close(ops.layer_norm_modulate(x, shift, scale, 1e-6),
-          reference.layer_norm_modulate(x, shift, scale, 1e-6), dtype)
+    close(
+        ops.rms_norm_modulate(x, weight, shift, scale, 1e-6),
+        reference.rms_norm_modulate(x, weight, shift, scale, 1e-6),
+        dtype,
+    )
+    close(ops.layer_norm_modulate(x, shift, scale, 1e-6), reference.layer_norm_modulate(x, shift, scale, 1e-6), dtype)
     close(ops.gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
     xo, out = ops.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, 1e-6)
     xo_ref, out_ref = reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, 1e-6)
@@ -58,16 +79,23 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
     assert out.dtype == dtype  # stored in x's dtype; the reference promotes to float32
     close(out, reference.rms_norm_modulate(x, weight, shift, scale, 1e-6), dtype)
     s32, c32 = shift.float(), scale.float()
-    close(ops.rms_norm_modulate(x, weight, s32, c32, 1e-6),
-          reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype)
+    close(
+        ops.rms_norm_modulate(x, weight, s32, c32, 1e-6), reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype
+    )
     # backward, float32 weight with 16-bit modulation (autocast; the bfloat16
     # word loops) and with float32 modulation (read in place by the float16 staging)
     y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
     rms = (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6))
-    grn = (lambda *a: ops.gated_residual_rms_norm_modulate(*a, 1e-6),
-           lambda *a: reference.gated_residual_rms_norm_modulate(*a, 1e-6))
-    for (fused, ref), inputs in [(rms, (x, weight, shift, scale)), (grn, (x, gate, y, weight, shift, scale)),
-                                 (rms, (x, weight, s32, c32)), (grn, (x, g32, y, weight, s32, c32))]:
+    grn = (
+        lambda *a: ops.gated_residual_rms_norm_modulate(*a, 1e-6),
+        lambda *a: reference.gated_residual_rms_norm_modulate(*a, 1e-6),
+    )
+    for (fused, ref), inputs in [
+        (rms, (x, weight, shift, scale)),
+        (grn, (x, gate, y, weight, shift, scale)),
+        (rms, (x, weight, s32, c32)),
+        (grn, (x, g32, y, weight, s32, c32)),
+    ]:
         _, grads = _grads(fused, inputs)
         _, grads_ref = _grads(ref, inputs)
         for a, b in zip(grads, grads_ref):
@@ -116,8 +144,10 @@ def test_bfloat16_odd_widths_and_misaligned_rows(C):
         close(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.rms_norm_modulate(x, w, sh, sc, 1e-6), dtype)
         close(ops.layer_norm_modulate(x, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6), dtype)
         close(ops.gated_residual(x, gate, y), reference.gated_residual(x, gate, y), dtype)
-        for a, b in zip(ops.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
-                        reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6)):
+        for a, b in zip(
+            ops.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+            reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+        ):
             close(a, b, dtype, scale=2.0)
 
 
@@ -141,11 +171,18 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
     w = 1 + 0.1 * torch.randn(C)
     w.view(torch.int32)[13] = 0x7FFFFFFF
     for weight in (w, w.to(dtype)):
-        outs = [ops.rms_norm_modulate(x, weight, sh, sc, 1e-6), ops.layer_norm_modulate(x, sh, sc, 1e-6),
-                ops.gated_residual(x, gate, y), *ops.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6)]
-        refs = [reference.rms_norm_modulate(x, weight, sh, sc, 1e-6), reference.layer_norm_modulate(x, sh, sc, 1e-6),
-                reference.gated_residual(x, gate, y),
-                *reference.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6)]
+        outs = [
+            ops.rms_norm_modulate(x, weight, sh, sc, 1e-6),
+            ops.layer_norm_modulate(x, sh, sc, 1e-6),
+            ops.gated_residual(x, gate, y),
+            *ops.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6),
+        ]
+        refs = [
+            reference.rms_norm_modulate(x, weight, sh, sc, 1e-6),
+            reference.layer_norm_modulate(x, sh, sc, 1e-6),
+            reference.gated_residual(x, gate, y),
+            *reference.gated_residual_rms_norm_modulate(x, gate, y, weight, sh, sc, 1e-6),
+        ]
         for i, (a, b) in enumerate(zip(outs, refs)):
             a, b = a.float(), b.float()
             assert torch.equal(a.isnan(), b.isnan()), (i, a.isnan().sum().item(), b.isnan().sum().item())
@@ -181,6 +218,7 @@ torch.save(out, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_float16_in_loop_conversion_matches_staged(tmp_path):
     """The float16 forward and backward convert with F16C inside their row
     loops where the build has F16C; DDT_FAST_CPU_F16_FORWARD=staged and
@@ -189,9 +227,12 @@ def test_float16_in_loop_conversion_matches_staged(tmp_path):
     normalised outputs up to the order of the row sums (almost all elements
     equal), the gradients within float16's tolerance; widths with and
     without a tail of C % 8, float16 and float32 modulation and weight."""
-    outs = {mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt",
-                                 {"DDT_FAST_CPU_F16_FORWARD": mode, "DDT_FAST_CPU_F16_BACKWARD": mode})
-            for mode in ("default", "staged")}
+    outs = {
+        mode: script_outputs(
+            _F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode, "DDT_FAST_CPU_F16_BACKWARD": mode}
+        )
+        for mode in ("default", "staged")
+    }
     assert outs["default"].keys() == outs["staged"].keys()
     for key, results in outs["default"].items():
         for i, (a, b) in enumerate(zip(results, outs["staged"][key])):
@@ -215,25 +256,52 @@ def _grads(fn, inputs):
 
 
 CASES = {
-    "rms": (lambda x, y, w, sh, sc, g: (x, w, sh, sc),
-            lambda x, w, sh, sc: ops.rms_norm_modulate(x, w, sh, sc, 1e-6),
-            lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6)),
-    "layer": (lambda x, y, w, sh, sc, g: (x, sh, sc),
-              lambda x, sh, sc: ops.layer_norm_modulate(x, sh, sc, 1e-6),
-              lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6)),
-    "residual": (lambda x, y, w, sh, sc, g: (x, g, y),
-                 lambda x, g, y: ops.gated_residual(x, g, y),
-                 lambda x, g, y: reference.gated_residual(x, g, y)),
-    "residual_rms": (lambda x, y, w, sh, sc, g: (x, g, y, w, sh, sc),
-                     lambda x, g, y, w, sh, sc: ops.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6),
-                     lambda x, g, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)),
+    "rms": (
+        lambda x, y, w, sh, sc, g: (x, w, sh, sc),
+        lambda x, w, sh, sc: ops.rms_norm_modulate(x, w, sh, sc, 1e-6),
+        lambda x, w, sh, sc: reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+    ),
+    "layer": (
+        lambda x, y, w, sh, sc, g: (x, sh, sc),
+        lambda x, sh, sc: ops.layer_norm_modulate(x, sh, sc, 1e-6),
+        lambda x, sh, sc: reference.layer_norm_modulate(x, sh, sc, 1e-6),
+    ),
+    "residual": (
+        lambda x, y, w, sh, sc, g: (x, g, y),
+        lambda x, g, y: ops.gated_residual(x, g, y),
+        lambda x, g, y: reference.gated_residual(x, g, y),
+    ),
+    "residual_rms": (
+        lambda x, y, w, sh, sc, g: (x, g, y, w, sh, sc),
+        lambda x, g, y, w, sh, sc: ops.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6),
+        lambda x, g, y, w, sh, sc: reference.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6),
+    ),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 768), (3, 37, 1155)])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BACKWARD_GRID = [
+    (case, dtype, per_token, B, L, C)
+    for B, L, C in [(1, 1, 8), (3, 7, 72), (2, 256, 768), (3, 37, 1155)]
+    for per_token in (False, True)
+    for dtype in DTYPES
+    for case in CASES
+]
+
+
+def _fast_backward(case, dtype, per_token, B, L, C):
+    """The small shapes, and the odd width over many rows (per-token layout)."""
+    return C <= 72 or (C == 1155 and per_token)
+
+
+@pytest.mark.parametrize(
+    "case,dtype,per_token,B,L,C",
+    _grid(
+        BACKWARD_GRID,
+        [f"{B}-{L}-{C}-{t}-dtype{DTYPES.index(d)}-{c}" for c, d, t, B, L, C in BACKWARD_GRID],
+        _fast_backward,
+    ),
+)
 def test_backward_matches_reference(case, dtype, per_token, B, L, C):
     pick, fused, ref = CASES[case]
     x = torch.randn(B, L, C, dtype=dtype)
@@ -274,10 +342,12 @@ def test_opcheck(per_token):
     sh, sc, g = mods(B, L, C, torch.float32, per_token, k=3)
     sh, sc, g = (t.contiguous().requires_grad_(True) for t in (sh, sc, g))
     x.requires_grad_(True), y.requires_grad_(True), w.requires_grad_(True)
-    for op, args in [(ops.rms_norm_modulate, (x, w, sh, sc, 1e-6)),
-                     (ops.layer_norm_modulate, (x, sh, sc, 1e-6)),
-                     (ops.gated_residual, (x, g, y)),
-                     (ops.gated_residual_rms_norm_modulate, (x, g, y, w, sh, sc, 1e-6))]:
+    for op, args in [
+        (ops.rms_norm_modulate, (x, w, sh, sc, 1e-6)),
+        (ops.layer_norm_modulate, (x, sh, sc, 1e-6)),
+        (ops.gated_residual, (x, g, y)),
+        (ops.gated_residual_rms_norm_modulate, (x, g, y, w, sh, sc, 1e-6)),
+    ]:
         torch.library.opcheck(op, args)
 
 
@@ -286,8 +356,7 @@ def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
     x = torch.randn(B, C, L).transpose(1, 2)  # non-contiguous
     w = torch.randn(C)
     sh, sc = torch.randn(B, 1, C), torch.randn(B, 1, C)
-    close(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
-          torch.float32)
+    close(ops.rms_norm_modulate(x, w, sh, sc, 1e-6), reference.rms_norm_modulate(x, w, sh, sc, 1e-6), torch.float32)
     with pytest.raises(RuntimeError, match=r"shift must be \[B, 1, C\].*\[2, 1\|4, 8\]"):
         ops.rms_norm_modulate(x, w, torch.randn(B, 3, C), sc, 1e-6)
     with pytest.raises(RuntimeError, match="contiguous in its last dim"):

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
+from spec_model import patches_by_loops, rope_angles, spec_forward, timestep_embedding
+
 import ddt_fast
 from ddt_fast import models, ops
 from ddt_fast.models import DDT
-
-from spec_model import patches_by_loops, rope_angles, spec_forward, timestep_embedding
 
 
 def randomize(model, std=0.2, seed=0):
@@ -24,26 +24,38 @@ def spec_keys(cfg):
     D = C // cfg["num_groups"]
     hidden = int(2 * int(4.0 * C) / 3)
     k = {
-        "x_embedder.proj.weight": (C, Cin * p * p), "x_embedder.proj.bias": (C,),
-        "s_embedder.proj.weight": (C, Cin * p * p), "s_embedder.proj.bias": (C,),
-        "t_embedder.mlp.0.weight": (C, 256), "t_embedder.mlp.0.bias": (C,),
-        "t_embedder.mlp.2.weight": (C, C), "t_embedder.mlp.2.bias": (C,),
+        "x_embedder.proj.weight": (C, Cin * p * p),
+        "x_embedder.proj.bias": (C,),
+        "s_embedder.proj.weight": (C, Cin * p * p),
+        "s_embedder.proj.bias": (C,),
+        "t_embedder.mlp.0.weight": (C, 256),
+        "t_embedder.mlp.0.bias": (C,),
+        "t_embedder.mlp.2.weight": (C, C),
+        "t_embedder.mlp.2.bias": (C,),
         "y_embedder.embedding_table.weight": (nc + 1, C),
         "final_layer.adaLN_modulation.0.weight": (2 * C, C),
         "final_layer.adaLN_modulation.0.bias": (2 * C,),
-        "final_layer.linear.weight": (Cin * p * p, C), "final_layer.linear.bias": (Cin * p * p,),
+        "final_layer.linear.weight": (Cin * p * p, C),
+        "final_layer.linear.bias": (Cin * p * p,),
     }
     for i in range(cfg["num_blocks"]):
         b = f"blocks.{i}."
-        k.update({
-            b + "norm1.weight": (C,), b + "norm2.weight": (C,),
-            b + "attn.qkv.weight": (3 * C, C),
-            b + "attn.q_norm.weight": (D,), b + "attn.k_norm.weight": (D,),
-            b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-            b + "mlp.w1.weight": (hidden, C), b + "mlp.w3.weight": (hidden, C),
-            b + "mlp.w2.weight": (C, hidden),
-            b + "adaLN_modulation.0.weight": (6 * C, C), b + "adaLN_modulation.0.bias": (6 * C,),
-        })
+        k.update(
+            {
+                b + "norm1.weight": (C,),
+                b + "norm2.weight": (C,),
+                b + "attn.qkv.weight": (3 * C, C),
+                b + "attn.q_norm.weight": (D,),
+                b + "attn.k_norm.weight": (D,),
+                b + "attn.proj.weight": (C, C),
+                b + "attn.proj.bias": (C,),
+                b + "mlp.w1.weight": (hidden, C),
+                b + "mlp.w3.weight": (hidden, C),
+                b + "mlp.w2.weight": (C, hidden),
+                b + "adaLN_modulation.0.weight": (6 * C, C),
+                b + "adaLN_modulation.0.bias": (6 * C,),
+            }
+        )
     return k
 
 
@@ -61,8 +73,7 @@ def test_state_dict_keys_and_shapes_match_spec(name):
 
 def test_published_parameter_counts():
     with torch.device("meta"):
-        counts = {n: sum(p.numel() for p in models.create(n).parameters())
-                  for n in ("DDT-L/2", "DDT-XL/2")}
+        counts = {n: sum(p.numel() for p in models.create(n).parameters()) for n in ("DDT-L/2", "DDT-XL/2")}
     assert round(counts["DDT-L/2"] / 1e6) == 458
     assert round(counts["DDT-XL/2"] / 1e6) == 675
 
@@ -76,9 +87,19 @@ def test_state_dict_with_spec_keys_loads_strict():
 
 
 def test_drop_in_constructor_and_split():
-    m = DDT(in_channels=4, num_groups=4, hidden_size=64, num_blocks=5, num_encoder_blocks=3,
-            patch_size=2, num_classes=7, learn_sigma=True, deep_supervision=0, weight_path=None,
-            load_ema=False)
+    m = DDT(
+        in_channels=4,
+        num_groups=4,
+        hidden_size=64,
+        num_blocks=5,
+        num_encoder_blocks=3,
+        patch_size=2,
+        num_classes=7,
+        learn_sigma=True,
+        deep_supervision=0,
+        weight_path=None,
+        load_ema=False,
+    )
     assert len(m.encoder_blocks) == 3 and len(m.decoder_blocks) == 2
     with torch.device("meta"):
         assert models.create("DDT-XL/2").num_encoder_blocks == 22
@@ -140,8 +161,7 @@ def test_final_layer_layer_norm_has_no_affine():
     assert not any("norm" in k for k in m.final_layer.state_dict())
 
 
-@pytest.mark.parametrize("name,hw", [("DDT-tiny/2", (8, 8)), ("DDT-tiny/2", (6, 10)),
-                                     ("DDT-tiny-d72/2", (4, 6))])
+@pytest.mark.parametrize("name,hw", [("DDT-tiny/2", (8, 8)), ("DDT-tiny/2", (6, 10)), ("DDT-tiny-d72/2", (4, 6))])
 def test_forward_matches_independent_spec_implementation(name, hw):
     m = randomize(models.create(name)).double()
     cfg = models.PRESETS[name]
@@ -157,6 +177,7 @@ def test_forward_matches_independent_spec_implementation(name, hw):
         torch.testing.assert_close(ours, ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_forward_with_given_s_is_decoder_only():
     m = randomize(models.create("DDT-tiny/2"))
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 4])
@@ -244,8 +265,9 @@ def test_fused_block_chain_equals_block_by_block_and_hooks_see_blocks():
         h = m.s_embedder(patches)
         for block in m.encoder_blocks:
             h = block(h, c, rope, None)
-        torch.testing.assert_close(run_blocks(m.encoder_blocks, m.s_embedder(patches), c, rope, None), h,
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            run_blocks(m.encoder_blocks, m.s_embedder(patches), c, rope, None), h, atol=1e-6, rtol=1e-6
+        )
     seen = []
     handle = m.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Whole model: fused backend vs reference backend, same weights."""
+
 import pytest
 import torch
 
@@ -6,7 +7,8 @@ from ddt_fast import _extension, models, ops
 
 pytestmark = pytest.mark.skipif(
     not all(_extension.has_kernel(op, "CPU") for op in ops.MODEL_OPS if op != "attention"),
-    reason="ddt_fast._C with every fused model op is not built")
+    reason="ddt_fast._C with every fused model op is not built",
+)
 
 
 def _model(name, seed=0):
@@ -33,6 +35,7 @@ def _loss_and_grads(model, backend, autocast):
     return v.detach().float(), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["DDT-tiny/2", "DDT-tiny-d72/2"])
 def test_fused_and_reference_agree_fp32(name):
     m = _model(name)
@@ -62,6 +65,7 @@ def test_cpu_auto_backend_uses_the_fused_kernels():
     assert all(plan[op] == "fused" for op in ops.MODEL_OPS if op != "attention"), plan
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_with_fused_ops_cpu():
     m = _model("DDT-tiny/2")
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])

@@ -12,6 +12,7 @@ with CPU tensors they must raise too). Every case runs in this process: none
 may crash it. A second table: the Python op layer with tensors that are not
 floating-point, on every backend.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ import torch
 
 from ddt_fast import _extension, ops
 
-pytestmark = pytest.mark.skipif(not _extension.has_kernel("rms_norm_modulate", "CPU"),
-                                reason="ddt_fast._C with the CPU kernels is not built")
+pytestmark = pytest.mark.skipif(
+    not _extension.has_kernel("rms_norm_modulate", "CPU"), reason="ddt_fast._C with the CPU kernels is not built"
+)
 
 ERRORS = (RuntimeError, ValueError, TypeError)
 NAN, INF = float("nan"), float("inf")
@@ -33,11 +35,21 @@ SIGNATURES = {
     "layer_norm_modulate": ("x", "shift", "scale", "eps"),
     "gated_residual": ("x", "gate", "y"),
     "gated_residual_rms_norm_modulate": ("x", "gate", "y", "weight", "shift", "scale", "eps"),
-    "norm_modulate_backward": ("grad_out", "grad_x_out", "x", "gate", "y", "weight", "shift", "scale", "eps",
-                               "kind", "residual"),
+    "norm_modulate_backward": (
+        "grad_out",
+        "grad_x_out",
+        "x",
+        "gate",
+        "y",
+        "weight",
+        "shift",
+        "scale",
+        "eps",
+        "kind",
+        "residual",
+    ),
     "qk_norm_rope": ("qkv", "q_weight", "k_weight", "num_heads", "rope", "eps"),
-    "qk_norm_rope_backward": ("grad_q", "grad_k", "grad_v", "qkv", "q_weight", "k_weight", "num_heads", "rope",
-                              "eps"),
+    "qk_norm_rope_backward": ("grad_q", "grad_k", "grad_v", "qkv", "q_weight", "k_weight", "num_heads", "rope", "eps"),
     "swiglu": ("a", "b"),
     "swiglu_backward": ("grad_out", "a", "b"),
     "flash_attention": ("q", "k", "v", "scale"),
@@ -47,31 +59,69 @@ SIGNATURES = {
 }
 CUDA_ONLY = ("flash_attention", "flash_attention_backward", "qkv_attention")
 
-B, L, C = 2, 4, 8        # norm family
-H, D = 2, 8              # q/k norm + rotary: qkv [B, L, 3 * H * D]
-AH, AL, AD = 2, 8, 64    # attention: [B, AH, AL, AD]
+B, L, C = 2, 4, 8  # norm family
+H, D = 2, 8  # q/k norm + rotary: qkv [B, L, 3 * H * D]
+AH, AL, AD = 2, 8, 64  # attention: [B, AH, AL, AD]
 
 
 def valid_args(op: str) -> dict:
     """A call of `op` that succeeds: CPU tensors, meta ones for the CUDA-only ops."""
     r = torch.randn
-    if op in ("rms_norm_modulate", "layer_norm_modulate", "gated_residual", "gated_residual_rms_norm_modulate",
-              "norm_modulate_backward"):
-        return dict(x=r(B, L, C), weight=r(C), shift=r(B, 1, C), scale=r(B, 1, C), gate=r(B, 1, C),
-                    y=r(B, L, C), eps=1e-6, grad_out=r(B, L, C), grad_x_out=r(B, L, C), kind=1, residual=True)
+    if op in (
+        "rms_norm_modulate",
+        "layer_norm_modulate",
+        "gated_residual",
+        "gated_residual_rms_norm_modulate",
+        "norm_modulate_backward",
+    ):
+        return dict(
+            x=r(B, L, C),
+            weight=r(C),
+            shift=r(B, 1, C),
+            scale=r(B, 1, C),
+            gate=r(B, 1, C),
+            y=r(B, L, C),
+            eps=1e-6,
+            grad_out=r(B, L, C),
+            grad_x_out=r(B, L, C),
+            kind=1,
+            residual=True,
+        )
     if op in ("qk_norm_rope", "qk_norm_rope_backward"):
-        return dict(qkv=r(B, L, 3 * H * D), q_weight=r(D), k_weight=r(D), num_heads=H, rope=r(L, D // 2, 2),
-                    eps=1e-6, grad_q=r(B, H, L, D), grad_k=r(B, H, L, D), grad_v=r(B, H, L, D))
+        return dict(
+            qkv=r(B, L, 3 * H * D),
+            q_weight=r(D),
+            k_weight=r(D),
+            num_heads=H,
+            rope=r(L, D // 2, 2),
+            eps=1e-6,
+            grad_q=r(B, H, L, D),
+            grad_k=r(B, H, L, D),
+            grad_v=r(B, H, L, D),
+        )
     if op in ("swiglu", "swiglu_backward"):
         return dict(a=r(3, 5), b=r(3, 5), grad_out=r(3, 5))
     if op in ("flash_attention", "flash_attention_backward"):
         q = torch.empty(B, AH, AL, AD, dtype=torch.bfloat16, device="meta")
-        return dict(q=q, k=q.clone(), v=q.clone(), out=q.clone(), grad_out=q.clone(),
-                    lse=torch.empty(B, AH, AL, device="meta"), scale=AD ** -0.5)
+        return dict(
+            q=q,
+            k=q.clone(),
+            v=q.clone(),
+            out=q.clone(),
+            grad_out=q.clone(),
+            lse=torch.empty(B, AH, AL, device="meta"),
+            scale=AD**-0.5,
+        )
     if op == "qkv_attention":
-        return dict(qkv=torch.empty(B, AL, 3 * AH * AD, dtype=torch.bfloat16, device="meta"),
-                    q_weight=torch.empty(AD, device="meta"), k_weight=torch.empty(AD, device="meta"),
-                    num_heads=AH, rope=torch.empty(AL, AD // 2, 2, device="meta"), eps=1e-6, scale=AD ** -0.5)
+        return dict(
+            qkv=torch.empty(B, AL, 3 * AH * AD, dtype=torch.bfloat16, device="meta"),
+            q_weight=torch.empty(AD, device="meta"),
+            k_weight=torch.empty(AD, device="meta"),
+            num_heads=AH,
+            rope=torch.empty(AL, AD // 2, 2, device="meta"),
+            eps=1e-6,
+            scale=AD**-0.5,
+        )
     if op == "dp_schedule_solve":
         return dict(sim=torch.rand(2, 6, 6), k_max=3)
     raise KeyError(op)
@@ -107,6 +157,7 @@ def nan_at(b, i, j):
         sim = sim.clone()
         sim[b, i, j] = NAN
         return sim
+
     return change
 
 
@@ -121,8 +172,11 @@ CASES = [
     ("rms_norm_modulate", dict(x=meta), r"shift is on cpu but x is on meta"),
     ("rms_norm_modulate", dict(weight=wider), r"weight must be \[C\] = \[8\], got \[9\]"),
     ("rms_norm_modulate", dict(shift=wider), r"shift must be \[B, 1, C\]"),
-    ("rms_norm_modulate", dict(scale=lambda t: torch.randn(B, 1, 2 * C, device=t.device)[..., ::2]),
-     r"scale must be contiguous in its last dim"),
+    (
+        "rms_norm_modulate",
+        dict(scale=lambda t: torch.randn(B, 1, 2 * C, device=t.device)[..., ::2]),
+        r"scale must be contiguous in its last dim",
+    ),
     ("rms_norm_modulate", dict(eps=-1.0), r"eps must be a finite number >= 0, got -1"),
     ("rms_norm_modulate", dict(eps=NAN), r"eps must be a finite number >= 0, got nan"),
     ("rms_norm_modulate", dict(eps=INF), r"eps must be a finite number >= 0, got inf"),
@@ -145,12 +199,22 @@ CASES = [
     ("gated_residual_rms_norm_modulate", dict(weight=meta), r"weight is on meta"),
     ("gated_residual_rms_norm_modulate", dict(x=meta), r"y must match x"),
     ("gated_residual_rms_norm_modulate", dict(weight=wider), r"weight must be \[C\] = \[8\]"),
-    ("gated_residual_rms_norm_modulate", dict(x=lambda t: t.bfloat16(), y=lambda t: t.bfloat16(),
-                                              gate=lambda t: t.bfloat16(), weight=lambda t: t.bfloat16(),
-                                              scale=lambda t: t.bfloat16()),
-     r"shift, scale and gate must share one dtype, got BFloat16 and Float \(shift\)"),
-    ("gated_residual_rms_norm_modulate", dict(x=lambda t: t.bool(), y=lambda t: t.bool()),
-     r"x has dtype Bool; supported"),
+    (
+        "gated_residual_rms_norm_modulate",
+        dict(
+            x=lambda t: t.bfloat16(),
+            y=lambda t: t.bfloat16(),
+            gate=lambda t: t.bfloat16(),
+            weight=lambda t: t.bfloat16(),
+            scale=lambda t: t.bfloat16(),
+        ),
+        r"shift, scale and gate must share one dtype, got BFloat16 and Float \(shift\)",
+    ),
+    (
+        "gated_residual_rms_norm_modulate",
+        dict(x=lambda t: t.bool(), y=lambda t: t.bool()),
+        r"x has dtype Bool; supported",
+    ),
     ("gated_residual_rms_norm_modulate", dict(eps=-1e-6), r"eps must be a finite number"),
     # norm_modulate_backward: a missing optional tensor the mode needs
     ("norm_modulate_backward", dict(weight=None), r"norm kind 1 \(rms\) needs weight"),
@@ -168,8 +232,11 @@ CASES = [
     ("norm_modulate_backward", dict(kind=0, residual=False, weight=meta), r"weight is on meta but x is on cpu"),
     ("norm_modulate_backward", dict(x=meta), r"grad_out is on cpu but x is on meta"),
     ("norm_modulate_backward", dict(grad_out=to_int), r"grad_out has dtype Int; supported"),
-    ("norm_modulate_backward", dict(grad_x_out=lambda t: t.to(torch.complex64)),
-     r"grad_x_out has dtype ComplexFloat; supported"),
+    (
+        "norm_modulate_backward",
+        dict(grad_x_out=lambda t: t.to(torch.complex64)),
+        r"grad_x_out has dtype ComplexFloat; supported",
+    ),
     ("norm_modulate_backward", dict(grad_out=wider), r"grad_out must be \[2, 4, 8\], got \[2, 4, 9\]"),
     ("norm_modulate_backward", dict(grad_x_out=wider), r"grad_x_out must be \[2, 4, 8\], got \[2, 4, 9\]"),
     ("norm_modulate_backward", dict(x=lambda t: t[0]), r"x must be \[B, L, C\]"),
@@ -187,10 +254,16 @@ CASES = [
     ("qk_norm_rope", dict(qkv=meta), r"q_weight is on cpu but qkv is on meta"),
     ("qk_norm_rope", dict(rope=lambda t: t.double()), r"rope must be float32 \[L, D/2, 2\]"),
     ("qk_norm_rope", dict(rope=lambda t: t[1:]), r"rope must be float32 \[L, D/2, 2\] = \[4, 4, 2\]"),
-    ("qk_norm_rope", dict(qkv=lambda t: t.bfloat16(), q_weight=lambda t: t.bfloat16()),
-     r"q_weight and k_weight differ in dtype"),
-    ("qk_norm_rope", dict(qkv=torch.randn(B, L, 3 * H * 6), q_weight=torch.randn(6), k_weight=torch.randn(6)),
-     r"head dim 6 must be a multiple of 4"),
+    (
+        "qk_norm_rope",
+        dict(qkv=lambda t: t.bfloat16(), q_weight=lambda t: t.bfloat16()),
+        r"q_weight and k_weight differ in dtype",
+    ),
+    (
+        "qk_norm_rope",
+        dict(qkv=torch.randn(B, L, 3 * H * 6), q_weight=torch.randn(6), k_weight=torch.randn(6)),
+        r"head dim 6 must be a multiple of 4",
+    ),
     ("qk_norm_rope", dict(num_heads=0), r"num_heads must be > 0, got 0"),
     ("qk_norm_rope", dict(num_heads=-2), r"num_heads must be > 0, got -2"),
     ("qk_norm_rope", dict(num_heads=5), r"is not 3 \* num_heads \(5\) \* head_dim"),
@@ -222,12 +295,21 @@ CASES = [
     ("flash_attention", dict(q=cpu), r"q is on cpu"),
     ("flash_attention", dict(k=lambda t: t[0]), r"attention expects k as \[B, H, L, D\]"),
     ("flash_attention", dict(v=lambda t: t.half()), r"attention inputs differ in dtype \(v is"),
-    ("flash_attention", dict(q=lambda t: t.float(), k=lambda t: t.float(), v=lambda t: t.float()),
-     r"q has dtype Float; the flash-attention kernel takes bfloat16 or float16"),
-    ("flash_attention", dict(q=lambda t: t.int(), k=lambda t: t.int(), v=lambda t: t.int()),
-     r"q has dtype Int; the flash-attention kernel takes bfloat16 or float16"),
-    ("flash_attention", dict(q=lambda t: t[..., :32], k=lambda t: t[..., :32], v=lambda t: t[..., :32]),
-     r"head dims 64, 72 and 128, got 32"),
+    (
+        "flash_attention",
+        dict(q=lambda t: t.float(), k=lambda t: t.float(), v=lambda t: t.float()),
+        r"q has dtype Float; the flash-attention kernel takes bfloat16 or float16",
+    ),
+    (
+        "flash_attention",
+        dict(q=lambda t: t.int(), k=lambda t: t.int(), v=lambda t: t.int()),
+        r"q has dtype Int; the flash-attention kernel takes bfloat16 or float16",
+    ),
+    (
+        "flash_attention",
+        dict(q=lambda t: t[..., :32], k=lambda t: t[..., :32], v=lambda t: t[..., :32]),
+        r"head dims 64, 72 and 128, got 32",
+    ),
     ("flash_attention", dict(v=lambda t: t[:, :, :3]), r"k and v differ in length"),
     ("flash_attention", dict(k=lambda t: t[:, :1]), r"k has shape \[2, 1, 8, 64\], incompatible with q"),
     ("flash_attention", dict(scale=NAN), r"scale must be finite, got nan"),
@@ -257,12 +339,21 @@ CASES = [
     ("qkv_attention", dict(eps=-1.0), r"eps must be a finite number"),
     ("qkv_attention", dict(scale=NAN), r"scale must be finite"),
     # dp_schedule_solve
-    ("dp_schedule_solve", dict(sim=nan_at(0, 1, 4)),
-     r"sim\[0\] \(problem 0\) has a non-finite similarity nan at \[1, 4\].*nan_to_num"),
-    ("dp_schedule_solve", dict(sim=lambda s: torch.where(torch.arange(36).view(6, 6) == 9, -INF, s)),
-     r"sim\[0\] \(problem 0\) has a non-finite similarity -inf at \[1, 3\]"),
-    ("dp_schedule_solve", dict(sim=lambda s: torch.cat([s[:1], s[1:].fill_(INF)]).float()),
-     r"sim\[1\] \(problem 1\) has a non-finite similarity inf at \[0, 0\]"),
+    (
+        "dp_schedule_solve",
+        dict(sim=nan_at(0, 1, 4)),
+        r"sim\[0\] \(problem 0\) has a non-finite similarity nan at \[1, 4\].*nan_to_num",
+    ),
+    (
+        "dp_schedule_solve",
+        dict(sim=lambda s: torch.where(torch.arange(36).view(6, 6) == 9, -INF, s)),
+        r"sim\[0\] \(problem 0\) has a non-finite similarity -inf at \[1, 3\]",
+    ),
+    (
+        "dp_schedule_solve",
+        dict(sim=lambda s: torch.cat([s[:1], s[1:].fill_(INF)]).float()),
+        r"sim\[1\] \(problem 1\) has a non-finite similarity inf at \[0, 0\]",
+    ),
     ("dp_schedule_solve", dict(k_max=0), r"k_max must be in 1..N = 1..6, got 0"),
     ("dp_schedule_solve", dict(k_max=7), r"k_max must be in 1..N = 1..6, got 7"),
     ("dp_schedule_solve", dict(k_max=-1), r"k_max must be in 1..N"),
@@ -315,13 +406,14 @@ def _all_meta(value):
 
 # Cases the fake implementations can judge too: on meta tensors (no values, so
 # not the non-finite similarities; and not a device mix, which is no longer one).
-_SHAPE_CASES = [(op, changes, match) for op, changes, match in CASES
-                if op not in CUDA_ONLY and "non-finite" not in match
-                and not any(c is meta or c is cpu for c in changes.values())]
+_SHAPE_CASES = [
+    (op, changes, match)
+    for op, changes, match in CASES
+    if op not in CUDA_ONLY and "non-finite" not in match and not any(c is meta or c is cpu for c in changes.values())
+]
 
 
-@pytest.mark.parametrize("op, changes, match", _SHAPE_CASES,
-                         ids=[_IDS[CASES.index(c)] for c in _SHAPE_CASES])
+@pytest.mark.parametrize("op, changes, match", _SHAPE_CASES, ids=[_IDS[CASES.index(c)] for c in _SHAPE_CASES])
 def test_fake_refuses_the_same(op, changes, match):
     """The same bad input on meta tensors dispatches to the fake (meta)
     implementation, which refuses it with the kernel's message."""
@@ -352,8 +444,13 @@ def _cuda(v):
     return torch.randn(v.shape, dtype=v.dtype, device="cuda") if v.is_meta else v.cuda()
 
 
-_DEVICE_MIX = [(op, name) for op in sorted(SIGNATURES) if op != "dp_schedule_solve"
-               for name, v in valid_args(op).items() if isinstance(v, torch.Tensor) and name in SIGNATURES[op]]
+_DEVICE_MIX = [
+    (op, name)
+    for op in sorted(SIGNATURES)
+    if op != "dp_schedule_solve"
+    for name, v in valid_args(op).items()
+    if isinstance(v, torch.Tensor) and name in SIGNATURES[op]
+]
 
 
 @pytest.mark.cuda
@@ -378,11 +475,13 @@ def test_fake_tensor_mode_refuses_bad_shapes():
         with pytest.raises(ERRORS, match=r"eps must be a finite number"):
             torch.ops.ddt_fast.layer_norm_modulate(x, x[:, :1], x[:, :1], -1.0)
         with pytest.raises(ERRORS, match=r"num_heads must be > 0"):
-            torch.ops.ddt_fast.qk_norm_rope(torch.empty(B, L, 48), torch.empty(8), torch.empty(8), 0,
-                                            torch.empty(L, 4, 2), 1e-6)
+            torch.ops.ddt_fast.qk_norm_rope(
+                torch.empty(B, L, 48), torch.empty(8), torch.empty(8), 0, torch.empty(L, 4, 2), 1e-6
+            )
 
 
 # The Python op layer ----------------------------------------------------------
+
 
 def _op_args():
     r = torch.randn
@@ -440,8 +539,11 @@ OPS_CASES = [
     ("gated_residual", dict(x=_int, gate=_int, y=_int), r"gated_residual: x has dtype torch.int32"),
     ("gated_residual", dict(y=_int), r"gated_residual: y has dtype torch.int32"),
     ("gated_residual_rms_norm_modulate", dict(gate=_int), r"gated_residual_rms_norm_modulate: gate has dtype"),
-    ("gated_residual_rms_norm_modulate", dict(weight=None),
-     r"gated_residual_rms_norm_modulate: weight must be a torch.Tensor, got NoneType"),
+    (
+        "gated_residual_rms_norm_modulate",
+        dict(weight=None),
+        r"gated_residual_rms_norm_modulate: weight must be a torch.Tensor, got NoneType",
+    ),
     ("swiglu", dict(a=_int, b=_int), r"swiglu: a has dtype torch.int32"),
     ("swiglu", dict(a=_bool, b=_bool), r"swiglu: a has dtype torch.bool"),
     ("swiglu", dict(b=_long), r"swiglu: b has dtype torch.int64"),
@@ -459,8 +561,11 @@ OPS_CASES = [
 
 
 @pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
-@pytest.mark.parametrize("op, changes, match", OPS_CASES,
-                         ids=[f"{op}-{','.join(changes)}-{n}" for n, (op, changes, _) in enumerate(OPS_CASES)])
+@pytest.mark.parametrize(
+    "op, changes, match",
+    OPS_CASES,
+    ids=[f"{op}-{','.join(changes)}-{n}" for n, (op, changes, _) in enumerate(OPS_CASES)],
+)
 def test_ops_refuse_what_neither_path_computes(op, changes, match, backend):
     """Integer, bool or complex tensors are not sent to the reference (which
     would compute something in another dtype); nor are a bad eps or

@@ -1,13 +1,15 @@
 """Samplers, schedules in sampling, calibration."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from faults import tiny_model
+
 from ddt_fast import sampling
 from ddt_fast.sampling import AdamsSampler, EulerSampler, time_grid
-from faults import tiny_model
 
 
 class ToyNet:
@@ -64,11 +66,12 @@ def test_adams_exact_for_polynomials_after_its_start(order):
     t0, t1, t2 = g[0], g[1], g[2]
     err = 0.0
     # step 0 is Euler
-    err += (0.5 * (t1 - t0) + b * (t1 ** 2 - t0 ** 2) / 2 + c * (t1 ** 3 - t0 ** 3) / 3) - v(t0) * (t1 - t0)
+    err += (0.5 * (t1 - t0) + b * (t1**2 - t0**2) / 2 + c * (t1**3 - t0**3) / 3) - v(t0) * (t1 - t0)
     if order == 3:  # step 1 is AB2: exact for the linear part, misses the quadratic's curvature
         w0, w1 = s.weights[1]
-        err += (0.5 * (t2 - t1) + b * (t2 ** 2 - t1 ** 2) / 2 + c * (t2 ** 3 - t1 ** 3) / 3) \
-            - (float(w0) * v(t0) + float(w1) * v(t1)) * (t2 - t1)
+        err += (0.5 * (t2 - t1) + b * (t2**2 - t1**2) / 2 + c * (t2**3 - t1**3) / 3) - (
+            float(w0) * v(t0) + float(w1) * v(t1)
+        ) * (t2 - t1)
     torch.testing.assert_close(x.double(), torch.full_like(x.double(), float(exact - err)), atol=2e-5, rtol=0)
 
 
@@ -101,11 +104,13 @@ _tiny = tiny_model
 def _sample(m, **kw):
     noise = sampling.make_noise([1, 2, 3], (4, 8, 8))
     cond = torch.tensor([1, 5, 9])
-    s = EulerSampler(kw.pop("steps", 8), kw.pop("guidance", 2.0), 1.0, kw.pop("gmin", 0.3), kw.pop("gmax", 1.0),
-                     last_step=0.04, **kw)
+    s = EulerSampler(
+        kw.pop("steps", 8), kw.pop("guidance", 2.0), 1.0, kw.pop("gmin", 0.3), kw.pop("gmax", 1.0), last_step=0.04, **kw
+    )
     return s(m, noise, cond, torch.full_like(cond, 10))
 
 
+@pytest.mark.slow
 def test_fast_equals_reference_when_guidance_covers_every_step_and_no_sharing():
     m = _tiny()
     ref = _sample(m, mode="reference", gmin=-1.0, gmax=2.0)
@@ -224,14 +229,24 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 
 
 def test_published_constructor_arguments_accepted():
-    s = EulerSampler(num_steps=250, guidance=2.0, timeshift=1.0, guidance_interval_min=0.3,
-                     guidance_interval_max=1.0, state_refresh_rate=1, last_step=0.04,
-                     scheduler=object(), w_scheduler=object(), guidance_fn=sampling.simple_guidance)
+    s = EulerSampler(
+        num_steps=250,
+        guidance=2.0,
+        timeshift=1.0,
+        guidance_interval_min=0.3,
+        guidance_interval_max=1.0,
+        state_refresh_rate=1,
+        last_step=0.04,
+        scheduler=object(),
+        w_scheduler=object(),
+        guidance_fn=sampling.simple_guidance,
+    )
     assert s.timesteps.shape == (251,) and s.schedule.budget == 250
     a = sampling.AdamLMSampler(num_steps=10, order=2, state_refresh_rate=2)
     assert a.schedule.steps == (0, 2, 4, 6, 8)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_sampling_close_to_fp32():
     m = _tiny()
     ref = _sample(m)

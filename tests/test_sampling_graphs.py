@@ -6,6 +6,7 @@ modulation graph's buffers) with `EagerReplayCall`, which does to its buffers
 what a replayed CUDA graph does. On a GPU (`-m cuda`): real graphs against the
 eager loop.
 """
+
 import pytest
 import torch
 
@@ -13,8 +14,9 @@ from ddt_fast import models, sampling
 from ddt_fast.sampling import AdamsSampler, EulerSampler
 from ddt_fast.sampling.graphs import EagerReplayCall, StepGraphs
 
-SETTINGS = dict(num_steps=8, guidance=2.0, timeshift=1.0, guidance_interval_min=0.3, guidance_interval_max=1.0,
-                last_step=0.04)
+SETTINGS = dict(
+    num_steps=8, guidance=2.0, timeshift=1.0, guidance_interval_min=0.3, guidance_interval_max=1.0, last_step=0.04
+)
 # Step 0 is unguided (t = 0), so with [0, 5] the unconditional s of the first window is computed late
 # (step 3); every step and "uniform:2" cover the other paths through the fast step.
 CASES = [
@@ -47,6 +49,7 @@ def _with_replay_graphs(sampler, graphs):
     return sampler
 
 
+@pytest.mark.slow
 def test_cuda_graph_on_cpu_warns_and_samples_eagerly():
     m = _tiny()
     eager = EulerSampler(**SETTINGS)(m, *_inputs())
@@ -99,8 +102,8 @@ def test_modulation_graph_runs_once_per_self_condition():
     # from step 3 and again from step 5: each modulation computed once per s, per decoder block
     decoder_blocks = m.num_blocks - m.num_encoder_blocks
     cond_runs, cfg_runs = runs.count(3), runs.count(6)
-    assert cond_runs == decoder_blocks * (1 + 1)       # capture + one replay (one conditional s)
-    assert cfg_runs == decoder_blocks * (1 + 2)        # capture + replays for s at steps 3 and 5
+    assert cond_runs == decoder_blocks * (1 + 1)  # capture + one replay (one conditional s)
+    assert cfg_runs == decoder_blocks * (1 + 2)  # capture + replays for s at steps 3 and 5
 
 
 def test_graphs_dropped_when_parameters_change():
@@ -117,7 +120,9 @@ def test_release_graphs_and_capture_errors_are_clear():
 
     m = _tiny()
     sampler = _with_replay_graphs(EulerSampler(**SETTINGS), StepGraphs(m, call_type=broken))
-    with pytest.raises(RuntimeError, match="CUDA-graph capture of the sampler's 'encode' call failed.*cuda_graph=False"):
+    with pytest.raises(
+        RuntimeError, match="CUDA-graph capture of the sampler's 'encode' call failed.*cuda_graph=False"
+    ):
         sampler(m, *_inputs())
     s = EulerSampler(**SETTINGS, cuda_graph=True)
     s._graphs = object()
@@ -157,8 +162,9 @@ def test_cuda_graph_bf16_autocast_matches_eager_cuda():
     torch.testing.assert_close(out, eager, atol=1e-2, rtol=1e-2)
     # the same sampler in float32 captures separate graphs (the autocast state is part of the key)
     sampler.autocast = None
-    torch.testing.assert_close(sampler(m, *inputs), EulerSampler(**SETTINGS, schedule=[0, 5])(m, *inputs),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sampler(m, *inputs), EulerSampler(**SETTINGS, schedule=[0, 5])(m, *inputs), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.cuda

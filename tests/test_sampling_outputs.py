@@ -1,4 +1,5 @@
 """Images, npz files and sharded / distributed sampling runs."""
+
 import os
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddt_fast import sampling
 from faults import tiny_model
 
+from ddt_fast import sampling
 
 _tiny_model = tiny_model
 
@@ -16,10 +17,17 @@ _tiny_model = tiny_model
 def _tiny_vae():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
-                                   layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                                   sample_size=8).eval()
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    ).eval()
 
 
 def _sampler():
@@ -58,8 +66,9 @@ def test_sample_to_folder_matches_direct_sampling_and_resumes(tmp_path):
     m, vae = _tiny_model(), _tiny_vae()
     classes, seeds = [1, 2, 3, 4, 5], [10, 11, 12, 13, 14]
     out = str(tmp_path / "run")
-    path = sampling.sample_to_folder(m, _sampler(), classes, seeds, out, batch_size=2, vae=vae, latent_size=8,
-                                     progress=False)
+    path = sampling.sample_to_folder(
+        m, _sampler(), classes, seeds, out, batch_size=2, vae=vae, latent_size=8, progress=False
+    )
     with np.load(path) as z:
         images = z["arr_0"]
     assert images.shape == (5, 8, 8, 3)
@@ -79,8 +88,7 @@ def test_sample_to_folder_matches_direct_sampling_and_resumes(tmp_path):
 
     Counting.__name__ = type(sampler).__name__  # the recorded settings name the sampler class
     sampler.__class__ = Counting
-    sampling.sample_to_folder(m, sampler, classes, seeds, out, batch_size=2, vae=vae, latent_size=8,
-                              progress=False)
+    sampling.sample_to_folder(m, sampler, classes, seeds, out, batch_size=2, vae=vae, latent_size=8, progress=False)
     assert calls == [2]
     with np.load(path) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
@@ -88,8 +96,9 @@ def test_sample_to_folder_matches_direct_sampling_and_resumes(tmp_path):
 
 def test_latents_only_without_vae(tmp_path):
     m = _tiny_model()
-    path = sampling.sample_to_folder(m, _sampler(), [1, 2, 3], [0, 1, 2], str(tmp_path), batch_size=2,
-                                     latent_size=8, progress=False)
+    path = sampling.sample_to_folder(
+        m, _sampler(), [1, 2, 3], [0, 1, 2], str(tmp_path), batch_size=2, latent_size=8, progress=False
+    )
     assert path.endswith("latents.npz")
     with np.load(path) as z:
         assert z["arr_0"].shape == (3, 4, 8, 8)
@@ -99,16 +108,19 @@ def _worker(rank, world, store, out, classes, seeds):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        sampling.sample_to_folder(_tiny_model(), _sampler(), classes, seeds, out, batch_size=2, latent_size=8,
-                                  progress=False)
+        sampling.sample_to_folder(
+            _tiny_model(), _sampler(), classes, seeds, out, batch_size=2, latent_size=8, progress=False
+        )
     finally:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_result(tmp_path):
     classes, seeds = [1, 2, 3, 4, 5, 6, 7], [20, 21, 22, 23, 24, 25, 26]
-    single = sampling.sample_to_folder(_tiny_model(), _sampler(), classes, seeds, str(tmp_path / "one"),
-                                       batch_size=3, latent_size=8, progress=False)
+    single = sampling.sample_to_folder(
+        _tiny_model(), _sampler(), classes, seeds, str(tmp_path / "one"), batch_size=3, latent_size=8, progress=False
+    )
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "two"), classes, seeds), nprocs=2)
     with np.load(single) as a, np.load(tmp_path / "two" / "latents.npz") as b:
         np.testing.assert_allclose(b["arr_0"], a["arr_0"], atol=1e-5, rtol=1e-5)

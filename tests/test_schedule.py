@@ -1,6 +1,7 @@
 """The statistic DP solver (ddt_fast.schedule.solve, the dp_schedule_solve op)
 against brute force and the NumPy reference, its error messages, and the
 Schedule type."""
+
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ BACKENDS = ["fused", "reference"] if HAS_CPU_OP else ["reference"]
 
 
 # Similarity matrices -------------------------------------------------------
+
 
 def random_sim(rng, n):
     return rng.uniform(-1.0, 1.0, size=(n, n))
@@ -53,6 +55,7 @@ SIM_KINDS = {
 
 # Against brute force --------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", range(1, 13))
 def test_matches_brute_force_for_every_budget(n, backend):
@@ -80,9 +83,7 @@ def test_all_ones_ties_go_to_the_earliest_steps(backend):
 
 def test_hand_worked_case():
     # e = 1 - sim; row = step that reuses, column = step that ran the encoder.
-    e = np.array([[0.0, 9.0, 9.0],
-                  [0.5, 0.0, 9.0],
-                  [1.0, 0.25, 0.0]])
+    e = np.array([[0.0, 9.0, 9.0], [0.5, 0.0, 9.0], [1.0, 0.25, 0.0]])
     res = solve(1.0 - e, 3)
     assert res.curve() == [(1, 1.5), (2, 0.25), (3, 0.0)]
     assert [res.steps(k) for k in (1, 2, 3)] == [[0], [0, 1], [0, 1, 2]]
@@ -90,6 +91,7 @@ def test_hand_worked_case():
 
 
 # Against the NumPy reference -----------------------------------------------
+
 
 def _check_against_reference(sim_t, k_max, res):
     c_ref, s_ref = solve_reference(sim_t.double().cpu().numpy(), k_max)
@@ -122,10 +124,12 @@ def test_matches_reference(n, dtype, batched):
 def test_non_contiguous_input():
     rng = np.random.default_rng(5)
     big = torch.from_numpy(rng.uniform(0, 1, size=(4, 90, 90)))
-    for sim in (big[::2, ::2, 1::2],            # strided in every dimension
-                big.transpose(1, 2),             # transposed
-                big[1].t(),                      # 2-D transposed
-                big.float()[:, 3:48, 3:48]):     # offset float32 view
+    for sim in (
+        big[::2, ::2, 1::2],  # strided in every dimension
+        big.transpose(1, 2),  # transposed
+        big[1].t(),  # 2-D transposed
+        big.float()[:, 3:48, 3:48],
+    ):  # offset float32 view
         assert not sim.is_contiguous()
         res = solve(sim, 20)
         _check_against_reference(sim, 20, res)
@@ -174,6 +178,7 @@ def test_empty_batch():
         res.steps(1)
 
 
+@pytest.mark.slow
 def test_fallback_when_the_extension_is_missing():
     code = (
         "import sys; sys.modules['ddt_fast._C'] = None\n"
@@ -184,30 +189,48 @@ def test_fallback_when_the_extension_is_missing():
         "r = solve(np.ones((6, 6)), 3)\n"
         "print(r.steps(3), r.cost.tolist())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[0, 1, 2] [0.0, 0.0, 0.0]"
 
 
 # Bad input -------------------------------------------------------------------
 
-@pytest.mark.parametrize("sim, k_max, exc, match", [
-    (torch.ones(4), 1, ValueError, r"\[N, N\] or \[B, N, N\], got a 1-D tensor of shape \(4,\)"),
-    (torch.ones(2, 2, 2, 2), 1, ValueError, r"got a 4-D tensor"),
-    (torch.ones(3, 4), 1, ValueError, r"square in its last two dimensions, got shape \(3, 4\)"),
-    (torch.ones(2, 5, 4), 1, ValueError, r"square"),
-    (torch.ones(0, 0), 1, ValueError, r"at least one step \(N >= 1\)"),
-    (torch.ones(4, 4), 0, ValueError, r"k_max must be in 1..N = 1..4, got 0"),
-    (torch.ones(4, 4), 5, ValueError, r"k_max must be in 1..N = 1..4, got 5"),
-    (torch.ones(4, 4), 2.0, TypeError, r"k_max must be an int, got float"),
-    (torch.ones(4, 4), True, TypeError, r"k_max must be an int, got a bool"),
-    (torch.ones(4, 4, dtype=torch.int64), 2, TypeError, r"float32 or float64, got torch.int64; convert it with sim.double\(\)"),
-    (torch.ones(4, 4, dtype=torch.float16), 2, TypeError, r"got torch.float16; convert"),
-    (np.ones((4, 4), dtype=np.float16), 2, TypeError, r"got numpy float16; convert it with sim.astype\(np.float64\)"),
-    (np.ones((4, 4), dtype=np.int32), 2, TypeError, r"got numpy int32"),
-    ([[1.0]], 1, TypeError, r"torch.Tensor or numpy.ndarray, got list"),
-])
+
+@pytest.mark.parametrize(
+    "sim, k_max, exc, match",
+    [
+        (torch.ones(4), 1, ValueError, r"\[N, N\] or \[B, N, N\], got a 1-D tensor of shape \(4,\)"),
+        (torch.ones(2, 2, 2, 2), 1, ValueError, r"got a 4-D tensor"),
+        (torch.ones(3, 4), 1, ValueError, r"square in its last two dimensions, got shape \(3, 4\)"),
+        (torch.ones(2, 5, 4), 1, ValueError, r"square"),
+        (torch.ones(0, 0), 1, ValueError, r"at least one step \(N >= 1\)"),
+        (torch.ones(4, 4), 0, ValueError, r"k_max must be in 1..N = 1..4, got 0"),
+        (torch.ones(4, 4), 5, ValueError, r"k_max must be in 1..N = 1..4, got 5"),
+        (torch.ones(4, 4), 2.0, TypeError, r"k_max must be an int, got float"),
+        (torch.ones(4, 4), True, TypeError, r"k_max must be an int, got a bool"),
+        (
+            torch.ones(4, 4, dtype=torch.int64),
+            2,
+            TypeError,
+            r"float32 or float64, got torch.int64; convert it with sim.double\(\)",
+        ),
+        (torch.ones(4, 4, dtype=torch.float16), 2, TypeError, r"got torch.float16; convert"),
+        (
+            np.ones((4, 4), dtype=np.float16),
+            2,
+            TypeError,
+            r"got numpy float16; convert it with sim.astype\(np.float64\)",
+        ),
+        (np.ones((4, 4), dtype=np.int32), 2, TypeError, r"got numpy int32"),
+        ([[1.0]], 1, TypeError, r"torch.Tensor or numpy.ndarray, got list"),
+    ],
+)
 def test_bad_input_messages(sim, k_max, exc, match):
     with pytest.raises(exc, match=match):
         solve(sim, k_max)
@@ -216,11 +239,15 @@ def test_bad_input_messages(sim, k_max, exc, match):
 def test_non_finite_input_names_the_problem_and_the_fix():
     sim = torch.ones(3, 5, 5)
     sim[2, 1, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"sim\[2\] \(problem 2\) has a non-finite similarity nan at \[1, 4\].*nan_to_num"):
+    with pytest.raises(
+        ValueError, match=r"sim\[2\] \(problem 2\) has a non-finite similarity nan at \[1, 4\].*nan_to_num"
+    ):
         solve(sim, 2)
     one = np.ones((5, 5))
     one[3, 0] = -np.inf
-    with pytest.raises(ValueError, match=r"^sim has a non-finite similarity -inf at \[3, 0\]; the DP needs finite values"):
+    with pytest.raises(
+        ValueError, match=r"^sim has a non-finite similarity -inf at \[3, 0\]; the DP needs finite values"
+    ):
         solve(one, 2)
 
 
@@ -230,20 +257,24 @@ def test_bad_backend():
 
 
 @needs_op
-@pytest.mark.parametrize("sim, k_max, match", [
-    (torch.ones(4, 4), 1, r"sim must be 3-D \[B, N, N\], got 2-D"),
-    (torch.ones(1, 4, 3), 1, r"square in its last two dimensions"),
-    (torch.ones(1, 0, 0), 1, r"N >= 1"),
-    (torch.ones(1, 4, 4), 5, r"k_max must be in 1..N = 1..4, got 5"),
-    (torch.ones(1, 4, 4), 0, r"k_max must be in 1..N = 1..4, got 0"),
-    (torch.ones(1, 4, 4, dtype=torch.float16), 2, r"float32 or float64, got Half"),
-])
+@pytest.mark.parametrize(
+    "sim, k_max, match",
+    [
+        (torch.ones(4, 4), 1, r"sim must be 3-D \[B, N, N\], got 2-D"),
+        (torch.ones(1, 4, 3), 1, r"square in its last two dimensions"),
+        (torch.ones(1, 0, 0), 1, r"N >= 1"),
+        (torch.ones(1, 4, 4), 5, r"k_max must be in 1..N = 1..4, got 5"),
+        (torch.ones(1, 4, 4), 0, r"k_max must be in 1..N = 1..4, got 0"),
+        (torch.ones(1, 4, 4, dtype=torch.float16), 2, r"float32 or float64, got Half"),
+    ],
+)
 def test_op_argument_checks(sim, k_max, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.ddt_fast.dp_schedule_solve(sim, k_max)
 
 
 # DPResult ---------------------------------------------------------------------
+
 
 def test_result_accessors():
     rng = np.random.default_rng(11)
@@ -283,12 +314,16 @@ def test_result_errors():
 
 # torch.library checks -----------------------------------------------------------
 
+
 @needs_op
-@pytest.mark.parametrize("shape, k_max, dtype", [
-    ((1, 1, 1), 1, torch.float64),
-    ((2, 9, 9), 4, torch.float64),
-    ((3, 33, 33), 33, torch.float32),
-])
+@pytest.mark.parametrize(
+    "shape, k_max, dtype",
+    [
+        ((1, 1, 1), 1, torch.float64),
+        ((2, 9, 9), 4, torch.float64),
+        ((3, 33, 33), 33, torch.float32),
+    ],
+)
 def test_opcheck_cpu(shape, k_max, dtype):
     sim = torch.rand(shape, dtype=dtype)
     torch.library.opcheck(torch.ops.ddt_fast.dp_schedule_solve.default, (sim, k_max))
@@ -322,10 +357,20 @@ needs_cuda_op = pytest.mark.skipif(not HAS_CUDA_OP, reason="ddt_fast._C was buil
 @cuda
 @needs_gpu
 @needs_cuda_op
-@pytest.mark.parametrize("n, batch, k_max", [
-    (1, 1, 1), (2, 3, 2), (17, 1, 17), (31, 64, 31), (250, 1, 50), (250, 64, 250),
-    (300, 5, 300), (600, 2, 40), (3100, 1, 6),  # > 256 threads' worth of i; rows over 48 KiB
-])
+@pytest.mark.parametrize(
+    "n, batch, k_max",
+    [
+        (1, 1, 1),
+        (2, 3, 2),
+        (17, 1, 17),
+        (31, 64, 31),
+        (250, 1, 50),
+        (250, 64, 250),
+        (300, 5, 300),
+        (600, 2, 40),
+        (3100, 1, 6),  # > 256 threads' worth of i; rows over 48 KiB
+    ],
+)
 def test_cuda_matches_cpu(n, batch, k_max):
     rng = np.random.default_rng(n + batch)
     sims = torch.from_numpy(np.stack([drifting_sim(rng, n, drift=0.05) for _ in range(batch)]))
@@ -372,6 +417,7 @@ def test_opcheck_cuda():
 
 # Schedule ---------------------------------------------------------------------------
 
+
 def test_uniform_and_every_step():
     u = uniform(10, 3)
     assert u.steps == (0, 3, 6, 9) and u.kind == "uniform" and u.meta == {"refresh_rate": 3}
@@ -391,15 +437,18 @@ def test_schedule_membership():
         s.recompute(10)
 
 
-@pytest.mark.parametrize("steps, n, exc, match", [
-    ([], 5, ValueError, "at least one step"),
-    ([1, 2], 5, ValueError, "must start at step 0"),
-    ([0, 3, 2], 5, ValueError, "strictly increasing: unsorted steps 3 then 2"),
-    ([0, 2, 2], 5, ValueError, "strictly increasing: duplicate steps 2 then 2"),
-    ([0, 5], 5, ValueError, r"step 5 is out of range for num_steps=5 \(steps are 0..4\)"),
-    ([0, 1.5], 5, TypeError, "every step must be an int, got float"),
-    ([0], 0, ValueError, "num_steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "steps, n, exc, match",
+    [
+        ([], 5, ValueError, "at least one step"),
+        ([1, 2], 5, ValueError, "must start at step 0"),
+        ([0, 3, 2], 5, ValueError, "strictly increasing: unsorted steps 3 then 2"),
+        ([0, 2, 2], 5, ValueError, "strictly increasing: duplicate steps 2 then 2"),
+        ([0, 5], 5, ValueError, r"step 5 is out of range for num_steps=5 \(steps are 0..4\)"),
+        ([0, 1.5], 5, TypeError, "every step must be an int, got float"),
+        ([0], 0, ValueError, "num_steps must be >= 1"),
+    ],
+)
 def test_schedule_validation(steps, n, exc, match):
     with pytest.raises(exc, match=match):
         from_steps(steps, n)

@@ -1,5 +1,6 @@
 """Properties of the statistic DP that hold for every input, checked with
 hypothesis on small random matrices."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -73,6 +74,7 @@ def test_no_schedule_beats_the_dp(sim, data):
     assert best <= schedule_cost(sim, other)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.integers(1, 4), st.integers(1, 12), st.data())
 def test_batch_equals_the_reference(batch, n, data):

@@ -1,4 +1,5 @@
 """Training: objective, REPA, EMA, checkpoints and exact resume, bad input."""
+
 import json
 import math
 import os
@@ -30,8 +31,14 @@ from ddt_fast.training import repa as repa_mod
 from ddt_fast.training.data import DigitsDataset, SampleOrder, StepBatches
 from ddt_fast.training.objective import step_seed
 
-DIGITS = dict(model="DDT-tiny/2", model_args={"in_channels": 1, "num_classes": 10}, data="digits",
-              progress=False, tensorboard=False, seed=3)
+DIGITS = dict(
+    model="DDT-tiny/2",
+    model_args={"in_channels": 1, "num_classes": 10},
+    data="digits",
+    progress=False,
+    tensorboard=False,
+    seed=3,
+)
 
 
 class FakeEncoder(nn.Module):
@@ -64,8 +71,8 @@ def test_interpolation_direction_matches_the_samplers():
     x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([0.0, 1.0, 0.25])
     x_t, v = interpolate(x0, noise, t)
-    torch.testing.assert_close(x_t[0], noise[0])      # t = 0 is noise
-    torch.testing.assert_close(x_t[1], x0[1])         # t = 1 is data
+    torch.testing.assert_close(x_t[0], noise[0])  # t = 0 is noise
+    torch.testing.assert_close(x_t[1], x0[1])  # t = 1 is data
     torch.testing.assert_close(x_t[2], 0.25 * x0[2] + 0.75 * noise[2])
     torch.testing.assert_close(v, x0 - noise)
     # an Euler step of the samplers' ODE along v moves x_t to x_{t+dt}
@@ -91,18 +98,20 @@ def test_loss_is_mse_to_velocity_with_label_dropout_to_null_class():
 
 
 def test_step_draws_time_distribution_and_dropout_rate():
-    d = StepDraws.draw(0, 5, 20000, (1, 2, 2), time_sampling="lognorm", label_dropout=0.1, posterior=False,
-                       device="cpu")
+    d = StepDraws.draw(
+        0, 5, 20000, (1, 2, 2), time_sampling="lognorm", label_dropout=0.1, posterior=False, device="cpu"
+    )
     assert d.t.min() > 0 and d.t.max() < 1
-    logit = torch.log(d.t / (1 - d.t))                        # sigmoid(randn) -> logit is N(0, 1)
+    logit = torch.log(d.t / (1 - d.t))  # sigmoid(randn) -> logit is N(0, 1)
     assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
     assert abs(d.drop.float().mean() - 0.1) < 0.01
     u = StepDraws.draw(0, 5, 20000, (1,), time_sampling="uniform", label_dropout=0.0, posterior=True, device="cpu")
     assert abs(u.t.mean() - 0.5) < 0.01 and abs(u.t.var() - 1 / 12) < 0.005 and not u.drop.any()
     assert u.eps.shape == (20000, 1)
     # a step's draws are a function of (seed, step): what a resumed run or another world size sees
-    again = StepDraws.draw(0, 5, 20000, (1, 2, 2), time_sampling="lognorm", label_dropout=0.1, posterior=False,
-                           device="cpu")
+    again = StepDraws.draw(
+        0, 5, 20000, (1, 2, 2), time_sampling="lognorm", label_dropout=0.1, posterior=False, device="cpu"
+    )
     assert torch.equal(again.noise, d.noise) and torch.equal(again.t, d.t)
     assert len({step_seed(0, s) for s in range(100)} | {step_seed(1, s) for s in range(100)}) == 200
 
@@ -123,7 +132,7 @@ def test_sample_order_and_step_batches_cover_the_global_batch():
     order = SampleOrder(10, seed=1)
     stream = order.indices(0, 25)
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    assert stream[:10] != stream[10:20]                        # a new permutation every epoch
+    assert stream[:10] != stream[10:20]  # a new permutation every epoch
     assert order.indices(7, 6) == stream[7:13]
     one = list(StepBatches(SampleOrder(10, 1), 4, 0, 1, 2, start_step=1, end_step=3))
     two = [list(StepBatches(SampleOrder(10, 1), 4, r, 2, 1, start_step=1, end_step=3)) for r in range(2)]
@@ -158,7 +167,7 @@ def test_repa_hook_sees_block_align_layer_minus_1_and_loss_is_mean_one_minus_cos
 
 
 def test_resize_features_to_token_grid():
-    f = torch.randn(2, 4, 3)                                   # a 2x2 feature grid
+    f = torch.randn(2, 4, 3)  # a 2x2 feature grid
     out = resize_features(f, (4, 4))
     assert out.shape == (2, 16, 3)
     ref = F.interpolate(f.transpose(1, 2).reshape(2, 3, 2, 2), size=(4, 4), mode="bilinear", align_corners=False)
@@ -170,8 +179,9 @@ def test_resize_features_to_token_grid():
 
 def test_align_layer_out_of_range_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"align_layer=8 is out of range for a model with 4 blocks.*1\.\.4"):
-        Trainer(_cfg(tmp_path, repa=True, align_layer=8, repa_feature_dim=12, global_batch=4),
-                feature_encoder=FakeEncoder())
+        Trainer(
+            _cfg(tmp_path, repa=True, align_layer=8, repa_feature_dim=12, global_batch=4), feature_encoder=FakeEncoder()
+        )
 
 
 def test_dinov2_unavailable_error_names_the_fixes(monkeypatch):
@@ -192,7 +202,7 @@ def test_dinov2_wrapper_preprocessing_and_output():
             return {"x_norm_patchtokens": x.mean(1).flatten(1)[:, :256, None].expand(-1, -1, 768)}
 
     enc = repa_mod.DINOv2Features(FakeViT(), 768, resolution=256)
-    img = torch.zeros(1, 3, 256, 256)                          # mid grey in [-1, 1]
+    img = torch.zeros(1, 3, 256, 256)  # mid grey in [-1, 1]
     out = enc(img)
     assert out.shape == (1, 256, 768) and enc.model.seen.shape == (1, 3, 224, 224)
     expected = (0.5 - torch.tensor(enc.MEAN)) / torch.tensor(enc.STD)
@@ -207,6 +217,7 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_loss_falls_on_digits(tmp_path):
     cfg = _cfg(tmp_path, global_batch=16, steps=30, lr=2e-3, log_every=1, ckpt_every=1000)
     result = Trainer(cfg).fit()
@@ -220,9 +231,21 @@ def test_loss_falls_on_digits(tmp_path):
     assert TrainConfig.from_json(str(tmp_path / "run" / "config.json")) == cfg
 
 
+@pytest.mark.slow
 def test_exact_resume_bit_for_bit_with_repa_and_accumulation(tmp_path):
-    common = dict(global_batch=8, grad_accum=2, steps=20, ckpt_every=10, keep_last=1, lr=1e-3, repa=True,
-                  align_layer=2, repa_feature_dim=12, grad_clip=1.0, ema_decay=0.9)
+    common = dict(
+        global_batch=8,
+        grad_accum=2,
+        steps=20,
+        ckpt_every=10,
+        keep_last=1,
+        lr=1e-3,
+        repa=True,
+        align_layer=2,
+        repa_feature_dim=12,
+        grad_clip=1.0,
+        ema_decay=0.9,
+    )
     straight = Trainer(_cfg(tmp_path, "straight", **common), feature_encoder=FakeEncoder())
     straight.fit()
 
@@ -264,8 +287,10 @@ def test_exact_resume_bit_for_bit_with_repa_and_accumulation(tmp_path):
     lightning = export_lightning(path, str(tmp_path / "export" / "last.ckpt"))
     raw = torch.load(lightning, weights_only=True)
     assert raw["global_step"] == 20 and set(raw["state_dict"]) == set(sd)
-    assert torch.equal(ddt_fast.load_checkpoint(lightning).state_dict()["final_layer.linear.weight"],
-                       ema_model.state_dict()["final_layer.linear.weight"])
+    assert torch.equal(
+        ddt_fast.load_checkpoint(lightning).state_dict()["final_layer.linear.weight"],
+        ema_model.state_dict()["final_layer.linear.weight"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -339,19 +364,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_bf16_training_on_cpu_float32_linears_match_native(tmp_path, compiled):
     """precision="bf16" on a CPU: under autocast the linear layers multiply in
     float32 (ops.linear) instead of PyTorch's bf16 kernels; the losses of the
     same run (REPA projector included) agree with those kernels' within bf16
     noise, the weights stay float32, and the run works under torch.compile."""
-    common = dict(global_batch=8, steps=4, lr=1e-3, log_every=1, ckpt_every=1000, precision="bf16", repa=True,
-                  align_layer=2, repa_feature_dim=12)
+    common = dict(
+        global_batch=8,
+        steps=4,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=1000,
+        precision="bf16",
+        repa=True,
+        align_layer=2,
+        repa_feature_dim=12,
+    )
     losses = {}
     for mode in ("float32", "native"):
         with ddt_fast.ops.use_backend(cpu_linear=mode):
-            trainer = Trainer(_cfg(tmp_path, mode, compile=compiled and mode == "float32", **common),
-                              feature_encoder=FakeEncoder())
+            trainer = Trainer(
+                _cfg(tmp_path, mode, compile=compiled and mode == "float32", **common), feature_encoder=FakeEncoder()
+            )
             trainer.fit()
         losses[mode] = [json.loads(ln)["loss"] for ln in open(tmp_path / mode / "metrics.jsonl")]
         assert all(p.dtype == torch.float32 for p in trainer.module.parameters())

@@ -1,4 +1,5 @@
 """Training on two CPU processes (gloo): DDP and FSDP2 give the one-process updates."""
+
 import os
 
 import pytest
@@ -8,8 +9,20 @@ import torch.multiprocessing as mp
 from ddt_fast.training import TrainConfig, Trainer, list_checkpoints
 from ddt_fast.training.distributed import fsdp_available
 
-BASE = dict(model="DDT-tiny/2", model_args={"in_channels": 1, "num_classes": 10}, data="digits", progress=False,
-            tensorboard=False, seed=5, global_batch=8, steps=3, ckpt_every=3, lr=1e-3, ema_decay=0.5, grad_clip=1.0)
+BASE = dict(
+    model="DDT-tiny/2",
+    model_args={"in_channels": 1, "num_classes": 10},
+    data="digits",
+    progress=False,
+    tensorboard=False,
+    seed=5,
+    global_batch=8,
+    steps=3,
+    ckpt_every=3,
+    lr=1e-3,
+    ema_decay=0.5,
+    grad_clip=1.0,
+)
 
 
 def _worker(rank, world, store, out, strategy):
@@ -26,6 +39,7 @@ def _weights(out):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     if strategy == "fsdp" and not fsdp_available():

@@ -1,5 +1,6 @@
 """Latent extraction with a tiny random VAE (no download), the shard dataset,
 REPA on latents with paired images, and damaged datasets."""
+
 import json
 import os
 
@@ -20,9 +21,16 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     vae_dir = str(root / "vae")
     vae.save_pretrained(vae_dir)
     images = root / "images"
@@ -34,8 +42,7 @@ def setup(tmp_path_factory):
             Image.fromarray(arr).save(images / cls / f"{i}.png")
     (images / "dog" / "notes.txt").write_text("not an image")
     out = str(root / "out")
-    extract_latents(str(images), out, vae=vae_dir, resolution=16, flip=True, batch_size=3, shard_size=4,
-                    progress=False)
+    extract_latents(str(images), out, vae=vae_dir, resolution=16, flip=True, batch_size=3, shard_size=4, progress=False)
     return dict(root=root, vae_dir=vae_dir, images=str(images), out=out)
 
 
@@ -48,7 +55,7 @@ def test_extraction_matches_direct_encoding_and_round_trips(setup):
     assert len(ds) == 10 and ds.sample_shape == (4, 8, 8) and ds.num_classes == 2
     labels = [int(ds[i]["y"]) for i in range(10)]
     assert labels == [0] * 6 + [1] * 4
-    for i in (0, 1, 7):                                        # item 2k is file k, item 2k+1 its mirror
+    for i in (0, 1, 7):  # item 2k is file k, item 2k+1 its mirror
         item = ds[i]
         image = load_image(os.path.join(setup["images"], index["files"][i // 2]), 16, flip=bool(i % 2))
         torch.testing.assert_close(item["image"], image)
@@ -66,15 +73,31 @@ def test_extraction_resumes_only_missing_shards_and_refuses_other_settings(setup
     before = {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in names}
     kept = open(os.path.join(shards, names[0]), "rb").read()
     os.remove(os.path.join(shards, names[1]))
-    extract_latents(setup["images"], setup["out"], vae=setup["vae_dir"], resolution=16, flip=True, batch_size=3,
-                    shard_size=4, progress=False)
+    extract_latents(
+        setup["images"],
+        setup["out"],
+        vae=setup["vae_dir"],
+        resolution=16,
+        flip=True,
+        batch_size=3,
+        shard_size=4,
+        progress=False,
+    )
     after = {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in names}
     assert after[names[0]] == before[names[0]] and after[names[2]] == before[names[2]]
     assert os.path.exists(os.path.join(shards, names[1])) and len(LatentDataset(setup["out"])) == 10
     assert open(os.path.join(shards, names[0]), "rb").read() == kept
     with pytest.raises(ValueError, match="other settings.*resolution"):
-        extract_latents(setup["images"], setup["out"], vae=setup["vae_dir"], resolution=8, flip=True,
-                        batch_size=3, shard_size=4, progress=False)
+        extract_latents(
+            setup["images"],
+            setup["out"],
+            vae=setup["vae_dir"],
+            resolution=8,
+            flip=True,
+            batch_size=3,
+            shard_size=4,
+            progress=False,
+        )
 
 
 def test_damaged_datasets_are_reported_with_the_shard_path(setup, tmp_path):
@@ -100,6 +123,7 @@ def test_damaged_datasets_are_reported_with_the_shard_path(setup, tmp_path):
         extract_latents(str(tmp_path / "none"), str(tmp_path / "x"), vae=setup["vae_dir"], progress=False)
 
 
+@pytest.mark.slow
 def test_training_on_latents_with_repa_on_the_paired_images(setup, tmp_path):
     class Encoder(torch.nn.Module):  # frozen stand-in: [B, 3, 16, 16] -> 2x2 grid of 8-dim features
         feature_dim = 8
@@ -112,10 +136,21 @@ def test_training_on_latents_with_repa_on_the_paired_images(setup, tmp_path):
             assert images.shape[1:] == (3, 16, 16)
             return self.conv(images).flatten(2).transpose(1, 2)
 
-    cfg = TrainConfig(model="DDT-tiny/2", model_args={"num_classes": 2}, data=setup["out"],
-                      image_folder=setup["images"], repa=True, align_layer=1, repa_feature_dim=8,
-                      latent_sampling="sample", global_batch=4, steps=2, out_dir=str(tmp_path / "run"),
-                      progress=False, tensorboard=False)
+    cfg = TrainConfig(
+        model="DDT-tiny/2",
+        model_args={"num_classes": 2},
+        data=setup["out"],
+        image_folder=setup["images"],
+        repa=True,
+        align_layer=1,
+        repa_feature_dim=8,
+        latent_sampling="sample",
+        global_batch=4,
+        steps=2,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+        tensorboard=False,
+    )
     result = Trainer(cfg, feature_encoder=Encoder()).fit()
     m = result["metrics"]
     assert 0.0 < m["loss_repa"] <= 2.0 and m["loss"] == pytest.approx(m["loss_fm"] + 0.5 * m["loss_repa"], rel=1e-5)

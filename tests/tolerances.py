@@ -3,6 +3,7 @@
 16-bit rows differ from eager PyTorch by about one ulp (the kernels keep
 float32 between the spec's rounding points; eager rounds after every op).
 """
+
 import torch
 
 TOL = {
@@ -16,8 +17,7 @@ TOL = {
 def close(actual, expected, dtype, scale=1.0):
     """assert_close in float32 with `dtype`'s tolerance, widened by `scale`."""
     tol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale,
-                               rtol=tol["rtol"] * scale)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
 
 
 def close_relative(actual, expected, dtype, scale=1.0):

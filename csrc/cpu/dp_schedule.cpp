@@ -52,8 +52,7 @@ struct Scratch {
   std::vector<int32_t> arg;  // argmin table, k_max x (n+1)
 
   Scratch(int64_t n, int64_t k_max)
-      : q(static_cast<std::size_t>(n * (n + 1) / 2)),
-        c(static_cast<std::size_t>(2 * (n + 1))),
+      : q(static_cast<std::size_t>(n * (n + 1) / 2)), c(static_cast<std::size_t>(2 * (n + 1))),
         arg(static_cast<std::size_t>(k_max * (n + 1))) {}
 };
 
@@ -71,8 +70,8 @@ void build_run_costs(const double* sim, int64_t n, double* q) {
 // The DP for one problem. With `shared` it must be called by every thread of
 // an enclosing parallel region, which then splits each level over i (the
 // implicit barrier of each worksharing loop orders the levels).
-void solve_one(const double* sim, int64_t n, int64_t k_max, double* cost, int32_t* steps, Scratch& ws,
-               bool shared, detail::RelaxRowsFn relax_rows) {
+void solve_one(const double* sim, int64_t n, int64_t k_max, double* cost, int32_t* steps, Scratch& ws, bool shared,
+               detail::RelaxRowsFn relax_rows) {
   const int64_t ld = n + 1;
   double* q = ws.q.data();
   double* c = ws.c.data();  // C[k][.] lives in row k & 1
@@ -129,8 +128,8 @@ void solve_one(const double* sim, int64_t n, int64_t k_max, double* cost, int32_
 
 }  // namespace
 
-void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost,
-                       int32_t* steps, int num_threads) {
+void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_max, double* cost, int32_t* steps,
+                       int num_threads) {
   if (batch <= 0) return;
 #if defined(DDT_FAST_HAVE_OPENMP)
   const int64_t threads = num_threads > 0 ? num_threads : cpu::num_threads();
@@ -153,8 +152,7 @@ void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_ma
       Scratch& ws = scratch[static_cast<std::size_t>(thread_id())];
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < batch; ++b)
-        solve_one(sim + b * sim_stride, n, k_max, cost + b * k_max, steps + b * steps_stride, ws, false,
-                  relax_rows);
+        solve_one(sim + b * sim_stride, n, k_max, cost + b * k_max, steps + b * steps_stride, ws, false, relax_rows);
     }
     return;
   }
@@ -164,8 +162,7 @@ void dp_schedule_solve(const double* sim, int64_t batch, int64_t n, int64_t k_ma
   Scratch ws(n, k_max);
 #pragma omp parallel num_threads(static_cast<int>(threads))
   for (int64_t b = 0; b < batch; ++b)
-    solve_one(sim + b * sim_stride, n, k_max, cost + b * k_max, steps + b * steps_stride, ws, true,
-              relax_rows);
+    solve_one(sim + b * sim_stride, n, k_max, cost + b * k_max, steps + b * steps_stride, ws, true, relax_rows);
 }
 
 }  // namespace cpu

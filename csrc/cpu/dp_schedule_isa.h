@@ -20,14 +20,14 @@ inline int64_t q_row(int64_t i) { return i * (i - 1) / 2; }
 // Level k of the DP for rows i in [i_begin, i_end) (k <= i_begin):
 // ccur[i] = min over j in [k-1, i) of cprev[j] + Q[i][j], arg_k[i] = its first
 // argmin. Every variant returns the same bits.
-using RelaxRowsFn = void (*)(const double* cprev, const double* q, int64_t k, int64_t i_begin,
-                             int64_t i_end, double* ccur, int32_t* arg_k);
+using RelaxRowsFn = void (*)(const double* cprev, const double* q, int64_t k, int64_t i_begin, int64_t i_end,
+                             double* ccur, int32_t* arg_k);
 
-void relax_rows_baseline(const double* cprev, const double* q, int64_t k, int64_t i_begin,
-                         int64_t i_end, double* ccur, int32_t* arg_k);
+void relax_rows_baseline(const double* cprev, const double* q, int64_t k, int64_t i_begin, int64_t i_end, double* ccur,
+                         int32_t* arg_k);
 #if defined(DDT_DP_HAVE_AVX2)
-void relax_rows_avx2(const double* cprev, const double* q, int64_t k, int64_t i_begin,
-                     int64_t i_end, double* ccur, int32_t* arg_k);
+void relax_rows_avx2(const double* cprev, const double* q, int64_t k, int64_t i_begin, int64_t i_end, double* ccur,
+                     int32_t* arg_k);
 #endif
 
 // The fastest variant the running CPU supports.

@@ -76,8 +76,8 @@ DDT_DP_TARGET inline void take_chunk(const double* cprev, const double* qrow, in
 // is not a multiple of kChunk ends with a chunk overlapping the previous one:
 // revisited values never compare strictly less, so they cannot move the
 // remembered chunk.
-DDT_DP_TARGET inline void relax(const double* cprev, const double* qrow, int64_t lo, int64_t hi,
-                                double* c_out, int32_t* arg_out) {
+DDT_DP_TARGET inline void relax(const double* cprev, const double* qrow, int64_t lo, int64_t hi, double* c_out,
+                                int32_t* arg_out) {
   double best = kInf;
   int64_t at = lo;  // stays in range even if best is NaN (non-finite input)
   if (hi - lo < kChunk) {
@@ -114,8 +114,8 @@ DDT_DP_TARGET inline void relax(const double* cprev, const double* qrow, int64_t
 
 }  // namespace
 
-DDT_DP_TARGET void DDT_DP_RELAX_ROWS(const double* cprev, const double* q, int64_t k, int64_t i_begin,
-                                     int64_t i_end, double* ccur, int32_t* arg_k) {
+DDT_DP_TARGET void DDT_DP_RELAX_ROWS(const double* cprev, const double* q, int64_t k, int64_t i_begin, int64_t i_end,
+                                     double* ccur, int32_t* arg_k) {
   for (int64_t i = i_begin; i < i_end; ++i) relax(cprev, q + q_row(i), k - 1, i, ccur + i, arg_k + i);
 }
 

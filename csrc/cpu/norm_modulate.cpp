@@ -221,37 +221,40 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
   const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
   const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
   const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  with_kind(p.kind, [&](auto kind, auto residual_c) {
-    using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
-    constexpr NormKind K = decltype(kind)::value;
-    if (r0 >= r1) return;
-    Row cur(p, r0, xbuf);
-    A sum = 0, sq = 0;
-    first_pass<K>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
-    for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
-      const Row next(p, r, xbuf);
-      first_pass<K>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
-    }
-    for (int64_t r = r0; r < r1 && norm; ++r) {
-      // (the last row of the range redoes its own pass 1 into the other
-      // buffer, which keeps this loop free of branches)
-      Row next(p, r + 1 < r1 ? r + 1 : r, xbuf + ((r + 1 - r0) & 1) * C);
-      // the operands of the next iteration that the hardware prefetcher misses
-      shift_ahead(r + 1, r1);
-      scale_ahead(r + 1, r1);
-      gate_ahead(r + 2, r1);
-      finish_stats<A>(K, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
-      A s = 0, q = 0;
+  with_kind(
+      p.kind,
+      [&](auto kind, auto residual_c) {
+        using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
+        constexpr NormKind K = decltype(kind)::value;
+        if (r0 >= r1) return;
+        Row cur(p, r0, xbuf);
+        A sum = 0, sq = 0;
+        first_pass<K>(C, [&](int64_t c) { return cur.first(c); }, sum, sq);
+        for (int64_t r = r0 + 1; r < r1 && !norm; ++r) {  // x' alone: pass 1 only
+          const Row next(p, r, xbuf);
+          first_pass<K>(C, [&](int64_t c) { return next.first(c); }, sum, sq);
+        }
+        for (int64_t r = r0; r < r1 && norm; ++r) {
+          // (the last row of the range redoes its own pass 1 into the other
+          // buffer, which keeps this loop free of branches)
+          Row next(p, r + 1 < r1 ? r + 1 : r, xbuf + ((r + 1 - r0) & 1) * C);
+          // the operands of the next iteration that the hardware prefetcher misses
+          shift_ahead(r + 1, r1);
+          scale_ahead(r + 1, r1);
+          gate_ahead(r + 2, r1);
+          finish_stats<A>(K, cur.xrow, C, sum, sq, p.eps, cur.mean, cur.rinv);
+          A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
-      for (int64_t c = 0; c < C; ++c) {
-        cur.template second<K>(c, w);
-        add_to_sums<K>(next.first(c), s, q);
-      }
-      sum = s;
-      sq = q;
-      cur = next;
-    }
-  }, p.residual);
+          for (int64_t c = 0; c < C; ++c) {
+            cur.template second<K>(c, w);
+            add_to_sums<K>(next.first(c), s, q);
+          }
+          sum = s;
+          sq = q;
+          cur = next;
+        }
+      },
+      p.residual);
 }
 
 // One contiguous range of rows per thread.
@@ -427,12 +430,15 @@ void forward(const NormModulateForward& p) {
     const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
     std::vector<float> w0(p.C / 2), w1(p.C / 2);
     bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
-    with_kind(p.kind, [&](auto kind, auto residual_c) {
-      if constexpr (decltype(kind)::value != NormKind::none)
-        rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
-      else if (p.residual)  // (no norm and no residual: nothing to write)
-        residual_rows(p, r0, r1);
-    }, p.residual);
+    with_kind(
+        p.kind,
+        [&](auto kind, auto residual_c) {
+          if constexpr (decltype(kind)::value != NormKind::none)
+            rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
+          else if (p.residual)  // (no norm and no residual: nothing to write)
+            residual_rows(p, r0, r1);
+        },
+        p.residual);
   }
 }
 
@@ -598,8 +604,8 @@ void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __r
       store8(out + c, _mm256_fmadd_ps(nw, _mm256_add_ps(one, load8(scale + c)), load8(shift + c)));
     }
     for (int64_t c = C8; c < C; ++c)
-      out[c] = store<f16_t>(nm::modulate<float>(round_to<f16_t>((xbuf[c] - mean) * rinv), w[c],
-                                                load<float>(shift[c]), load<float>(scale[c])));
+      out[c] = store<f16_t>(nm::modulate<float>(round_to<f16_t>((xbuf[c] - mean) * rinv), w[c], load<float>(shift[c]),
+                                                load<float>(scale[c])));
   }
 }
 
@@ -683,9 +689,8 @@ struct BackwardRow {
 // every operand a parameter, GCC vectorises it for every flag combination.
 template <class T, class M, class R, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
 void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, const M* __restrict sc,
-                    const A* __restrict w, A mean, A rinv, A* __restrict d, A* __restrict acc_w,
-                    A* __restrict acc_sh, A* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc, A& dot_out,
-                    A& sum_d_out) {
+                    const A* __restrict w, A mean, A rinv, A* __restrict d, A* __restrict acc_w, A* __restrict acc_sh,
+                    A* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc, A& dot_out, A& sum_d_out) {
   using SumShift = std::bool_constant<kSumShift>;
   using SumScale = std::bool_constant<kSumScale>;
   A dot = 0, sum_d = 0;
@@ -750,11 +755,13 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
       A sum_d = 0;
       M* gsh = static_cast<M*>(p.grad_shift) + (sum_shift ? 0 : r * C);
       M* gsc = static_cast<M*>(p.grad_scale) + (sum_scale ? 0 : r * C);
-      with_flags([&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-        backward_pass2<T, M, R, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
-                       decltype(sum_sc)::value>(C, xrow, go, sc, w, mean, rinv, d, acc_w, sums.shift + b * C,
-                                                sums.scale + b * C, gsh, gsc, dot, sum_d);
-      }, p.kind == NormKind::layer, has_weight, sum_shift, sum_scale);
+      with_flags(
+          [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
+            backward_pass2<T, M, R, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
+                           decltype(sum_sc)::value>(C, xrow, go, sc, w, mean, rinv, d, acc_w, sums.shift + b * C,
+                                                    sums.scale + b * C, gsh, gsc, dot, sum_d);
+          },
+          p.kind == NormKind::layer, has_weight, sum_shift, sum_scale);
       dot /= A(C);
       mean_d = p.kind == NormKind::layer ? sum_d / A(C) : A(0);
     }
@@ -768,29 +775,31 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
     // The row's scalars and pointers are captured by value: captured by
     // reference, a float could alias the float stores in the loop, and GCC
     // kept some flag combinations scalar (bfloat16 backward 4x slower).
-    with_kind(p.kind, [&, mean, rinv, mean_d, dot, xrow, d, next](auto kind, auto residual_c, auto has_gxo,
-                                                                   auto sum_g) {
-      constexpr NormKind K = decltype(kind)::value;
-      using SumGate = decltype(sum_g);
-      A* __restrict acc_g = sums.gate + b * C;
-      M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
-      A s = 0, q = 0;
+    with_kind(
+        p.kind,
+        [&, mean, rinv, mean_d, dot, xrow, d, next](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
+          constexpr NormKind K = decltype(kind)::value;
+          using SumGate = decltype(sum_g);
+          A* __restrict acc_g = sums.gate + b * C;
+          M* __restrict ggate = static_cast<M*>(p.grad_gate) + (SumGate::value ? 0 : r * C);
+          A s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
-      for (int64_t c = 0; c < C; ++c) {
-        A gx = 0;
-        if constexpr (K == NormKind::rms) gx = rinv * (d[c] - xrow[c] * rinv * dot);  // (mean, mean_d: 0)
-        if constexpr (K == NormKind::layer) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
-        if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
-        grad_x[c] = store<T>(gx);
-        if constexpr (decltype(residual_c)::value) {
-          grad_y[c] = store<T>(gx * load<A>(gate[c]));
-          sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
-        }
-        if constexpr (K != NormKind::none) add_to_sums<K>(next(c), s, q);  // (next(c) widens T rows: every c)
-      }
-      sum = s;
-      sq = q;
-    }, p.residual, gxo != nullptr, sum_gate);
+          for (int64_t c = 0; c < C; ++c) {
+            A gx = 0;
+            if constexpr (K == NormKind::rms) gx = rinv * (d[c] - xrow[c] * rinv * dot);  // (mean, mean_d: 0)
+            if constexpr (K == NormKind::layer) gx = rinv * (d[c] - mean_d - (xrow[c] - mean) * rinv * dot);
+            if constexpr (decltype(has_gxo)::value) gx += load<A>(gxo[c]);
+            grad_x[c] = store<T>(gx);
+            if constexpr (decltype(residual_c)::value) {
+              grad_y[c] = store<T>(gx * load<A>(gate[c]));
+              sum_or_store<SumGate>(acc_g, ggate, c, gx * load<A>(y[c]));
+            }
+            if constexpr (K != NormKind::none) add_to_sums<K>(next(c), s, q);  // (next(c) widens T rows: every c)
+          }
+          sum = s;
+          sq = q;
+        },
+        p.residual, gxo != nullptr, sum_gate);
   }
 }
 
@@ -859,12 +868,12 @@ namespace pairs {
 // Pass 2 of a row: d out / d xhat (into d0/d1) with its two row sums, and
 // the gradients of the weight, shift and scale (summed when per sample: acc_*).
 template <NormKind K, bool kHasW, bool kSumShift, bool kSumScale>
-void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go,
-                    const bf16_t* __restrict sc, const float* __restrict w0, const float* __restrict w1, float mean,
-                    float rinv, float* __restrict d0, float* __restrict d1, float* __restrict acc_w0,
-                    float* __restrict acc_w1, float* __restrict acc_sh0, float* __restrict acc_sh1,
-                    float* __restrict acc_sc0, float* __restrict acc_sc1, bf16_t* __restrict gsh,
-                    bf16_t* __restrict gsc, float& dot_out, float& sum_d_out) {
+void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go, const bf16_t* __restrict sc,
+                    const float* __restrict w0, const float* __restrict w1, float mean, float rinv,
+                    float* __restrict d0, float* __restrict d1, float* __restrict acc_w0, float* __restrict acc_w1,
+                    float* __restrict acc_sh0, float* __restrict acc_sh1, float* __restrict acc_sc0,
+                    float* __restrict acc_sc1, bf16_t* __restrict gsh, bf16_t* __restrict gsc, float& dot_out,
+                    float& sum_d_out) {
   float dot = 0, sum_d = 0;
 #pragma omp simd reduction(+ : dot, sum_d)
   for (int64_t i = 0; i < n; ++i) {
@@ -983,21 +992,26 @@ inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1,
     if (norm) {
       row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
       float sum_d = 0;
-      with_flags([&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-        constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (norm only)
-        backward_pass2<K, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-            n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
-            g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
-      }, p.kind == NormKind::layer, p.weight != nullptr, sum_shift, sum_scale);
+      with_flags(
+          [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
+            constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (norm only)
+            backward_pass2<K, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
+                n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
+                g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
+          },
+          p.kind == NormKind::layer, p.weight != nullptr, sum_shift, sum_scale);
       dot /= float(C);
       mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
     }
-    with_kind(p.kind, [&](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
-      backward_pass3<decltype(kind)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                     decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                             g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
-                                             sum, sq);
-    }, p.residual, g.grad_x_out != nullptr, sum_gate);
+    with_kind(
+        p.kind,
+        [&](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
+          backward_pass3<decltype(kind)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
+                         decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
+                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
+                                                 sum, sq);
+        },
+        p.residual, g.grad_x_out != nullptr, sum_gate);
   }
 }
 
@@ -1078,8 +1092,8 @@ void backward_pass2(int64_t C, const float* __restrict x, const f16_t* __restric
 template <class M, bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
 void backward_pass3(int64_t C, const float* __restrict x, const float* __restrict d, float mean, float rinv,
                     float mean_d, float dot, const f16_t* __restrict gxo, const f16_t* __restrict y,
-                    const M* __restrict gate, f16_t* __restrict grad_x, f16_t* __restrict grad_y,
-                    M* __restrict ggate, float* __restrict acc_g) {
+                    const M* __restrict gate, f16_t* __restrict grad_x, f16_t* __restrict grad_y, M* __restrict ggate,
+                    float* __restrict acc_g) {
   const int64_t C8 = C - C % 8;
   for (int64_t c = 0; c < C8; c += 8) {
     __m256 gx = _mm256_setzero_ps();
@@ -1108,8 +1122,8 @@ void backward_pass3(int64_t C, const float* __restrict x, const float* __restric
 // Rows [r0, r1) of p by the calling thread. xbuf, d: C floats each; w: the
 // weight row as float (ones without one).
 template <class M>
-void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* xbuf,
-                   float* d, const float* w) {
+void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* xbuf, float* d,
+                   const float* w) {
   const int64_t C = p.C, C8 = C - C % 8;
   const bool norm = p.kind != NormKind::none;
   const bool sum_shift = norm && !p.shift.per_token();
@@ -1140,19 +1154,23 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
       }
       finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
       float sum_d = 0;
-      with_flags([&](auto has_w, auto sum_sh, auto sum_sc) {
-        backward_pass2<M, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-            C, xbuf, g.grad_out, g.scale, w, mean, rinv, d, sums.w, g.sums.shift, g.sums.scale, g.grad_shift,
-            g.grad_scale, dot, sum_d);
-      }, p.weight != nullptr, sum_shift, sum_scale);
+      with_flags(
+          [&](auto has_w, auto sum_sh, auto sum_sc) {
+            backward_pass2<M, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
+                C, xbuf, g.grad_out, g.scale, w, mean, rinv, d, sums.w, g.sums.shift, g.sums.scale, g.grad_shift,
+                g.grad_scale, dot, sum_d);
+          },
+          p.weight != nullptr, sum_shift, sum_scale);
       dot /= float(C);
       mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
     }
-    with_flags([&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
-      backward_pass3<M, decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                     decltype(sum_g)::value>(C, xbuf, d, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                             g.grad_x, g.grad_y, g.grad_gate, g.sums.gate);
-    }, norm, p.residual, g.grad_x_out != nullptr, sum_gate);
+    with_flags(
+        [&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
+          backward_pass3<M, decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
+                         decltype(sum_g)::value>(C, xbuf, d, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
+                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate);
+        },
+        norm, p.residual, g.grad_x_out != nullptr, sum_gate);
   }
 }
 

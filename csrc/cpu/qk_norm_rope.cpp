@@ -11,7 +11,6 @@
 #include <type_traits>
 #include <vector>
 
-
 namespace ddt {
 namespace cpu {
 namespace {
@@ -340,8 +339,8 @@ namespace pairs {
 inline void backward_head(int64_t half, const bf16_t* __restrict x, const bf16_t* __restrict g, float r,
                           const float* __restrict w0, const float* __restrict w1, const float* __restrict c,
                           const float* __restrict s, float* __restrict acc0, float* __restrict acc1,
-                          float* __restrict xh0, float* __restrict xh1, float* __restrict gn0,
-                          float* __restrict gn1, bf16_t* __restrict gx) {
+                          float* __restrict xh0, float* __restrict xh1, float* __restrict gn0, float* __restrict gn1,
+                          bf16_t* __restrict gx) {
   float dot = 0;
 #pragma omp simd reduction(+ : dot)
   for (int64_t i = 0; i < half; ++i) {
@@ -361,7 +360,8 @@ inline void backward_head(int64_t half, const bf16_t* __restrict x, const bf16_t
   dot /= float(2 * half);
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i)
-    bf16_pairs::store(gx, i, bf16_pairs::pack(rounded(r * (gn0[i] - xh0[i] * dot)), rounded(r * (gn1[i] - xh1[i] * dot))));
+    bf16_pairs::store(gx, i,
+                      bf16_pairs::pack(rounded(r * (gn0[i] - xh0[i] * dot)), rounded(r * (gn1[i] - xh1[i] * dot))));
 }
 
 // Scratch and weights of one thread.
@@ -370,8 +370,8 @@ struct BackwardScratch {
   template <class W>
   static BackwardScratch of(const QkNormRope& p) {
     const int64_t D = p.D, half = D / 2;
-    BackwardScratch t{std::vector<float>(D), std::vector<float>(D), std::vector<float>(half),
-                      std::vector<float>(half), std::vector<float>(p.H), std::vector<float>(half),
+    BackwardScratch t{std::vector<float>(D),    std::vector<float>(D),    std::vector<float>(half),
+                      std::vector<float>(half), std::vector<float>(p.H),  std::vector<float>(half),
                       std::vector<float>(half), std::vector<float>(half), std::vector<float>(half)};
     const std::vector<float> wv = widen_weights<W, float>(p);
     for (int part = 0; part < 2; ++part)
@@ -382,8 +382,8 @@ struct BackwardScratch {
 
 // One token (b, l): its packed q and k rows' gradients into gx_token; acc:
 // this thread's weight-gradient sums [2][even half | odd half].
-inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, int64_t l,
-                           const bf16_t* const* grads, float* acc, BackwardScratch& t, bf16_t* gx_token) {
+inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, int64_t l, const bf16_t* const* grads,
+                           float* acc, BackwardScratch& t, bf16_t* gx_token) {
   const int64_t D = p.D, half = D / 2;
   bf16_pairs::split(p.rope + l * half * 2, half, t.cos_l.data(), t.sin_l.data());
   for (int part = 0; part < 2; ++part) {
@@ -395,9 +395,8 @@ inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, 
     heads_rinv(p, heads, t.rinv.data());
     for (int64_t h = 0; h < p.H; ++h)
       backward_head(half, heads + h * D, grads[part] + qk::split(p, b, h, l), t.rinv[h], t.w0.data() + part * half,
-                    t.w1.data() + part * half, t.cos_l.data(), t.sin_l.data(), acc + part * D,
-                    acc + part * D + half, t.xh0.data(), t.xh1.data(), t.gn0.data(), t.gn1.data(),
-                    gx_token + (part * p.H + h) * D);
+                    t.w1.data() + part * half, t.cos_l.data(), t.sin_l.data(), acc + part * D, acc + part * D + half,
+                    t.xh0.data(), t.xh1.data(), t.gn0.data(), t.gn1.data(), gx_token + (part * p.H + h) * D);
   }
 }
 
@@ -439,16 +438,16 @@ void backward_impl(const QkNormRope& p) {
         for (int part = 0; part < 2; ++part)
           for (int64_t h = 0; h < p.H && has_grad[part]; ++h)
             widen_to_float(grads[part] + qk::split(p, b, h, l), g + (part * p.H + h) * D, D);
-        backward_token<float, float, T>(p, in, l, has_grad,
-                                        [&](int part, int64_t h) { return g + (part * p.H + h) * D; },
-                                        wv.data(), mine, scratch, gx);
+        backward_token<float, float, T>(
+            p, in, l, has_grad, [&](int part, int64_t h) { return g + (part * p.H + h) * D; }, wv.data(), mine, scratch,
+            gx);
         narrow_from_float(gx, gx_token, 2 * HD);
       } else if constexpr (kWords) {
         pairs::backward_token(p, token, b, l, grads, mine, pairs_scratch, gx_token);
       } else {
-        backward_token<T, T, T>(p, token, l, has_grad,
-                                [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); },
-                                wv.data(), mine, scratch, gx_token);
+        backward_token<T, T, T>(
+            p, token, l, has_grad, [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); }, wv.data(),
+            mine, scratch, gx_token);
       }
       for (int64_t h = 0; h < p.H; ++h) {
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);

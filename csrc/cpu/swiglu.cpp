@@ -72,8 +72,9 @@ inline void forward_block(const bf16_t* __restrict a, const bf16_t* __restrict b
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t aw = bf16_pairs::load(a, i), bw = bf16_pairs::load(b, i);
-    bf16_pairs::store(out, i, pack(rounded(sg::forward_from_sigmoid(lo(aw), s0[i], lo(bw))),
-                                   rounded(sg::forward_from_sigmoid(hi(aw), s1[i], hi(bw)))));
+    bf16_pairs::store(out, i,
+                      pack(rounded(sg::forward_from_sigmoid(lo(aw), s0[i], lo(bw))),
+                           rounded(sg::forward_from_sigmoid(hi(aw), s1[i], hi(bw)))));
   }
 }
 

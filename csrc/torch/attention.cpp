@@ -54,20 +54,22 @@ ddt::Strided strided_bhld(const at::Tensor& t) {
 
 void check_bhld(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.dim() == 4, "ddt_fast: attention expects ", name, " as [B, H, L, D], got ", t.sizes());
-  TORCH_CHECK(t.is_cuda(), "ddt_fast: the flash-attention kernel runs on CUDA tensors; ", name, " is on ",
-              t.device(), " (use torch.nn.functional.scaled_dot_product_attention on the CPU)");
+  TORCH_CHECK(t.is_cuda(), "ddt_fast: the flash-attention kernel runs on CUDA tensors; ", name, " is on ", t.device(),
+              " (use torch.nn.functional.scaled_dot_product_attention on the CPU)");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "ddt_fast: attention inputs differ in dtype (", name, " is ",
               t.scalar_type(), ", q is ", like.scalar_type(), ")");
   ddt_fast::check_device(t, name, like, "q");
-  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) && t.size(3) == like.size(3), "ddt_fast: ",
-              name, " has shape ", t.sizes(), ", incompatible with q ", like.sizes());
+  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == like.size(1) && t.size(3) == like.size(3), "ddt_fast: ", name,
+              " has shape ", t.sizes(), ", incompatible with q ", like.sizes());
 }
 
 void check_head_dim_and_dtype(int64_t D, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(ddt::attention_head_dim_supported(D), "ddt_fast: the flash-attention kernel supports head dims 64, 72 "
-              "and 128, got ", D, "; use DDT_FAST_ATTENTION=sdpa (ddt_fast.ops.attention falls back by itself)");
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "ddt_fast: ", name,
-              " has dtype ", t.scalar_type(), "; the flash-attention kernel takes bfloat16 or float16");
+  TORCH_CHECK(ddt::attention_head_dim_supported(D),
+              "ddt_fast: the flash-attention kernel supports head dims 64, 72 "
+              "and 128, got ",
+              D, "; use DDT_FAST_ATTENTION=sdpa (ddt_fast.ops.attention falls back by itself)");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, "ddt_fast: ", name, " has dtype ",
+              t.scalar_type(), "; the flash-attention kernel takes bfloat16 or float16");
 }
 
 void run(int err, const char* what) {
@@ -79,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_in, const
   check_bhld(q_in, "q", q_in);
   check_bhld(k_in, "k", q_in);
   check_bhld(v_in, "v", q_in);
-  TORCH_CHECK(k_in.size(2) == v_in.size(2), "ddt_fast: k and v differ in length: ", k_in.sizes(), " vs ",
-              v_in.sizes());
+  TORCH_CHECK(k_in.size(2) == v_in.size(2), "ddt_fast: k and v differ in length: ", k_in.sizes(), " vs ", v_in.sizes());
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), D = q_in.size(3);
   check_head_dim_and_dtype(D, q_in, "q");
   ddt_fast::check_scale(scale);
@@ -100,9 +101,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q_in, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(const at::Tensor& grad_out_in,
+                                                                        const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                        const at::Tensor& v_in,
+                                                                        const at::Tensor& out_in,
+                                                                        const at::Tensor& lse_in, double scale) {
   check_bhld(q_in, "q", q_in);
   check_bhld(k_in, "k", q_in);
   check_bhld(v_in, "v", q_in);
@@ -113,13 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   ddt_fast::check_scale(scale);
   TORCH_CHECK(out_in.sizes() == q_in.sizes(), "ddt_fast: out must be shaped like q ", q_in.sizes(), ", got ",
               out_in.sizes());
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "ddt_fast: grad_out must be shaped like q ", q_in.sizes(),
-              ", got ", grad_out_in.sizes());
-  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "ddt_fast: v must be shaped like k ", k_in.sizes(), ", got ",
-              v_in.sizes());
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "ddt_fast: grad_out must be shaped like q ", q_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "ddt_fast: v must be shaped like k ", k_in.sizes(), ", got ", v_in.sizes());
   TORCH_CHECK(Lk > 0 || Lq == 0, "ddt_fast: attention over zero keys is undefined");
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == B &&
-                  lse_in.size(1) == H && lse_in.size(2) == Lq,
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == Lq,
               "ddt_fast: lse must be float32 [B, H, Lq] = [", B, ", ", H, ", ", Lq, "], got ", lse_in.scalar_type(),
               " ", lse_in.sizes());
   ddt_fast::check_device(lse_in, "lse", q_in, "q");
@@ -144,14 +146,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   p.grad_q = strided_bhld(grad_q), p.grad_k = strided_bhld(grad_k), p.grad_v = strided_bhld(grad_v);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.delta = delta.data_ptr<float>();
-  run(ddt::cuda::flash_attention_backward(p, c10::cuda::getCurrentCUDAStream().stream()),
-      "flash_attention_backward");
+  run(ddt::cuda::flash_attention_backward(p, c10::cuda::getCurrentCUDAStream().stream()), "flash_attention_backward");
   return {grad_q, grad_k, grad_v};
 }
 
 std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor& qkv_in, const at::Tensor& q_weight,
-                                                 const at::Tensor& k_weight, int64_t num_heads,
-                                                 const at::Tensor& rope, double eps, double scale, bool k_prepass) {
+                                                 const at::Tensor& k_weight, int64_t num_heads, const at::Tensor& rope,
+                                                 double eps, double scale, bool k_prepass) {
   TORCH_CHECK(qkv_in.dim() == 3, "ddt_fast: qkv must be [B, L, 3C], got ", qkv_in.sizes());
   TORCH_CHECK(qkv_in.is_cuda(), "ddt_fast: qkv_attention runs on CUDA tensors; qkv is on ", qkv_in.device());
   ddt_fast::check_num_heads(num_heads, qkv_in.size(2));

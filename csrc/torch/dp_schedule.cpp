@@ -44,22 +44,22 @@ void check_finite(const at::Tensor& sim) {
   const int64_t b = where[0].item<int64_t>(), i = where[1].item<int64_t>(), j = where[2].item<int64_t>();
   const double value = sim[b][i][j].item<double>();
   TORCH_CHECK(false, "dp_schedule_solve: sim[", b, "] (problem ", b, ") has a non-finite similarity ", value, " at [",
-              i, ", ", j, "]; the DP needs finite values: recompute that matrix, or repair it (e.g. torch.nan_to_num) "
+              i, ", ", j,
+              "]; the DP needs finite values: recompute that matrix, or repair it (e.g. torch.nan_to_num) "
               "before solving");
 }
 
 // Checks shared by every device; returns sim as a contiguous float64 tensor.
 at::Tensor checked_input(const at::Tensor& sim, int64_t k_max, c10::DeviceType device) {
-  TORCH_CHECK(sim.dim() == 3, "dp_schedule_solve: sim must be 3-D [B, N, N], got ", sim.dim(),
-              "-D with shape ", sim.sizes());
+  TORCH_CHECK(sim.dim() == 3, "dp_schedule_solve: sim must be 3-D [B, N, N], got ", sim.dim(), "-D with shape ",
+              sim.sizes());
   TORCH_CHECK(sim.size(1) == sim.size(2),
               "dp_schedule_solve: sim must be square in its last two dimensions, got shape ", sim.sizes());
   const int64_t n = sim.size(1);
   TORCH_CHECK(n >= 1, "dp_schedule_solve: sim needs at least one step (N >= 1), got N = 0");
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "dp_schedule_solve: N = ", n,
               " does not fit the int32 steps table");
-  TORCH_CHECK(k_max >= 1 && k_max <= n, "dp_schedule_solve: k_max must be in 1..N = 1..", n, ", got ",
-              k_max);
+  TORCH_CHECK(k_max >= 1 && k_max <= n, "dp_schedule_solve: k_max must be in 1..N = 1..", n, ", got ", k_max);
   TORCH_CHECK(sim.scalar_type() == at::kFloat || sim.scalar_type() == at::kDouble,
               "dp_schedule_solve: sim must be float32 or float64, got ", sim.scalar_type(),
               "; convert it with sim.double()");
@@ -96,11 +96,10 @@ std::tuple<at::Tensor, at::Tensor> dp_schedule_solve_cuda(const at::Tensor& sim_
   const auto bytes = ddt::cuda::dp_schedule_workspace_bytes(batch, n, k_max);
   auto workspace = at::empty({static_cast<int64_t>(bytes)}, sim.options().dtype(at::kByte));
   const int err = ddt::cuda::dp_schedule_solve(
-      sim.const_data_ptr<double>(), batch, n, k_max, cost.mutable_data_ptr<double>(),
-      steps.mutable_data_ptr<int32_t>(), workspace.mutable_data_ptr(),
-      reinterpret_cast<ddt::stream_t>(c10::cuda::getCurrentCUDAStream().stream()));
-  TORCH_CHECK(err == 0, "dp_schedule_solve: CUDA kernel launch failed (B = ", batch, ", N = ", n,
-              ", k_max = ", k_max, "): ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+      sim.const_data_ptr<double>(), batch, n, k_max, cost.mutable_data_ptr<double>(), steps.mutable_data_ptr<int32_t>(),
+      workspace.mutable_data_ptr(), reinterpret_cast<ddt::stream_t>(c10::cuda::getCurrentCUDAStream().stream()));
+  TORCH_CHECK(err == 0, "dp_schedule_solve: CUDA kernel launch failed (B = ", batch, ", N = ", n, ", k_max = ", k_max,
+              "): ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return {cost, steps};
 }
 #endif

@@ -27,7 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the CPU ops advise huge pages for outputs of 32 MiB and more (DDT_FAST_CPU_HUGE_PAGES)");
   m.def("build_info", []() {
     pybind11::dict d;
-    d["torch_version"] = DDT_FAST_STR(TORCH_VERSION_MAJOR) "." DDT_FAST_STR(TORCH_VERSION_MINOR) "." DDT_FAST_STR(TORCH_VERSION_PATCH);
+    d["torch_version"] =
+        DDT_FAST_STR(TORCH_VERSION_MAJOR) "." DDT_FAST_STR(TORCH_VERSION_MINOR) "." DDT_FAST_STR(TORCH_VERSION_PATCH);
 #if defined(DDT_FAST_WITH_CUDA)
     d["with_cuda"] = true;
     d["cuda_runtime_version"] = CUDART_VERSION;  // e.g. 13000

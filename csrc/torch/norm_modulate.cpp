@@ -24,10 +24,10 @@ using ddt::NormKind;
 ddt::Rows mod_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
   TORCH_CHECK(t.dim() == 3 && t.size(0) == B && (t.size(1) == 1 || t.size(1) == L) && t.size(2) == C,
-              "ddt_fast: ", name, " must be [B, 1, C] (per sample) or [B, L, C] (per token) = [", B,
-              ", 1|", L, ", ", C, "], got ", t.sizes());
-  TORCH_CHECK(t.stride(2) == 1, "ddt_fast: ", name,
-              " must be contiguous in its last dim (got stride ", t.stride(2), "); call .contiguous()");
+              "ddt_fast: ", name, " must be [B, 1, C] (per sample) or [B, L, C] (per token) = [", B, ", 1|", L, ", ", C,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.stride(2) == 1, "ddt_fast: ", name, " must be contiguous in its last dim (got stride ", t.stride(2),
+              "); call .contiguous()");
   ddt_fast::check_device(t, name, x, "x");
   return {t.data_ptr(), t.stride(0), t.size(1) == 1 ? 0 : t.stride(1)};
 }
@@ -42,8 +42,8 @@ at::Tensor check_x(const at::Tensor& x, const char* name = "x") {
 }
 
 void check_same_dtype(const at::Tensor& t, at::ScalarType want, const char* name, const char* what) {
-  TORCH_CHECK(t.scalar_type() == want || t.scalar_type() == at::kFloat, "ddt_fast: ", name, " must be ", what,
-              " (", want, ") or float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want || t.scalar_type() == at::kFloat, "ddt_fast: ", name, " must be ", what, " (",
+              want, ") or float32, got ", t.scalar_type());
 }
 
 struct Forward {
@@ -53,8 +53,8 @@ struct Forward {
 
 Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>& gate,
                         const c10::optional<at::Tensor>& y_in, const c10::optional<at::Tensor>& weight_in,
-                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& scale,
-                        double eps, NormKind kind, bool allocate_outputs = true) {
+                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& scale, double eps,
+                        NormKind kind, bool allocate_outputs = true) {
   Forward f;
   ddt_fast::check_eps(eps);
   f.x = check_x(x_in);
@@ -78,10 +78,10 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
   };
   if (p.residual) {
     TORCH_CHECK(y_in.has_value(), "ddt_fast: a gated residual needs y (the branch output, like x); got None");
-    TORCH_CHECK(y_in->sizes() == f.x.sizes() && y_in->scalar_type() == f.x.scalar_type() &&
-                    y_in->device() == f.x.device(),
-                "ddt_fast: y must match x (", f.x.sizes(), ", ", f.x.scalar_type(), ", ", f.x.device(), "), got ",
-                y_in->sizes(), ", ", y_in->scalar_type(), ", ", y_in->device());
+    TORCH_CHECK(
+        y_in->sizes() == f.x.sizes() && y_in->scalar_type() == f.x.scalar_type() && y_in->device() == f.x.device(),
+        "ddt_fast: y must match x (", f.x.sizes(), ", ", f.x.scalar_type(), ", ", f.x.device(), "), got ",
+        y_in->sizes(), ", ", y_in->scalar_type(), ", ", y_in->device());
     f.y = y_in->contiguous();
     p.y = dense_rows(f.y);
     p.gate = take_mod(*gate, "gate");
@@ -103,8 +103,8 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
   }
   if (kind == NormKind::rms) {
     TORCH_CHECK(weight_in.has_value(), "ddt_fast: norm kind 1 (rms) needs weight ([C] = [", p.C, "]); got None");
-    TORCH_CHECK(weight_in->dim() == 1 && weight_in->size(0) == p.C, "ddt_fast: weight must be [C] = [", p.C,
-                "], got ", weight_in->sizes());
+    TORCH_CHECK(weight_in->dim() == 1 && weight_in->size(0) == p.C, "ddt_fast: weight must be [C] = [", p.C, "], got ",
+                weight_in->sizes());
     ddt_fast::check_device(*weight_in, "weight", f.x, "x");
     check_same_dtype(*weight_in, f.x.scalar_type(), "weight", "the dtype of x");
     f.weight = weight_in->contiguous();
@@ -161,13 +161,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const c10::optional<at::Tensor>& gate, const c10::optional<at::Tensor>& y,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& shift,
     const c10::optional<at::Tensor>& scale, double eps, int64_t kind_in, bool residual) {
-  TORCH_CHECK(kind_in >= 0 && kind_in <= 2, "ddt_fast: kind must be 0 (none), 1 (rms) or 2 (layer), got ",
-              kind_in);
+  TORCH_CHECK(kind_in >= 0 && kind_in <= 2, "ddt_fast: kind must be 0 (none), 1 (rms) or 2 (layer), got ", kind_in);
   const auto kind = static_cast<NormKind>(kind_in);
   // Every tensor given, used by this kind or not, on x's device.
-  const std::pair<const c10::optional<at::Tensor>*, const char*> given[] = {
-      {&grad_out_in, "grad_out"}, {&grad_x_out_in, "grad_x_out"}, {&gate, "gate"}, {&y, "y"},
-      {&weight, "weight"},        {&shift, "shift"},              {&scale, "scale"}};
+  const std::pair<const c10::optional<at::Tensor>*, const char*> given[] = {{&grad_out_in, "grad_out"},
+                                                                            {&grad_x_out_in, "grad_x_out"},
+                                                                            {&gate, "gate"},
+                                                                            {&y, "y"},
+                                                                            {&weight, "weight"},
+                                                                            {&shift, "shift"},
+                                                                            {&scale, "scale"}};
   for (const auto& [t, name] : given)
     if (t->has_value()) ddt_fast::check_device(**t, name, x_in, "x");
   TORCH_CHECK(!residual || gate.has_value(), "ddt_fast: residual=True needs gate ([B, 1|L, C]); got None");
@@ -201,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto mod_grad = [&](const at::Tensor& like) {
     return ddt_fast::with_huge_pages(at::empty({p.B, like.size(1), p.C}, x.options().dtype(like.scalar_type())));
   };
-  at::Tensor grad_x = ddt_fast::with_huge_pages(at::empty_like(x)), grad_y, grad_gate, grad_weight, grad_shift, grad_scale;
+  at::Tensor grad_x = ddt_fast::with_huge_pages(at::empty_like(x)), grad_y, grad_gate, grad_weight, grad_shift,
+             grad_scale;
   p.grad_x = grad_x.data_ptr();
   if (residual) {
     grad_y = ddt_fast::with_huge_pages(at::empty_like(x));

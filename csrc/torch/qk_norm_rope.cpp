@@ -36,8 +36,8 @@ Prepared prepare(const at::Tensor& qkv_in, const at::Tensor& q_weight, const at:
   p.x_dtype = ddt_fast::dtype_of(r.qkv, "qkv");
   const std::pair<const at::Tensor*, const char*> weights[] = {{&q_weight, "q_weight"}, {&k_weight, "k_weight"}};
   for (const auto& [w, name] : weights) {
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == p.D, "ddt_fast: ", name,
-                ": q/k norm weights must be [head_dim] = [", p.D, "], got ", w->sizes());
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == p.D, "ddt_fast: ", name, ": q/k norm weights must be [head_dim] = [",
+                p.D, "], got ", w->sizes());
     TORCH_CHECK(w->scalar_type() == r.qkv.scalar_type() || w->scalar_type() == at::kFloat, "ddt_fast: ", name,
                 ": q/k norm weights must have qkv's dtype (", r.qkv.scalar_type(), ") or float32, got ",
                 w->scalar_type());
@@ -84,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qk
   return {q, k, v};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
-    const c10::optional<at::Tensor>& grad_q, const c10::optional<at::Tensor>& grad_k,
-    const c10::optional<at::Tensor>& grad_v, const at::Tensor& qkv, const at::Tensor& q_weight,
-    const at::Tensor& k_weight, int64_t num_heads, const at::Tensor& rope, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(const c10::optional<at::Tensor>& grad_q,
+                                                                     const c10::optional<at::Tensor>& grad_k,
+                                                                     const c10::optional<at::Tensor>& grad_v,
+                                                                     const at::Tensor& qkv, const at::Tensor& q_weight,
+                                                                     const at::Tensor& k_weight, int64_t num_heads,
+                                                                     const at::Tensor& rope, double eps) {
   auto r = prepare(qkv, q_weight, k_weight, num_heads, rope, eps);
   at::Tensor g[3];
   const c10::optional<at::Tensor>* in[3] = {&grad_q, &grad_k, &grad_v};
@@ -97,14 +99,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
     if (!in[i]->has_value()) continue;
     const at::Tensor& gi = **in[i];
     ddt_fast::check_grad(gi, names[i], r.qkv, "qkv");
-    TORCH_CHECK(gi.dim() == 4 && gi.size(0) == r.p.B && gi.size(1) == r.p.H && gi.size(2) == r.p.L &&
-                    gi.size(3) == r.p.D,
-                "ddt_fast: ", names[i], ": qk_norm_rope gradients must be [B, H, L, D] = [", r.p.B, ", ", r.p.H,
-                ", ", r.p.L, ", ", r.p.D, "], got ", gi.sizes());
+    TORCH_CHECK(
+        gi.dim() == 4 && gi.size(0) == r.p.B && gi.size(1) == r.p.H && gi.size(2) == r.p.L && gi.size(3) == r.p.D,
+        "ddt_fast: ", names[i], ": qk_norm_rope gradients must be [B, H, L, D] = [", r.p.B, ", ", r.p.H, ", ", r.p.L,
+        ", ", r.p.D, "], got ", gi.sizes());
     g[i] = gi.to(r.qkv.scalar_type()).contiguous();
     *slots[i] = g[i].data_ptr();
   }
-  at::Tensor grad_qkv = ddt_fast::with_huge_pages(at::empty_like(r.qkv)), gqw = at::empty_like(r.q_weight), gkw = at::empty_like(r.k_weight);
+  at::Tensor grad_qkv = ddt_fast::with_huge_pages(at::empty_like(r.qkv)), gqw = at::empty_like(r.q_weight),
+             gkw = at::empty_like(r.k_weight);
   r.p.grad_qkv = grad_qkv.data_ptr(), r.p.grad_q_weight = gqw.data_ptr(), r.p.grad_k_weight = gkw.data_ptr();
   if (r.qkv.numel() == 0) {
     gqw.zero_(), gkw.zero_();
@@ -114,8 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
   if (r.qkv.is_cuda()) {
     const c10::cuda::CUDAGuard guard(r.qkv.device());
     auto ws = at::empty({ddt::cuda::qk_norm_rope_backward_workspace_bytes(r.p)}, r.qkv.options().dtype(at::kByte));
-    const int err =
-        ddt::cuda::qk_norm_rope_backward(r.p, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+    const int err = ddt::cuda::qk_norm_rope_backward(r.p, ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, "ddt_fast: qk_norm_rope_backward CUDA launch failed (error ", err, ")");
     return {grad_qkv, gqw, gkw};
   }

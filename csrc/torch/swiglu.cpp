@@ -28,8 +28,8 @@ at::Tensor as_rows(const at::Tensor& t) {
 ddt::Swiglu prepare(const at::Tensor& a, const at::Tensor& b, at::Tensor& ar, at::Tensor& br) {
   TORCH_CHECK(a.dim() >= 1 && a.sizes() == b.sizes(), "ddt_fast: swiglu needs a and b of one shape, got ", a.sizes(),
               " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "ddt_fast: swiglu needs a and b of one dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "ddt_fast: swiglu needs a and b of one dtype, got ", a.scalar_type(),
+              " and ", b.scalar_type());
   ddt_fast::check_device(b, "b", a, "a");
   ddt::Swiglu p;
   p.dtype = ddt_fast::dtype_of(a, "a");
@@ -43,7 +43,8 @@ ddt::Swiglu prepare(const at::Tensor& a, const at::Tensor& b, at::Tensor& ar, at
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor ar, br;
   auto p = prepare(a, b, ar, br);
-  at::Tensor out = ddt_fast::with_huge_pages(at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous)));
+  at::Tensor out =
+      ddt_fast::with_huge_pages(at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous)));
   p.out = out.data_ptr();
   if (out.numel() == 0) return out;
 #if defined(DDT_FAST_WITH_CUDA)

@@ -1,4 +1,5 @@
 """DDT models: the model class, named presets, checkpoint I/O."""
+
 from ddt_fast.models.checkpoint import (
     CheckpointError,
     from_pretrained,
@@ -12,7 +13,19 @@ from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
 from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
 
 __all__ = [
-    "DDT", "DDTBlock", "ModulationCache", "PRESETS", "create", "match_preset", "preset_config", "preset_names",
-    "CheckpointError", "load_checkpoint", "read_state_dict", "infer_config", "save_pretrained",
-    "from_pretrained", "weights_digest",
+    "DDT",
+    "DDTBlock",
+    "ModulationCache",
+    "PRESETS",
+    "create",
+    "match_preset",
+    "preset_config",
+    "preset_names",
+    "CheckpointError",
+    "load_checkpoint",
+    "read_state_dict",
+    "infer_config",
+    "save_pretrained",
+    "from_pretrained",
+    "weights_digest",
 ]

@@ -13,6 +13,7 @@ The split comes from, in order: the caller, the file's own config, or the
 published preset with that architecture; `in_channels` defaults to 4 (SD-VAE
 latents) when that factors.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,9 +86,11 @@ def verify_checksum(path: str) -> bool:
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e
     if actual != expected:
-        raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {actual[:16]}..., "
-                              f"{os.path.basename(checksum_path(path))} says {expected[:16]}...): the file changed "
-                              "after it was written (truncated, damaged on disk or in transfer)")
+        raise CheckpointError(
+            f"checkpoint {path} fails its checksum (sha256 {actual[:16]}..., "
+            f"{os.path.basename(checksum_path(path))} says {expected[:16]}...): the file changed "
+            "after it was written (truncated, damaged on disk or in transfer)"
+        )
     return True
 
 
@@ -103,8 +106,9 @@ def _load_file(path: str, allow_pickle: bool) -> Any:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"could not read safetensors file {path}: {e} "
-                                  "(is it truncated or not a safetensors file?)") from e
+            raise CheckpointError(
+                f"could not read safetensors file {path}: {e} (is it truncated or not a safetensors file?)"
+            ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=False)
     except pickle.UnpicklingError as e:
@@ -116,8 +120,7 @@ def _load_file(path: str, allow_pickle: bool) -> Any:
             "allow_pickle=True (runs torch.load with weights_only=False, which can execute code)."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"could not read {path}: {e} (is the file truncated or not a "
-                              "PyTorch checkpoint?)") from e
+        raise CheckpointError(f"could not read {path}: {e} (is the file truncated or not a PyTorch checkpoint?)") from e
 
 
 def _find_key(tree: Any, key: str, depth: int = 0) -> Any:
@@ -139,7 +142,7 @@ def _strip_wrappers(key: str) -> str:
         changed = False
         for wrapper in _STRIP:
             if key.startswith(wrapper):
-                key, changed = key[len(wrapper):], True
+                key, changed = key[len(wrapper) :], True
             elif "." + wrapper in key:
                 key, changed = key.replace("." + wrapper, "."), True
     return key
@@ -157,14 +160,17 @@ def split_state_dict(raw: Mapping[str, Any], ema: bool = True) -> Tuple[Dict[str
         prefix = EMA_PREFIX if ema else MODEL_PREFIX
         if not any(k.startswith(prefix) for k in tensors):
             other = "ema=False" if ema else "ema=True"
-            raise CheckpointError(f"no '{prefix}*' weights in this checkpoint; "
-                                  f"it has '{EMA_PREFIX if has_ema else MODEL_PREFIX}*' (pass {other})")
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, prefix.rstrip(".")
+            raise CheckpointError(
+                f"no '{prefix}*' weights in this checkpoint; "
+                f"it has '{EMA_PREFIX if has_ema else MODEL_PREFIX}*' (pass {other})"
+            )
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, prefix.rstrip(".")
     return tensors, "plain state dict"
 
 
-def read_state_dict(path: str, ema: bool = True, allow_pickle: bool = False
-                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_state_dict(
+    path: str, ema: bool = True, allow_pickle: bool = False
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """`(state_dict, meta)` from any supported file or `save_pretrained` folder.
 
     `meta` holds `source` (which weights were taken) and `config` (an
@@ -175,8 +181,7 @@ def read_state_dict(path: str, ema: bool = True, allow_pickle: bool = False
         weights = os.path.join(path, WEIGHTS_NAME)
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.exists(weights):
-            raise FileNotFoundError(f"{path} is a folder without {WEIGHTS_NAME} (expected a "
-                                    "save_pretrained folder)")
+            raise FileNotFoundError(f"{path} is a folder without {WEIGHTS_NAME} (expected a save_pretrained folder)")
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 config = json.load(f)
@@ -203,15 +208,18 @@ def read_state_dict(path: str, ema: bool = True, allow_pickle: bool = False
 # architecture inference
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor], num_encoder_blocks: Optional[int] = None,
-                 in_channels: Optional[int] = None, patch_size: Optional[int] = None) -> Dict[str, Any]:
+def infer_config(
+    state_dict: Mapping[str, torch.Tensor],
+    num_encoder_blocks: Optional[int] = None,
+    in_channels: Optional[int] = None,
+    patch_size: Optional[int] = None,
+) -> Dict[str, Any]:
     """DDT constructor arguments implied by the weights (see module docstring)."""
     need = ["x_embedder.proj.weight", "y_embedder.embedding_table.weight", "blocks.0.attn.q_norm.weight"]
     missing = [k for k in need if k not in state_dict]
     if missing:
         sample = ", ".join(sorted(state_dict)[:5])
-        raise CheckpointError(f"these weights do not look like a DDT: missing {missing} "
-                              f"(first keys present: {sample})")
+        raise CheckpointError(f"these weights do not look like a DDT: missing {missing} (first keys present: {sample})")
     hidden, features = state_dict["x_embedder.proj.weight"].shape
     head_dim = state_dict["blocks.0.attn.q_norm.weight"].shape[0]
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -219,15 +227,21 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_encoder_blocks: Opt
     if hidden % head_dim:
         raise CheckpointError(f"hidden size {hidden} is not a multiple of the q_norm size {head_dim}")
     cin, p = _factor_patch(features, in_channels, patch_size)
-    config = dict(in_channels=cin, num_groups=hidden // head_dim, hidden_size=hidden,
-                  num_blocks=num_blocks, patch_size=p,
-                  num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1)
+    config = dict(
+        in_channels=cin,
+        num_groups=hidden // head_dim,
+        hidden_size=hidden,
+        num_blocks=num_blocks,
+        patch_size=p,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+    )
     if num_encoder_blocks is None:
         preset = match_preset(config)
         if preset is None:
             raise CheckpointError(
                 f"cannot infer the encoder/decoder split from weights (inferred {config}, which is "
-                "no published preset); pass num_encoder_blocks=...")
+                "no published preset); pass num_encoder_blocks=..."
+            )
         num_encoder_blocks = PRESETS[preset]["num_encoder_blocks"]
     config["num_encoder_blocks"] = num_encoder_blocks
     return config
@@ -235,19 +249,22 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_encoder_blocks: Opt
 
 def _factor_patch(features: int, in_channels: Optional[int], patch_size: Optional[int]) -> Tuple[int, int]:
     if in_channels is not None and patch_size is not None:
-        if in_channels * patch_size ** 2 != features:
-            raise CheckpointError(f"in_channels={in_channels}, patch_size={patch_size} give "
-                                  f"{in_channels * patch_size ** 2} patch features, the weights have {features}")
+        if in_channels * patch_size**2 != features:
+            raise CheckpointError(
+                f"in_channels={in_channels}, patch_size={patch_size} give "
+                f"{in_channels * patch_size**2} patch features, the weights have {features}"
+            )
         return in_channels, patch_size
     if patch_size is not None:
-        if features % (patch_size ** 2):
+        if features % (patch_size**2):
             raise CheckpointError(f"{features} patch features are not divisible by patch_size^2")
-        return features // patch_size ** 2, patch_size
+        return features // patch_size**2, patch_size
     cin = in_channels or 4
     p = math.isqrt(features // cin) if features % cin == 0 else 0
     if p < 1 or cin * p * p != features:
-        raise CheckpointError(f"{features} patch features do not factor as in_channels={cin} * p^2; "
-                              "pass in_channels= and patch_size=")
+        raise CheckpointError(
+            f"{features} patch features do not factor as in_channels={cin} * p^2; pass in_channels= and patch_size="
+        )
     return cin, p
 
 
@@ -255,14 +272,16 @@ def _factor_patch(features: int, in_channels: Optional[int], patch_size: Optiona
 # loading into a model
 
 
-def load_into(model: DDT, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
-              context: str = "") -> None:
+def load_into(model: DDT, state_dict: Mapping[str, torch.Tensor], strict: bool = True, context: str = "") -> None:
     """`model.load_state_dict` with errors that name the offending keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     problems = []
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es), first: {'; '.join(wrong[:3])}")
@@ -271,15 +290,23 @@ def load_into(model: DDT, state_dict: Mapping[str, torch.Tensor], strict: bool =
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:5]}")
     if problems:
-        raise CheckpointError(f"checkpoint does not fit the model{context}: " + "; ".join(problems)
-                              + f". Model config: {model.config}")
+        raise CheckpointError(
+            f"checkpoint does not fit the model{context}: " + "; ".join(problems) + f". Model config: {model.config}"
+        )
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
 
 
-def load_checkpoint(path: str, ema: bool = True, num_encoder_blocks: Optional[int] = None,
-                    in_channels: Optional[int] = None, patch_size: Optional[int] = None,
-                    model: Optional[DDT] = None, map_location: Any = "cpu", strict: bool = True,
-                    allow_pickle: bool = False) -> DDT:
+def load_checkpoint(
+    path: str,
+    ema: bool = True,
+    num_encoder_blocks: Optional[int] = None,
+    in_channels: Optional[int] = None,
+    patch_size: Optional[int] = None,
+    model: Optional[DDT] = None,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    allow_pickle: bool = False,
+) -> DDT:
     """A DDT with the weights of `path` (published Lightning .ckpt, plain state
     dict, .safetensors, or a save_pretrained folder).
 
@@ -294,9 +321,12 @@ def load_checkpoint(path: str, ema: bool = True, num_encoder_blocks: Optional[in
     if model is None:
         split = num_encoder_blocks if num_encoder_blocks is not None else meta["config"].get("num_encoder_blocks")
         stored = meta["config"]
-        config = infer_config(state_dict, split,
-                              in_channels if in_channels is not None else stored.get("in_channels"),
-                              patch_size if patch_size is not None else stored.get("patch_size"))
+        config = infer_config(
+            state_dict,
+            split,
+            in_channels if in_channels is not None else stored.get("in_channels"),
+            patch_size if patch_size is not None else stored.get("patch_size"),
+        )
         model = DDT(**config)
     load_into(model, state_dict, strict=strict, context=f" ({meta['path']}, {meta['source']})")
     return model.to(map_location) if map_location is not None else model
@@ -318,20 +348,24 @@ def save_pretrained(model: DDT, folder: str, overwrite: bool = False) -> None:
     if not overwrite:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if os.path.lexists(os.path.join(folder, name)):
-                raise exists_error(os.path.join(folder, name), "save_pretrained:",
-                                   "pass overwrite=True to replace the saved model")
+                raise exists_error(
+                    os.path.join(folder, name), "save_pretrained:", "pass overwrite=True to replace the saved model"
+                )
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "library": "ddt_fast"}),
-                 overwrite=overwrite)
+    atomic_write(
+        os.path.join(folder, WEIGHTS_NAME),
+        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "library": "ddt_fast"}),
+        overwrite=overwrite,
+    )
     config = dict(model.config, architecture="DDT", ddt_fast_version=__version__)
 
     atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2), overwrite=overwrite)
 
 
-def from_pretrained(name_or_path: str, ema: bool = True, revision: Optional[str] = None,
-                    cache_dir: Optional[str] = None, **kwargs) -> DDT:
+def from_pretrained(
+    name_or_path: str, ema: bool = True, revision: Optional[str] = None, cache_dir: Optional[str] = None, **kwargs
+) -> DDT:
     """Load a save_pretrained folder, a checkpoint file, or a model-hub repository id.
 
     A hub repository is fetched with `huggingface_hub` (needs network access
@@ -341,20 +375,23 @@ def from_pretrained(name_or_path: str, ema: bool = True, revision: Optional[str]
     if os.path.exists(name_or_path):
         return load_checkpoint(name_or_path, ema=ema, **kwargs)
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a hub id "
-                                "('owner/name')")
+        raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a hub id ('owner/name')")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise ImportError("loading from the model hub needs huggingface_hub: "
-                          "pip install 'ddt_fast[hub]'") from e
+        raise ImportError("loading from the model hub needs huggingface_hub: pip install 'ddt_fast[hub]'") from e
     try:
-        folder = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir,
-                                   allow_patterns=["*.json", "*.safetensors", "*.ckpt", "*.pt", "*.pth"])
+        folder = snapshot_download(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=["*.json", "*.safetensors", "*.ckpt", "*.pt", "*.pth"],
+        )
     except Exception as e:  # network errors come in many types
         raise CheckpointError(
             f"could not fetch {name_or_path!r} from the model hub ({type(e).__name__}: {e}). "
-            "If you are offline, download the checkpoint elsewhere and pass its local path.") from e
+            "If you are offline, download the checkpoint elsewhere and pass its local path."
+        ) from e
     if os.path.exists(os.path.join(folder, WEIGHTS_NAME)):
         return load_checkpoint(folder, ema=ema, **kwargs)
     candidates = sorted(f for f in os.listdir(folder) if f.endswith((".ckpt", ".pt", ".pth", ".safetensors")))

@@ -7,6 +7,7 @@ same constructor, same `forward(x, t, y, s=None, mask=None) -> (v, s)`, same
 state-dict keys, same numbers (see docs/spec.md, "The model"). All block math goes
 through `ddt_fast.ops`, which picks fused kernels or the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: Tensor, dim: int, max_period: float = 10.0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period)
-                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[..., None].float() * freqs[None, ...]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -105,8 +105,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         # q/k RMSNorm + 2D rotary, softmax attention, heads merged: [B, L, C]
-        out = ops.qkv_attention(self.qkv(x), self.q_norm.weight, self.k_norm.weight,
-                                self.num_heads, freqs_cis, self.q_norm.eps, mask)
+        out = ops.qkv_attention(
+            self.qkv(x), self.q_norm.weight, self.k_norm.weight, self.num_heads, freqs_cis, self.q_norm.eps, mask
+        )
         return self.proj(out)
 
 
@@ -143,18 +144,18 @@ class DDTBlock(nn.Module):
     def attention_input(self, x: Tensor, mods: Tuple[Tensor, ...]) -> Tensor:
         return ops.rms_norm_modulate(x, self.norm1.weight, mods[0], mods[1], self.norm1.eps)
 
-    def body(self, x: Tensor, h: Tensor, mods: Tuple[Tensor, ...], freqs_cis: Tensor,
-             mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def body(
+        self, x: Tensor, h: Tensor, mods: Tuple[Tensor, ...], freqs_cis: Tensor, mask: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
         """Attention (on the modulated input `h`), its gated residual fused with the
         MLP's norm+modulate, and the MLP. Returns `x` after the attention residual
         and the MLP output `y`; the block's output is `x + gate_mlp * y`."""
         x, h = ops.gated_residual_rms_norm_modulate(
-            x, mods[2], self.attn(h, freqs_cis, mask), self.norm2.weight, mods[3], mods[4],
-            self.norm2.eps)
+            x, mods[2], self.attn(h, freqs_cis, mask), self.norm2.weight, mods[3], mods[4], self.norm2.eps
+        )
         return x, self.mlp(h)
 
-    def forward(self, x: Tensor, cond: Tensor, freqs_cis: Tensor,
-                mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         mods = self.modulation(cond)
         x, y = self.body(x, self.attention_input(x, mods), mods, freqs_cis, mask)
         return ops.gated_residual(x, mods[5], y)
@@ -198,8 +199,9 @@ class ModulationCache:
         return sum(g[0].untyped_storage().nbytes() for g in groups)  # chunks share one storage
 
 
-def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor],
-               cache: Optional[ModulationCache] = None) -> Tensor:
+def run_blocks(
+    blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], cache: Optional[ModulationCache] = None
+) -> Tensor:
     """Blocks in sequence, with each block's closing gated residual fused with
     the next block's norm+modulate (one pass over x instead of two).
 
@@ -225,8 +227,7 @@ def run_blocks(blocks, x: Tensor, cond: Tensor, freqs_cis: Tensor, mask: Optiona
             return ops.gated_residual(x, mods[5], y)
         nxt = blocks[i + 1]
         gate_mlp, mods = mods[5], modulation(i + 1)
-        x, h = ops.gated_residual_rms_norm_modulate(x, gate_mlp, y, nxt.norm1.weight, mods[0], mods[1],
-                                                    nxt.norm1.eps)
+        x, h = ops.gated_residual_rms_norm_modulate(x, gate_mlp, y, nxt.norm1.weight, mods[0], mods[1], nxt.norm1.eps)
     return x
 
 
@@ -258,13 +259,24 @@ class DDT(nn.Module):
     to load weights.
     """
 
-    def __init__(self, in_channels: int = 4, num_groups: int = 12, hidden_size: int = 1152,
-                 num_blocks: int = 18, num_encoder_blocks: int = 4, patch_size: int = 2,
-                 num_classes: int = 1000, learn_sigma: bool = True, deep_supervision: int = 0,
-                 weight_path: Optional[str] = None, load_ema: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        num_groups: int = 12,
+        hidden_size: int = 1152,
+        num_blocks: int = 18,
+        num_encoder_blocks: int = 4,
+        patch_size: int = 2,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        deep_supervision: int = 0,
+        weight_path: Optional[str] = None,
+        load_ema: bool = False,
+    ):
         super().__init__()
-        _check_architecture(in_channels, num_groups, hidden_size, num_blocks, num_encoder_blocks,
-                            patch_size, num_classes)
+        _check_architecture(
+            in_channels, num_groups, hidden_size, num_blocks, num_encoder_blocks, patch_size, num_classes
+        )
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.num_groups = num_groups
@@ -292,9 +304,12 @@ class DDT(nn.Module):
     def config(self) -> dict:
         """Constructor arguments that define the architecture (what `config.json` stores)."""
         return {
-            "in_channels": self.in_channels, "num_groups": self.num_groups,
-            "hidden_size": self.hidden_size, "num_blocks": self.num_blocks,
-            "num_encoder_blocks": self.num_encoder_blocks, "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "num_groups": self.num_groups,
+            "hidden_size": self.hidden_size,
+            "num_blocks": self.num_blocks,
+            "num_encoder_blocks": self.num_encoder_blocks,
+            "patch_size": self.patch_size,
             "num_classes": self.num_classes,
         }
 
@@ -319,7 +334,7 @@ class DDT(nn.Module):
 
     @property
     def decoder_blocks(self):
-        return self.blocks[self.num_encoder_blocks:]
+        return self.blocks[self.num_encoder_blocks :]
 
     def initialize_weights(self) -> None:
         for embed in (self.x_embedder, self.s_embedder):
@@ -366,17 +381,24 @@ class DDT(nn.Module):
         reused by later calls with the same `s` tensor."""
         self._check_inputs(x, None, None, s)
         H, W = x.shape[-2:]
-        return self._decode(self.patchify(x), s, self.rope(H, W, x.device), H, W,
-                            cache.bind(s) if cache is not None else None)
+        return self._decode(
+            self.patchify(x), s, self.rope(H, W, x.device), H, W, cache.bind(s) if cache is not None else None
+        )
 
-    def _encode(self, patches: Tensor, t: Tensor, y: Tensor, freqs_cis: Tensor,
-                mask: Optional[Tensor]) -> Tensor:
+    def _encode(self, patches: Tensor, t: Tensor, y: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
         temb, c = self.embed_condition(t, y)
         s = run_blocks(self.encoder_blocks, self.s_embedder(patches), c, freqs_cis, mask)
         return F.silu(temb + s)
 
-    def _decode(self, patches: Tensor, s: Tensor, freqs_cis: Tensor, height: int, width: int,
-                cache: Optional[ModulationCache] = None) -> Tensor:
+    def _decode(
+        self,
+        patches: Tensor,
+        s: Tensor,
+        freqs_cis: Tensor,
+        height: int,
+        width: int,
+        cache: Optional[ModulationCache] = None,
+    ) -> Tensor:
         h = run_blocks(self.decoder_blocks, self.x_embedder(patches), s, freqs_cis, None, cache)
         final_mods = None
         if cache is not None:
@@ -385,8 +407,9 @@ class DDT(nn.Module):
             final_mods = cache.final
         return self.unpatchify(self.final_layer(h, s, final_mods), height, width)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, s: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, s: Optional[Tensor] = None, mask: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         """Velocity `[B, Cin, H, W]` and the self-condition `s` (new if `s` is None,
         else the one passed in, reused without running the encoder)."""
         self._check_inputs(x, t, y, s)
@@ -399,8 +422,7 @@ class DDT(nn.Module):
 
     # -- input checks: clear errors instead of shape soup deep inside -------
 
-    def _check_inputs(self, x: Tensor, t: Optional[Tensor], y: Optional[Tensor],
-                      s: Optional[Tensor] = None) -> None:
+    def _check_inputs(self, x: Tensor, t: Optional[Tensor], y: Optional[Tensor], s: Optional[Tensor] = None) -> None:
         p = self.patch_size
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -416,22 +438,33 @@ class DDT(nn.Module):
                 raise TypeError(f"y must hold integer class ids (int64), got {y.dtype}")
             # Range check only where it is free: CPU tensors, eager mode (on a GPU it
             # would synchronise; torch.compile cannot branch on data).
-            if (y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling()
-                    and (int(y.min()) < 0 or int(y.max()) > self.num_classes)):
-                raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} is the "
-                                 f"null class), got range [{int(y.min())}, {int(y.max())}]")
+            if (
+                y.device.type == "cpu"
+                and y.numel()
+                and not torch.compiler.is_compiling()
+                and (int(y.min()) < 0 or int(y.max()) > self.num_classes)
+            ):
+                raise ValueError(
+                    f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} is the "
+                    f"null class), got range [{int(y.min())}, {int(y.max())}]"
+                )
         if s is not None:
             L = (H // p) * (W // p)
             if s.shape != (B, L, self.hidden_size):
-                raise ValueError(f"s must be [{B}, {L}, {self.hidden_size}] for a {H}x{W} input, "
-                                 f"got {tuple(s.shape)}")
+                raise ValueError(f"s must be [{B}, {L}, {self.hidden_size}] for a {H}x{W} input, got {tuple(s.shape)}")
 
 
-def _check_architecture(in_channels, num_groups, hidden_size, num_blocks, num_encoder_blocks,
-                        patch_size, num_classes) -> None:
-    for name, value in (("in_channels", in_channels), ("num_groups", num_groups),
-                        ("hidden_size", hidden_size), ("num_blocks", num_blocks),
-                        ("patch_size", patch_size), ("num_classes", num_classes)):
+def _check_architecture(
+    in_channels, num_groups, hidden_size, num_blocks, num_encoder_blocks, patch_size, num_classes
+) -> None:
+    for name, value in (
+        ("in_channels", in_channels),
+        ("num_groups", num_groups),
+        ("hidden_size", hidden_size),
+        ("num_blocks", num_blocks),
+        ("patch_size", patch_size),
+        ("num_classes", num_classes),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(num_encoder_blocks, int) or not 0 <= num_encoder_blocks <= num_blocks:
@@ -439,5 +472,7 @@ def _check_architecture(in_channels, num_groups, hidden_size, num_blocks, num_en
     if hidden_size % num_groups:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_groups (heads) {num_groups}")
     if (hidden_size // num_groups) % 4:
-        raise ValueError(f"head dim {hidden_size // num_groups} (hidden_size / num_groups) must be a "
-                         "multiple of 4 for the 2D rotary embedding")
+        raise ValueError(
+            f"head dim {hidden_size // num_groups} (hidden_size / num_groups) must be a "
+            "multiple of 4 for the 2D rotary embedding"
+        )

@@ -5,6 +5,7 @@ argument can be overridden. The encoder/decoder split is a parameter because
 the paper trained several (B with 4/6/8/10 encoder blocks, L with
 10/12/16/20); the defaults are the published choices.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -18,10 +19,12 @@ PRESETS: Dict[str, dict] = {
     "DDT-L/2": dict(hidden_size=1024, num_groups=16, num_blocks=24, num_encoder_blocks=20, **_IMAGENET),
     "DDT-XL/2": dict(hidden_size=1152, num_groups=16, num_blocks=28, num_encoder_blocks=22, **_IMAGENET),
     # Small models for tests and CPU demos (head dims 16 and 72, the latter as in XL).
-    "DDT-tiny/2": dict(hidden_size=64, num_groups=4, num_blocks=4, num_encoder_blocks=2,
-                       in_channels=4, patch_size=2, num_classes=10),
-    "DDT-tiny-d72/2": dict(hidden_size=144, num_groups=2, num_blocks=3, num_encoder_blocks=2,
-                           in_channels=4, patch_size=2, num_classes=10),
+    "DDT-tiny/2": dict(
+        hidden_size=64, num_groups=4, num_blocks=4, num_encoder_blocks=2, in_channels=4, patch_size=2, num_classes=10
+    ),
+    "DDT-tiny-d72/2": dict(
+        hidden_size=144, num_groups=2, num_blocks=3, num_encoder_blocks=2, in_channels=4, patch_size=2, num_classes=10
+    ),
 }
 
 

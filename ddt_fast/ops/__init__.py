@@ -7,6 +7,7 @@ are refused first, whichever path would run: tensors that are not
 floating-point (integer, bool, complex), a non-finite or negative eps, a
 num_heads that does not split the width.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,11 @@ MODEL_OPS = (
 # Names of the compiled kernels that can be GPU-verified (ops/verified.py): the
 # model ops' kernels, with attention as the flash kernel and its fused
 # q/k norm + rotary prologue variant, and the DP schedule solver.
-KERNEL_OPS = tuple(op for op in MODEL_OPS if op != "attention") + ("flash_attention", "qkv_attention",
-                                                                   "dp_schedule_solve")
+KERNEL_OPS = tuple(op for op in MODEL_OPS if op != "attention") + (
+    "flash_attention",
+    "qkv_attention",
+    "dp_schedule_solve",
+)
 
 
 def _fused(name: str):
@@ -88,13 +92,15 @@ def _check_eps(op: str, eps) -> None:
         raise ValueError(f"ddt_fast.ops.{op}: eps must be a finite number >= 0, got {eps} (the model uses 1e-6)")
 
 
-def _check_qkv(op: str, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
-               freqs_cis: Tensor, eps) -> None:
+def _check_qkv(
+    op: str, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int, freqs_cis: Tensor, eps
+) -> None:
     _check_floating(op, ("qkv", "q_weight", "k_weight"), qkv, q_weight, k_weight)
     if not (isinstance(freqs_cis, torch.Tensor) and freqs_cis.is_complex()):
         got = freqs_cis.dtype if isinstance(freqs_cis, torch.Tensor) else type(freqs_cis).__name__
-        raise TypeError(f"ddt_fast.ops.{op}: freqs_cis must be a complex tensor [L, head_dim / 2] "
-                        f"(rope_frequencies), got {got}")
+        raise TypeError(
+            f"ddt_fast.ops.{op}: freqs_cis must be a complex tensor [L, head_dim / 2] (rope_frequencies), got {got}"
+        )
     _check_eps(op, eps)
     if qkv.dim() != 3:
         raise ValueError(f"ddt_fast.ops.{op}: qkv must be [B, L, 3C], got {list(qkv.shape)}")
@@ -102,12 +108,13 @@ def _check_qkv(op: str, qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_hea
     if not num_heads > 0:
         raise ValueError(f"ddt_fast.ops.{op}: num_heads must be > 0, got {num_heads!r}")
     if width % (3 * num_heads):
-        raise ValueError(f"ddt_fast.ops.{op}: qkv's last dim {width} is not 3 * num_heads ({num_heads}) * "
-                         f"head_dim; num_heads must divide C = {width // 3} and qkv be [B, L, 3C]")
+        raise ValueError(
+            f"ddt_fast.ops.{op}: qkv's last dim {width} is not 3 * num_heads ({num_heads}) * "
+            f"head_dim; num_heads must divide C = {width // 3} and qkv be [B, L, 3C]"
+        )
 
 
-def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
-                      eps: float = 1e-6) -> Tensor:
+def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     _check_floating("rms_norm_modulate", ("x", "weight", "shift", "scale"), x, weight, shift, scale)
     _check_eps("rms_norm_modulate", eps)
     if dispatch.use_fused("rms_norm_modulate", x.device) and _kernel_takes(x, (weight,), (shift, scale)):
@@ -130,14 +137,25 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return reference.gated_residual(x, gate, y)
 
 
-def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Tensor,
-                                     shift: Tensor, scale: Tensor,
-                                     eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
-    _check_floating("gated_residual_rms_norm_modulate", ("x", "gate", "y", "weight", "shift", "scale"),
-                    x, gate, y, weight, shift, scale)
+def gated_residual_rms_norm_modulate(
+    x: Tensor, gate: Tensor, y: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor]:
+    _check_floating(
+        "gated_residual_rms_norm_modulate",
+        ("x", "gate", "y", "weight", "shift", "scale"),
+        x,
+        gate,
+        y,
+        weight,
+        shift,
+        scale,
+    )
     _check_eps("gated_residual_rms_norm_modulate", eps)
-    if (dispatch.use_fused("gated_residual_rms_norm_modulate", x.device) and y.dtype == x.dtype
-            and _kernel_takes(x, (weight,), (gate, shift, scale))):
+    if (
+        dispatch.use_fused("gated_residual_rms_norm_modulate", x.device)
+        and y.dtype == x.dtype
+        and _kernel_takes(x, (weight,), (gate, shift, scale))
+    ):
         return _fused("gated_residual_rms_norm_modulate")(x, gate, y, weight, shift, scale, eps)
     return reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, eps)
 
@@ -176,13 +194,16 @@ def rope_frequencies(height: int, width: int, head_dim: int, device: torch.devic
     return reference.rope_frequencies(height, width, head_dim, device)
 
 
-def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
-                 freqs_cis: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+def qk_norm_rope(
+    qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int, freqs_cis: Tensor, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor, Tensor]:
     _check_qkv("qk_norm_rope", qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
-    if (dispatch.use_fused("qk_norm_rope", qkv.device) and q_weight.dtype == k_weight.dtype
-            and _kernel_takes(qkv, (q_weight, k_weight))):
-        return _fused("qk_norm_rope")(qkv, q_weight, k_weight, num_heads,
-                                      torch.view_as_real(freqs_cis), eps)
+    if (
+        dispatch.use_fused("qk_norm_rope", qkv.device)
+        and q_weight.dtype == k_weight.dtype
+        and _kernel_takes(qkv, (q_weight, k_weight))
+    ):
+        return _fused("qk_norm_rope")(qkv, q_weight, k_weight, num_heads, torch.view_as_real(freqs_cis), eps)
     return reference.qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
 
 
@@ -206,8 +227,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) ->
 QKV_ATTENTION_K_PREPASS = True
 
 
-def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
-                  freqs_cis: Tensor, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
+def qkv_attention(
+    qkv: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    num_heads: int,
+    freqs_cis: Tensor,
+    eps: float = 1e-6,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """The model's whole attention from the packed projection `qkv` `[B, L, 3C]`:
     q/k RMSNorm + 2D rotary, softmax attention, heads merged -> `[B, L, C]`.
     Without autograd (sampling) the fused kernel when
@@ -218,13 +246,24 @@ def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: in
     # Training takes the separate kernels: their forward saves q, k, v for the
     # backward, which the fused forward would have to recompute (measured
     # slower for forward + backward in benchmarks/bench_attention.py).
-    training = torch.is_grad_enabled() and (qkv.requires_grad or q_weight.requires_grad
-                                            or k_weight.requires_grad)
-    if (not training and dispatch.use_fused_qkv_attention(qkv, num_heads, mask)
-            and q_weight.dtype == k_weight.dtype and _kernel_takes(qkv, (q_weight, k_weight))):
+    training = torch.is_grad_enabled() and (qkv.requires_grad or q_weight.requires_grad or k_weight.requires_grad)
+    if (
+        not training
+        and dispatch.use_fused_qkv_attention(qkv, num_heads, mask)
+        and q_weight.dtype == k_weight.dtype
+        and _kernel_takes(qkv, (q_weight, k_weight))
+    ):
         head_dim = three_c // (3 * num_heads)
-        return _fused("qkv_attention")(qkv, q_weight, k_weight, num_heads, torch.view_as_real(freqs_cis),
-                                       eps, head_dim ** -0.5, QKV_ATTENTION_K_PREPASS)[0]
+        return _fused("qkv_attention")(
+            qkv,
+            q_weight,
+            k_weight,
+            num_heads,
+            torch.view_as_real(freqs_cis),
+            eps,
+            head_dim**-0.5,
+            QKV_ATTENTION_K_PREPASS,
+        )[0]
     q, k, v = qk_norm_rope(qkv, q_weight, k_weight, num_heads, freqs_cis, eps)
     return attention(q, k, v, mask).transpose(1, 2).reshape(B, L, three_c // 3)
 
@@ -232,8 +271,7 @@ def qkv_attention(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: in
 def plan(device: torch.device) -> dict:
     """Which implementation each model op takes on `device` under the current backend."""
     device = torch.device(device)
-    rows = {op: ("fused" if dispatch.use_fused(op, device) else "reference")
-            for op in MODEL_OPS if op != "attention"}
+    rows = {op: ("fused" if dispatch.use_fused(op, device) else "reference") for op in MODEL_OPS if op != "attention"}
     # a bf16 head-dim-72 probe on that device (the case DDT-XL runs)
     probe = torch.empty(1, 1, 1, 72, device=device if device.type == "cuda" else "meta", dtype=torch.bfloat16)
     rows["attention"] = dispatch.attention_backend(probe, probe, probe, None)
@@ -246,9 +284,26 @@ def plan(device: torch.device) -> dict:
 
 
 __all__ = [
-    "MODEL_OPS", "KERNEL_OPS", "rms_norm_modulate", "layer_norm_modulate", "gated_residual",
-    "gated_residual_rms_norm_modulate", "swiglu", "rope_frequencies", "qk_norm_rope",
-    "attention", "qkv_attention", "plan", "reference", "dispatch", "get_backend", "set_backend",
-    "get_attention_backend", "set_attention_backend", "use_backend", "linear", "get_cpu_linear",
+    "MODEL_OPS",
+    "KERNEL_OPS",
+    "rms_norm_modulate",
+    "layer_norm_modulate",
+    "gated_residual",
+    "gated_residual_rms_norm_modulate",
+    "swiglu",
+    "rope_frequencies",
+    "qk_norm_rope",
+    "attention",
+    "qkv_attention",
+    "plan",
+    "reference",
+    "dispatch",
+    "get_backend",
+    "set_backend",
+    "get_attention_backend",
+    "set_attention_backend",
+    "use_backend",
+    "linear",
+    "get_cpu_linear",
     "set_cpu_linear",
 ]

@@ -17,6 +17,7 @@ them in float32 there (exact products, float32 accumulation, rounded once:
 what the native kernel computes, up to summation order);
 `DDT_FAST_CPU_LINEAR=auto|float32|native` overrides.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,9 @@ def set_cpu_linear(mode: str) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(backend: Optional[str] = None, attention: Optional[str] = None,
-                cpu_linear: Optional[str] = None) -> Iterator[None]:
+def use_backend(
+    backend: Optional[str] = None, attention: Optional[str] = None, cpu_linear: Optional[str] = None
+) -> Iterator[None]:
     """Temporarily force the op, attention and/or CPU linear backend:
     `with use_backend("reference"): ...`."""
     saved = dict(_state)
@@ -133,14 +135,25 @@ def flash_attn_importable() -> bool:
 
 
 def _flash_attn_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
-    return (mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+    return (
+        mask is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] <= 256
+        and q.shape[-1] % 8 == 0
+    )
 
 
 def _ddt_case(device: torch.device, dtype: torch.dtype, head_dim: int, mask, op: str) -> bool:
     """Whether our CUDA kernel `op` (flash_attention or qkv_attention) handles this case."""
-    return (mask is None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim in (64, 72, 128) and _has_fused(op, "cuda"))
+    return (
+        mask is None
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim in (64, 72, 128)
+        and _has_fused(op, "cuda")
+    )
 
 
 def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str:
@@ -192,7 +205,7 @@ _NATIVE_MATMUL_FEATURES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix instructions for `dtype` (bfloat16/float16).
     Unknown (an older PyTorch without `torch.cpu.get_capabilities`): True, so
@@ -215,8 +228,12 @@ def float32_linear_applies(device: torch.device, dtype: torch.dtype) -> bool:
     bfloat16/float16, not the reference backend (the published path), and
     `float32` mode or `auto` without native 16-bit matrix instructions."""
     mode = _state["cpu_linear"]
-    if (mode == "native" or _state["backend"] == "reference" or device.type != "cpu"
-            or dtype not in _NATIVE_MATMUL_FEATURES):
+    if (
+        mode == "native"
+        or _state["backend"] == "reference"
+        or device.type != "cpu"
+        or dtype not in _NATIVE_MATMUL_FEATURES
+    ):
         return False
     return mode == "float32" or not cpu_has_native_matmul(dtype)
 
@@ -224,5 +241,4 @@ def float32_linear_applies(device: torch.device, dtype: torch.dtype) -> bool:
 def use_float32_linear(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """`float32_linear_applies` to x's device, and x has at least
     FLOAT32_LINEAR_MIN_ROWS rows."""
-    return (x.numel() >= FLOAT32_LINEAR_MIN_ROWS * max(1, x.shape[-1])
-            and float32_linear_applies(x.device, dtype))
+    return x.numel() >= FLOAT32_LINEAR_MIN_ROWS * max(1, x.shape[-1]) and float32_linear_applies(x.device, dtype)

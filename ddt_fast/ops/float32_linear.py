@@ -13,6 +13,7 @@ The backward saves the 16-bit operands, not float32 copies (half the memory
 a plain `F.linear(x.float(), ...)` would keep), and widens them again when
 it runs.
 """
+
 from __future__ import annotations
 
 from typing import Optional

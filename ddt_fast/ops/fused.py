@@ -6,6 +6,7 @@ that calls the fused backward kernel. The shape functions check their
 arguments as the kernels do (ops/_checks.py): a fake (or meta) call refuses
 what the real one would.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,10 @@ def _register_norm_modulate() -> None:
     @torch.library.register_fake(lib + "gated_residual_rms_norm_modulate")
     def _(x, gate, y, weight, shift, scale, eps):
         _checks.norm_modulate(x, gate, y, weight, shift, scale, eps, _RMS)
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                torch.empty_like(x, memory_format=torch.contiguous_format))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+        )
 
     @torch.library.register_fake(lib + "norm_modulate_backward")
     def _(grad_out, grad_x_out, x, gate, y, weight, shift, scale, eps, kind, residual):
@@ -53,12 +56,14 @@ def _register_norm_modulate() -> None:
         def mod(t):
             return x.new_empty((B, t.shape[1], C), dtype=t.dtype)
 
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                torch.empty_like(x, memory_format=torch.contiguous_format) if residual else empty,
-                mod(gate) if residual else empty,
-                torch.empty_like(weight) if kind == _RMS else empty,
-                mod(shift) if kind != _NONE else empty,
-                mod(scale) if kind != _NONE else empty)
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format) if residual else empty,
+            mod(gate) if residual else empty,
+            torch.empty_like(weight) if kind == _RMS else empty,
+            mod(shift) if kind != _NONE else empty,
+            mod(scale) if kind != _NONE else empty,
+        )
 
     backward = torch.ops.ddt_fast.norm_modulate_backward
 
@@ -110,12 +115,12 @@ def _register_norm_modulate() -> None:
         x_out, gate, y, weight, shift, scale = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(x_out)
-        gx, gy, gg, gw, gsh, gsc = backward(grad_out, grad_x_out, x_out, gate, y, weight, shift, scale,
-                                            ctx.eps, _RMS, True)
+        gx, gy, gg, gw, gsh, gsc = backward(
+            grad_out, grad_x_out, x_out, gate, y, weight, shift, scale, ctx.eps, _RMS, True
+        )
         return gx, gg, gy, gw, gsh, gsc, None
 
-    torch.library.register_autograd(lib + "gated_residual_rms_norm_modulate", backward_grn,
-                                    setup_context=setup_grn)
+    torch.library.register_autograd(lib + "gated_residual_rms_norm_modulate", backward_grn, setup_context=setup_grn)
 
 
 def _register_qk_norm_rope() -> None:
@@ -129,8 +134,11 @@ def _register_qk_norm_rope() -> None:
     @torch.library.register_fake(name + "_backward")
     def _(grad_q, grad_k, grad_v, qkv, q_weight, k_weight, num_heads, rope, eps):
         _checks.qk_norm_rope_backward(grad_q, grad_k, grad_v, qkv, q_weight, k_weight, num_heads, rope, eps)
-        return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-                torch.empty_like(q_weight), torch.empty_like(k_weight))
+        return (
+            torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            torch.empty_like(q_weight),
+            torch.empty_like(k_weight),
+        )
 
     def setup(ctx, inputs, output):
         qkv, q_weight, k_weight, num_heads, rope, eps = inputs
@@ -140,7 +148,8 @@ def _register_qk_norm_rope() -> None:
     def backward(ctx, grad_q, grad_k, grad_v):
         qkv, q_weight, k_weight, rope = ctx.saved_tensors
         g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(
-            grad_q, grad_k, grad_v, qkv, q_weight, k_weight, ctx.num_heads, rope, ctx.eps)
+            grad_q, grad_k, grad_v, qkv, q_weight, k_weight, ctx.num_heads, rope, ctx.eps
+        )
         return g_qkv, g_qw, g_kw, None, None, None
 
     torch.library.register_autograd(name, backward, setup_context=setup)
@@ -157,8 +166,10 @@ def _register_swiglu() -> None:
     @torch.library.register_fake(name + "_backward")
     def _(grad_out, a, b):
         _checks.swiglu_backward(grad_out, a, b)
-        return (torch.empty_like(a, memory_format=torch.contiguous_format),
-                torch.empty_like(a, memory_format=torch.contiguous_format))
+        return (
+            torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(a, memory_format=torch.contiguous_format),
+        )
 
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -224,8 +235,9 @@ def _register_attention() -> None:
 
         q, k, v = torch.ops.ddt_fast.qk_norm_rope(qkv, q_weight, k_weight, H, rope, ctx.eps)
         gq, gk, gv = backward_kernel(heads(grad_out.contiguous()), q, k, v, heads(out), lse, ctx.scale)
-        g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(gq, gk, gv, qkv, q_weight, k_weight, H,
-                                                                     rope, ctx.eps)
+        g_qkv, g_qw, g_kw = torch.ops.ddt_fast.qk_norm_rope_backward(
+            gq, gk, gv, qkv, q_weight, k_weight, H, rope, ctx.eps
+        )
         return g_qkv, g_qw, g_kw, None, None, None, None, None
 
     torch.library.register_autograd(lib + "qkv_attention", backward_qkv, setup_context=setup_qkv)

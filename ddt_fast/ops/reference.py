@@ -4,6 +4,7 @@ Each function follows docs/spec.md ("The model") line by line, including where i
 rounds, so that a model built on these functions gives the published model's
 numbers. The fused kernels in csrc/ are checked against these.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -25,8 +26,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
-def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
-                      eps: float = 1e-6) -> Tensor:
+def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """adaLN input of a block: `RMSNorm(x) * (1 + scale) + shift`.
 
     shift/scale are `[B, 1, C]` (per sample, encoder) or `[B, L, C]` (per token,
@@ -44,9 +44,9 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return x + gate * y
 
 
-def gated_residual_rms_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, weight: Tensor,
-                                     shift: Tensor, scale: Tensor,
-                                     eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+def gated_residual_rms_norm_modulate(
+    x: Tensor, gate: Tensor, y: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor]:
     """`x' = x + gate * y` and the next adaLN input `RMSNorm(x') * (1 + scale) + shift`."""
     x = gated_residual(x, gate, y)
     return x, rms_norm_modulate(x, weight, shift, scale, eps)
@@ -84,8 +84,9 @@ def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return out.type_as(x)
 
 
-def qk_norm_rope(qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int,
-                 freqs_cis: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+def qk_norm_rope(
+    qkv: Tensor, q_weight: Tensor, k_weight: Tensor, num_heads: int, freqs_cis: Tensor, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Split packed `qkv` `[B, L, 3C]` into heads, RMSNorm q and k over D, rotate them.
 
     Returns q, k, v as `[B, heads, L, D]` (the layout attention reads).

@@ -8,6 +8,7 @@ path (`DDT_FAST_BACKEND=fused` still forces the kernels, for testing).
 Add a row only after `pytest -m cuda` passed for that op on that GPU, with
 the commit that was tested.
 """
+
 from typing import Dict, NamedTuple, Tuple
 
 
@@ -45,8 +46,8 @@ VERIFIED: Tuple[Verified, ...] = (
 # stay available through DDT_FAST_BACKEND=fused / DDT_FAST_ATTENTION=ddt.
 SLOWER_ON_GPU: Dict[str, str] = {
     "flash_attention": "below SDPA's cuDNN kernels on an H200 and about level with its flash kernel "
-                       "(benchmarks/results/attention_nvidia_h200.json, nvidia_h200_notes.md); the fused "
-                       "qkv_attention, which also fuses the q/k norm and rotary, is used for sampling instead",
+    "(benchmarks/results/attention_nvidia_h200.json, nvidia_h200_notes.md); the fused "
+    "qkv_attention, which also fuses the q/k norm and rotary, is used for sampling instead",
 }
 
 

@@ -13,6 +13,7 @@ CPU memory: `num_steps * 2 * num_samples * L * C * 2` bytes in bf16 (DDT-XL at
 256 px, 250 steps, 8 samples: 250 * 16 * 256 * 1152 * 2 B = 2.4 GB), plus one
 `[N, N]` float64 matrix.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,8 @@ import torch
 
 from ddt_fast._io import atomic_write_text
 from ddt_fast.models import weights_digest
-from ddt_fast.schedule import DPResult, Schedule, every_step, solve
 from ddt_fast.sampling.samplers import _Sampler, make_noise
+from ddt_fast.schedule import DPResult, Schedule, every_step, solve
 
 _FORMAT = "ddt_fast.calibration"
 
@@ -70,16 +71,21 @@ class Calibration:
         """`{key: (recorded, given)}` for every setting that differs from `settings`
         (empty: this calibration is the one those settings would compute)."""
         keys = set(self.settings) | set(settings)
-        return {k: (self.settings.get(k), settings.get(k)) for k in sorted(keys)
-                if self.settings.get(k) != settings.get(k)}
+        return {
+            k: (self.settings.get(k), settings.get(k)) for k in sorted(keys) if self.settings.get(k) != settings.get(k)
+        }
 
     def _meta(self) -> dict:
         return {"calibration": {k: self.settings[k] for k in sorted(self.settings)}}
 
     def to_dict(self) -> dict:
-        return {"format": _FORMAT, "version": 1, "settings": self.settings,
-                "similarity": self.similarity.tolist(),
-                "cost": [c for _, c in self.curve()]}
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "settings": self.settings,
+            "similarity": self.similarity.tolist(),
+            "cost": [c for _, c in self.curve()],
+        }
 
     def save(self, path, overwrite: bool = False) -> None:
         """JSON (settings, similarity, cost curve), written to a temporary file and
@@ -110,8 +116,9 @@ def _read_json(path) -> dict:
     return d
 
 
-def load_schedule(path, budget: Optional[int] = None, ratio: Optional[float] = None,
-                  tol: Optional[float] = None) -> Schedule:
+def load_schedule(
+    path, budget: Optional[int] = None, ratio: Optional[float] = None, tol: Optional[float] = None
+) -> Schedule:
     """A Schedule from a schedule file, or from a calibration file with one of
     `budget`, `ratio` (sharing ratio) or `tol` (default: ratio 0.8, the paper's
     setting)."""
@@ -129,10 +136,17 @@ def load_schedule(path, budget: Optional[int] = None, ratio: Optional[float] = N
         raise ValueError(f"{path} is neither a schedule nor a calibration file: {e}") from e
 
 
-def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
-              classes: Optional[List[int]] = None, latent_size: int = 32,
-              state_dtype: torch.dtype = torch.bfloat16, states_on_cpu: bool = False,
-              device=None) -> Calibration:
+def calibrate(
+    model,
+    sampler: _Sampler,
+    num_samples: int = 8,
+    seed: int = 0,
+    classes: Optional[List[int]] = None,
+    latent_size: int = 32,
+    state_dtype: torch.dtype = torch.bfloat16,
+    states_on_cpu: bool = False,
+    device=None,
+) -> Calibration:
     """Run the template sampling with the encoder at every step and return the
     similarity statistic with its DP solution (see the module docstring).
 
@@ -146,8 +160,9 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
     if classes is None:
         classes = template_classes(model.num_classes, num_samples, seed)
     labels = torch.as_tensor(classes, dtype=torch.long, device=device)
-    noise = make_noise([seed * 1_000_003 + k for k in range(len(labels))],
-                       (model.in_channels, latent_size, latent_size), device)
+    noise = make_noise(
+        [seed * 1_000_003 + k for k in range(len(labels))], (model.in_channels, latent_size, latent_size), device
+    )
     template = copy.copy(sampler)  # same settings, run as the published sampler with no sharing
     template.mode = "reference"
     template.schedule = every_step(sampler.num_steps)
@@ -165,8 +180,9 @@ def calibrate(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
             other = unit if j == i else states[j].to(unit.device, torch.float64)
             sim[i, j] = sim[j, i] = float((unit * other).sum(-1).mean())
 
-    settings = calibration_settings(model, sampler, seed=seed, classes=list(map(int, labels)),
-                                    latent_size=latent_size, state_dtype=state_dtype)
+    settings = calibration_settings(
+        model, sampler, seed=seed, classes=list(map(int, labels)), latent_size=latent_size, state_dtype=state_dtype
+    )
     template(model, noise, labels, torch.full_like(labels, model.num_classes), on_step=on_step)
     return Calibration(sim, settings)
 
@@ -177,15 +193,28 @@ def template_classes(num_classes: int, num_samples: int, seed: int) -> List[int]
     return torch.randint(0, num_classes, (num_samples,), generator=g).tolist()
 
 
-def calibration_settings(model, sampler: _Sampler, num_samples: int = 8, seed: int = 0,
-                         classes: Optional[List[int]] = None, latent_size: int = 32,
-                         state_dtype: torch.dtype = torch.bfloat16) -> dict:
+def calibration_settings(
+    model,
+    sampler: _Sampler,
+    num_samples: int = 8,
+    seed: int = 0,
+    classes: Optional[List[int]] = None,
+    latent_size: int = 32,
+    state_dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     """What `calibrate` with these arguments depends on: the sampler's settings,
     the template batch (classes, seed, latent size) and the model's weights
     (`weights_sha256`). `Calibration.settings` holds it; compare it with
     `Calibration.differences` before reusing a saved calibration."""
     if classes is None:
         classes = template_classes(model.num_classes, num_samples, seed)
-    return dict(sampler.settings(), num_samples=len(classes), seed=int(seed), classes=[int(c) for c in classes],
-                latent_size=int(latent_size), state_dtype=str(state_dtype).replace("torch.", ""),
-                weights_sha256=weights_digest(model), model_config=dict(model.config))
+    return dict(
+        sampler.settings(),
+        num_samples=len(classes),
+        seed=int(seed),
+        classes=[int(c) for c in classes],
+        latent_size=int(latent_size),
+        state_dtype=str(state_dtype).replace("torch.", ""),
+        weights_sha256=weights_digest(model),
+        model_config=dict(model.config),
+    )

@@ -21,6 +21,7 @@ buffers and replay it: one launch instead of hundreds of kernel launches.
   are on: cached casts made during warm-up would be freed when autocast
   exits while a graph still reads them.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -109,8 +110,9 @@ class StepGraphs:
             try:
                 call = self.call_type(fn, static)
             except RuntimeError as e:
-                raise RuntimeError(f"CUDA-graph capture of the sampler's {key[0]!r} call failed ({e}); "
-                                   "sample with cuda_graph=False") from e
+                raise RuntimeError(
+                    f"CUDA-graph capture of the sampler's {key[0]!r} call failed ({e}); sample with cuda_graph=False"
+                ) from e
             entry = self.calls[key] = (call, static)
             self.captures += 1
         return entry

@@ -1,5 +1,6 @@
 """Time grid, time shift, guidance interval and Adams-Bashforth weights,
 as the published samplers define them (docs/spec.md, "Sampling")."""
+
 from __future__ import annotations
 
 from typing import List
@@ -56,5 +57,5 @@ def _lagrange_basis_integral(ts, j, a, b):
         prim = lambda t: 0.5 * (t - o) ** 2
     else:  # (t - o1)(t - o2) = t^2 - (o1 + o2) t + o1 o2
         o1, o2 = others
-        prim = lambda t: t ** 3 / 3 - 0.5 * (o1 + o2) * t ** 2 + o1 * o2 * t
+        prim = lambda t: t**3 / 3 - 0.5 * (o1 + o2) * t**2 + o1 * o2 * t
     return (prim(b) - prim(a)) / denom

@@ -2,6 +2,7 @@
 PNG files, a grid, the `.npz` the ADM evaluation suite reads for FID
 (uint8 `[N, H, W, 3]` under `arr_0`), and the plot of a calibration's
 cost-vs-budget curve."""
+
 from __future__ import annotations
 
 import math
@@ -22,15 +23,18 @@ def load_vae(name_or_path: str = SD_VAE, device=None, dtype: torch.dtype = torch
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise ImportError("decoding latents to images needs diffusers: pip install diffusers "
-                          "(or sample latents only, with vae=None)") from e
+        raise ImportError(
+            "decoding latents to images needs diffusers: pip install diffusers (or sample latents only, with vae=None)"
+        ) from e
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         where = "folder" if os.path.isdir(name_or_path) else "model-hub id"
-        raise RuntimeError(f"could not load the VAE from {where} {name_or_path!r} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}). Pass a local folder holding sd-vae-ft-ema, or sample "
-                           "latents only (vae=None).") from e
+        raise RuntimeError(
+            f"could not load the VAE from {where} {name_or_path!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}). Pass a local folder holding sd-vae-ft-ema, or sample "
+            "latents only (vae=None)."
+        ) from e
     return vae.to(device).eval() if device is not None else vae.eval()
 
 
@@ -58,13 +62,16 @@ def make_grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 2) -> n
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for k in range(n):
         r, col = divmod(k, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[
+            k
+        ]
     return grid
 
 
 def save_npz(path: str, arr_0: np.ndarray, overwrite: bool = False, **extra) -> None:
     """`np.savez` under `arr_0` (what the ADM FID suite reads), written crash-safe;
     an existing `path` is replaced only with `overwrite=True`."""
+
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, arr_0=arr_0, **extra)
@@ -72,9 +79,13 @@ def save_npz(path: str, arr_0: np.ndarray, overwrite: bool = False, **extra) -> 
     atomic_write(path, write, overwrite=overwrite)
 
 
-def plot_cost_curve(curve: Sequence[Tuple[int, float]], path: str,
-                    points: Optional[Dict[str, List[Tuple[int, float]]]] = None,
-                    title: Optional[str] = None, overwrite: bool = False) -> None:
+def plot_cost_curve(
+    curve: Sequence[Tuple[int, float]],
+    path: str,
+    points: Optional[Dict[str, List[Tuple[int, float]]]] = None,
+    title: Optional[str] = None,
+    overwrite: bool = False,
+) -> None:
     """The DP cost-vs-budget curve (log scale) as a PNG, with optional labelled
     points (e.g. the uniform schedules' costs under the same statistic)."""
     try:
@@ -84,6 +95,7 @@ def plot_cost_curve(curve: Sequence[Tuple[int, float]], path: str,
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("plotting the cost curve needs matplotlib: pip install matplotlib") from e
+
     def positive(pts):  # a log axis: leave out zero costs (K = N)
         return [k for k, c in pts if c > 0], [c for k, c in pts if c > 0]
 

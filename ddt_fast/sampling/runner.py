@@ -20,6 +20,7 @@ differs; `overwrite=True` deletes them and samples those indices again.
 Shards are zip files whose members carry CRC-32 checksums: a shard that
 fails to read back completely is reported, deleted and sampled again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,8 +94,13 @@ def _read_shard(path: str, full: bool) -> _Shard:
                 z[name]
         if "settings" not in z.files:
             return _Shard(path, None)
-        return _Shard(path, json.loads(str(z["settings"])), z["index"].astype(np.int64),
-                      z["classes"].astype(np.int64), z["seeds"].astype(np.int64))
+        return _Shard(
+            path,
+            json.loads(str(z["settings"])),
+            z["index"].astype(np.int64),
+            z["classes"].astype(np.int64),
+            z["seeds"].astype(np.int64),
+        )
 
 
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -126,7 +132,9 @@ def _describe_difference(old: Optional[dict], new: dict) -> str:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            parts += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            parts += [
+                f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
         elif key.endswith("sha256") and a and b:
             parts.append(f"{key}: {a[:12]}... -> {b[:12]}...")
         else:
@@ -145,14 +153,22 @@ def _plan(shards: List[_Shard], settings: dict, classes: List[int], seeds: List[
         if sh.settings != settings:
             conflicts.append((sh.path, _describe_difference(sh.settings, settings)))
             continue
-        wrong = [int(i) for i, c, s in zip(sh.index, sh.classes, sh.seeds)
-                 if i < n and (classes[i], seeds[i]) != (int(c), int(s))]
+        wrong = [
+            int(i)
+            for i, c, s in zip(sh.index, sh.classes, sh.seeds)
+            if i < n and (classes[i], seeds[i]) != (int(c), int(s))
+        ]
         if wrong:
             i = wrong[0]
             row = int(np.nonzero(sh.index == i)[0][0])
-            conflicts.append((sh.path, f"{len(wrong)} sample(s) with other classes or seeds (index {i}: class "
-                                       f"{int(sh.classes[row])} seed {int(sh.seeds[row])} -> class {classes[i]} "
-                                       f"seed {seeds[i]})"))
+            conflicts.append(
+                (
+                    sh.path,
+                    f"{len(wrong)} sample(s) with other classes or seeds (index {i}: class "
+                    f"{int(sh.classes[row])} seed {int(sh.seeds[row])} -> class {classes[i]} "
+                    f"seed {seeds[i]})",
+                )
+            )
             continue
         for row, i in enumerate(sh.index):
             if i < n:
@@ -166,12 +182,25 @@ def _conflict_error(out_dir: str, conflicts: List[Tuple[str, str]]) -> FileExist
     return FileExistsError(
         f"{out_dir} holds samples made differently from this run: {os.path.basename(path)}{more}: {reason}. "
         "Nothing is overwritten without asking: pass overwrite=True (ddt-fast sample --force) to replace them, "
-        "or choose another output folder")
+        "or choose another output folder"
+    )
 
 
-def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int], out_dir: str, *,
-                     batch_size: int = 16, vae=None, latent_size: int = 32, png: bool = True,
-                     grid: bool = True, progress: bool = True, overwrite: bool = False) -> str:
+def sample_to_folder(
+    model,
+    sampler,
+    classes: Sequence[int],
+    seeds: Sequence[int],
+    out_dir: str,
+    *,
+    batch_size: int = 16,
+    vae=None,
+    latent_size: int = 32,
+    png: bool = True,
+    grid: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> str:
     """Sample `classes[i]` from `seeds[i]` for every i into `out_dir`; returns
     the path of the merged `.npz` (on every rank; rank 0 writes it).
 
@@ -189,7 +218,9 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
         raise ValueError(f"latent_size must be >= 1, got {latent_size}")
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
-        raise ValueError(f"class ids {sorted(set(bad))[:8]} out of range: the model has classes 0..{model.num_classes - 1}")
+        raise ValueError(
+            f"class ids {sorted(set(bad))[:8]} out of range: the model has classes 0..{model.num_classes - 1}"
+        )
     rank, world = rank_world()
     barrier = barrier_fn()
     device = next(model.parameters()).device
@@ -208,8 +239,7 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
         remove_stale_temps(os.path.join(out_dir, "images"))
         shards, broken = _scan(out_dir, verify=True)
         for path in broken:
-            logger.warning("sample shard %s is corrupt or truncated; deleting it, its samples are drawn again",
-                           path)
+            logger.warning("sample shard %s is corrupt or truncated; deleting it, its samples are drawn again", path)
             os.remove(path)
         found, conflicts = _plan(shards, settings, classes, seeds)
         if conflicts and not overwrite:
@@ -232,7 +262,7 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
     shards, _ = _scan(out_dir, verify=False)  # every rank: the same plan
     found, _ = _plan(shards, settings, classes, seeds)
     missing = [i for i in range(n) if i not in found]
-    batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
+    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
     mine = batches[rank::world]
     barrier()  # every rank has its plan before any writes a shard
     settings_text = np.asarray(json.dumps(settings, sort_keys=True))
@@ -241,9 +271,14 @@ def sample_to_folder(model, sampler, classes: Sequence[int], seeds: Sequence[int
         y = torch.tensor([classes[i] for i in idx], device=device)
         noise = make_noise([seeds[i] for i in idx], (model.in_channels, latent_size, latent_size), device)
         latents = sampler(model, noise, y, torch.full_like(y, model.num_classes))
-        payload = {"classes": y.cpu().numpy(), "seeds": np.asarray([seeds[i] for i in idx]),
-                   "index": np.asarray(idx), "latents": latents.float().cpu().numpy(),
-                   "settings": settings_text, "fingerprint": np.asarray(_fingerprint(settings))}
+        payload = {
+            "classes": y.cpu().numpy(),
+            "seeds": np.asarray([seeds[i] for i in idx]),
+            "index": np.asarray(idx),
+            "latents": latents.float().cpu().numpy(),
+            "settings": settings_text,
+            "fingerprint": np.asarray(_fingerprint(settings)),
+        }
         if vae is not None:
             payload["images"] = decode_latents(latents, vae)
             if png:
@@ -266,9 +301,11 @@ def _merge(out_dir, merged, settings, classes, seeds, batch_size, world, sampler
     found, _ = _plan(shards, settings, classes, seeds)
     missing = [i for i in range(len(classes)) if i not in found]
     if missing or broken:
-        raise RuntimeError(f"{out_dir}: {len(missing)} sample(s) missing after sampling (first index "
-                           f"{missing[:1]}), unreadable shards {broken[:3]}; another process may be writing "
-                           "there. Run the same call again to sample what is missing.")
+        raise RuntimeError(
+            f"{out_dir}: {len(missing)} sample(s) missing after sampling (first index "
+            f"{missing[:1]}), unreadable shards {broken[:3]}; another process may be writing "
+            "there. Run the same call again to sample what is missing."
+        )
     rows_by_shard: Dict[str, List[Tuple[int, int]]] = {}
     for i, (path, row) in found.items():
         rows_by_shard.setdefault(path, []).append((i, row))
@@ -283,11 +320,25 @@ def _merge(out_dir, merged, settings, classes, seeds, batch_size, world, sampler
     save_npz(merged, arr, overwrite=True, classes=np.asarray(classes), seeds=np.asarray(seeds))
     if grid and vae is not None:
         save_png(make_grid(arr[:64]), os.path.join(out_dir, "grid.png"), overwrite=True)
-    atomic_write_text(os.path.join(out_dir, MANIFEST_NAME), json.dumps({
-        "num_samples": len(classes), "batch_size": batch_size, "world_size": world,
-        "latent_size": settings["latent_size"], "decoded": vae is not None,
-        "sampler": sampler.settings(), "mode": sampler.mode, "schedule": sampler.schedule.to_dict(),
-        "settings": settings, "fingerprint": _fingerprint(settings)}, indent=1), overwrite=True)
+    atomic_write_text(
+        os.path.join(out_dir, MANIFEST_NAME),
+        json.dumps(
+            {
+                "num_samples": len(classes),
+                "batch_size": batch_size,
+                "world_size": world,
+                "latent_size": settings["latent_size"],
+                "decoded": vae is not None,
+                "sampler": sampler.settings(),
+                "mode": sampler.mode,
+                "schedule": sampler.schedule.to_dict(),
+                "settings": settings,
+                "fingerprint": _fingerprint(settings),
+            },
+            indent=1,
+        ),
+        overwrite=True,
+    )
 
 
 def _share(message: Optional[str], rank: int, world: int) -> Optional[str]:

@@ -26,6 +26,7 @@ Two modes:
 model call in a CUDA graph and replays it (see `graphs.py`); the numbers are
 those of the eager loop. On other devices it warns and runs eagerly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,11 +71,15 @@ def resolve_schedule(schedule, num_steps: int, refresh_rate: int) -> Schedule:
 
         result = from_steps(schedule, num_steps)
     else:
-        raise TypeError(f"schedule must be a Schedule, 'every', 'uniform:R', a list of steps or a file path, "
-                        f"got {type(schedule).__name__}")
+        raise TypeError(
+            f"schedule must be a Schedule, 'every', 'uniform:R', a list of steps or a file path, "
+            f"got {type(schedule).__name__}"
+        )
     if result.num_steps != num_steps:
-        raise ValueError(f"the schedule is for {result.num_steps} steps but the sampler takes {num_steps}; "
-                         "calibrate or build a schedule for this step count")
+        raise ValueError(
+            f"the schedule is for {result.num_steps} steps but the sampler takes {num_steps}; "
+            "calibrate or build a schedule for this step count"
+        )
     return result
 
 
@@ -94,14 +99,29 @@ def _number(name: str, value) -> float:
 class _Sampler:
     """Shared loop of the Euler and Adams samplers (see the module docstring)."""
 
-    def __init__(self, num_steps: int = 250, guidance: float = 1.0, timeshift: float = 1.0,
-                 guidance_interval_min: float = 0.0, guidance_interval_max: float = 1.0,
-                 state_refresh_rate: int = 1, last_step: Optional[float] = None, *,
-                 mode: str = "fast", schedule=None, cache_modulation: bool = True,
-                 generator: Optional[torch.Generator] = None, progress: bool = False,
-                 autocast: Optional[torch.dtype] = None, cuda_graph: bool = False,
-                 guidance_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
-                 scheduler=None, w_scheduler=None, step_fn=None, last_step_fn=None):
+    def __init__(
+        self,
+        num_steps: int = 250,
+        guidance: float = 1.0,
+        timeshift: float = 1.0,
+        guidance_interval_min: float = 0.0,
+        guidance_interval_max: float = 1.0,
+        state_refresh_rate: int = 1,
+        last_step: Optional[float] = None,
+        *,
+        mode: str = "fast",
+        schedule=None,
+        cache_modulation: bool = True,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+        autocast: Optional[torch.dtype] = None,
+        cuda_graph: bool = False,
+        guidance_fn: Optional[Callable[[Tensor, float], Tensor]] = None,
+        scheduler=None,
+        w_scheduler=None,
+        step_fn=None,
+        last_step_fn=None,
+    ):
         # scheduler / w_scheduler / step_fn / last_step_fn: accepted so the
         # published configs load; DDT uses the linear flow and the ODE step.
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -117,14 +137,19 @@ class _Sampler:
         # guided where lo < t < hi, t in [0, 1): lo < 0 takes in t = 0, hi >= 1 runs to the end; lo > 1 or
         # hi < 0 would guide no step at all (e.g. percentages given for fractions)
         if lo > 1.0:
-            raise ValueError(f"guidance_interval_min must be <= 1 (the interval is on the shifted time, 0..1; "
-                             f"< 0 takes in t = 0), got {lo}")
+            raise ValueError(
+                f"guidance_interval_min must be <= 1 (the interval is on the shifted time, 0..1; "
+                f"< 0 takes in t = 0), got {lo}"
+            )
         if hi < 0.0:
-            raise ValueError(f"guidance_interval_max must be >= 0 (the interval is on the shifted time, 0..1), "
-                             f"got {hi}")
+            raise ValueError(
+                f"guidance_interval_max must be >= 0 (the interval is on the shifted time, 0..1), got {hi}"
+            )
         if lo > hi:
-            raise ValueError(f"guidance_interval_min {lo} > guidance_interval_max {hi}: the guidance interval is "
-                             "(min, max); swap them")
+            raise ValueError(
+                f"guidance_interval_min {lo} > guidance_interval_max {hi}: the guidance interval is "
+                "(min, max); swap them"
+            )
         rate = state_refresh_rate
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
             raise ValueError(f"state_refresh_rate must be an int >= 1, got {state_refresh_rate!r}")
@@ -169,15 +194,27 @@ class _Sampler:
     # -- the loop -----------------------------------------------------------
 
     def settings(self) -> dict:
-        return {"sampler": type(self).__name__, "num_steps": self.num_steps, "guidance": self.guidance,
-                "timeshift": self.timeshift, "guidance_interval_min": self.guidance_interval_min,
-                "guidance_interval_max": self.guidance_interval_max, "last_step": self.last_step}
+        return {
+            "sampler": type(self).__name__,
+            "num_steps": self.num_steps,
+            "guidance": self.guidance,
+            "timeshift": self.timeshift,
+            "guidance_interval_min": self.guidance_interval_min,
+            "guidance_interval_max": self.guidance_interval_max,
+            "last_step": self.last_step,
+        }
 
     def is_guided(self, i: int) -> bool:
         return guided(self.timesteps[i], self.guidance_interval_min, self.guidance_interval_max)
 
-    def __call__(self, net, noise: Tensor, condition: Tensor, uncondition: Tensor,
-                 on_step: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+    def __call__(
+        self,
+        net,
+        noise: Tensor,
+        condition: Tensor,
+        uncondition: Tensor,
+        on_step: Optional[Callable[[int, Tensor], None]] = None,
+    ) -> Tensor:
         """Integrate `noise` `[B, C, H, W]` to data. `condition`/`uncondition`: class ids `[B]`
         (the unconditional ids are the null class). `on_step(i, s)` sees the
         self-condition used at step i (`[2B, L, C]` in reference mode)."""
@@ -189,11 +226,20 @@ class _Sampler:
         grid = self.timesteps.to(noise.device)
         x = noise
         graphs = self._step_graphs(net, noise)
-        step = self._fast_step(net, condition, uncondition, graphs) if fast else \
-            self._reference_step(net, condition, uncondition, graphs)
-        with torch.no_grad(), torch.autocast(noise.device.type, dtype=self.autocast or torch.bfloat16,
-                                             enabled=self.autocast is not None,
-                                             cache_enabled=False if graphs is not None else None):
+        step = (
+            self._fast_step(net, condition, uncondition, graphs)
+            if fast
+            else self._reference_step(net, condition, uncondition, graphs)
+        )
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                noise.device.type,
+                dtype=self.autocast or torch.bfloat16,
+                enabled=self.autocast is not None,
+                cache_enabled=False if graphs is not None else None,
+            ),
+        ):
             for i in self._steps():
                 v, s = step(i, x, grid[i])
                 if on_step is not None:
@@ -217,8 +263,11 @@ class _Sampler:
         if not self.cuda_graph:
             return None
         if noise.device.type != "cuda":
-            warnings.warn(f"cuda_graph=True needs CUDA tensors; sampling on {noise.device.type} runs eagerly",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"cuda_graph=True needs CUDA tensors; sampling on {noise.device.type} runs eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         if self._graphs is None or not self._graphs.matches(net):
             from ddt_fast.sampling.graphs import StepGraphs
@@ -281,15 +330,18 @@ class _Sampler:
         B = noise.shape[0]
         for name, y in (("condition", cond), ("uncondition", uncond)):
             if not isinstance(y, Tensor) or y.shape != (B,) or y.is_floating_point():
-                raise ValueError(f"{name} must be an integer tensor of {B} class ids, got "
-                                 f"{getattr(y, 'shape', type(y))}")
+                raise ValueError(
+                    f"{name} must be an integer tensor of {B} class ids, got {getattr(y, 'shape', type(y))}"
+                )
         num_classes = getattr(net, "num_classes", None)
         if num_classes is not None:
             for name, y in (("condition", cond), ("uncondition", uncond)):
                 lo, hi = int(y.min()), int(y.max())
                 if lo < 0 or hi > num_classes:
-                    raise ValueError(f"{name} has class ids in [{lo}, {hi}]; valid ids are 0..{num_classes - 1}, "
-                                     f"and {num_classes} is the null class")
+                    raise ValueError(
+                        f"{name} has class ids in [{lo}, {hi}]; valid ids are 0..{num_classes - 1}, "
+                        f"and {num_classes} is the null class"
+                    )
 
 
 class EulerSampler(_Sampler):
@@ -301,14 +353,31 @@ class AdamsSampler(_Sampler):
     `min(order, i + 1)` guided velocities with Lagrange-integral weights
     (order 1 is Euler)."""
 
-    def __init__(self, num_steps: int = 250, guidance: float = 1.0, timeshift: float = 1.0,
-                 guidance_interval_min: float = 0.0, guidance_interval_max: float = 1.0,
-                 state_refresh_rate: int = 1, last_step: Optional[float] = None, order: int = 2,
-                 lms_transform_fn=None, **kwargs):
+    def __init__(
+        self,
+        num_steps: int = 250,
+        guidance: float = 1.0,
+        timeshift: float = 1.0,
+        guidance_interval_min: float = 0.0,
+        guidance_interval_max: float = 1.0,
+        state_refresh_rate: int = 1,
+        last_step: Optional[float] = None,
+        order: int = 2,
+        lms_transform_fn=None,
+        **kwargs,
+    ):
         if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3 (the Adams-Bashforth order), got {order!r}")
-        super().__init__(num_steps, guidance, timeshift, guidance_interval_min, guidance_interval_max,
-                         state_refresh_rate, last_step, **kwargs)
+        super().__init__(
+            num_steps,
+            guidance,
+            timeshift,
+            guidance_interval_min,
+            guidance_interval_max,
+            state_refresh_rate,
+            last_step,
+            **kwargs,
+        )
         self.order = order
         self.weights = adams_weights(self.timesteps, order)
         self._history: List[Tensor] = []
@@ -320,10 +389,10 @@ class AdamsSampler(_Sampler):
         self._history = []
 
     def _combine(self, i: int, v: Tensor) -> Tensor:
-        self._history = (self._history + [v])[-self.order:]
+        self._history = (self._history + [v])[-self.order :]
         w = self.weights[i]
         out = torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32))
-        for wj, vj in zip(w, self._history[-len(w):]):
+        for wj, vj in zip(w, self._history[-len(w) :]):
             out += wj.to(v.device) * vj
         return out
 
@@ -331,8 +400,7 @@ class AdamsSampler(_Sampler):
 AdamLMSampler = AdamsSampler  # the published class name
 
 
-def make_noise(seeds: Sequence[int], shape: Sequence[int], device=None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def make_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Gaussian noise `[len(seeds), *shape]`, sample k drawn from its own
     generator seeded with `seeds[k]`: the same seed gives the same sample
     whatever the batch it is in."""
@@ -343,18 +411,28 @@ def make_noise(seeds: Sequence[int], shape: Sequence[int], device=None,
     return out.to(device) if device is not None else out
 
 
-def sample(model, classes: Union[Sequence[int], Tensor], seeds: Optional[Sequence[int]] = None, *,
-           sampler: Optional[_Sampler] = None, latent_size: Optional[int] = None,
-           device=None) -> Tensor:
+def sample(
+    model,
+    classes: Union[Sequence[int], Tensor],
+    seeds: Optional[Sequence[int]] = None,
+    *,
+    sampler: Optional[_Sampler] = None,
+    latent_size: Optional[int] = None,
+    device=None,
+) -> Tensor:
     """Latents for `classes` (one per class id), noise from `seeds` (default
-    0..N-1, or drawn from `sampler.generator` when set). `sampler` defaults to the published ImageNet-256 settings (Euler,
-    250 steps, guidance 2.0 in (0.3, 1.0), last step 0.04) in fast mode."""
+    0..N-1, or drawn from `sampler.generator` when set). `sampler` defaults to
+    the published ImageNet-256 settings (Euler, 250 steps, guidance 2.0 in
+    (0.3, 1.0), last step 0.04) in fast mode."""
     device = device if device is not None else next(model.parameters()).device
     classes = torch.as_tensor(classes, dtype=torch.long, device=device)
     sampler = sampler or EulerSampler(250, 2.0, 1.0, 0.3, 1.0, last_step=0.04)
     if seeds is None:  # the sampler's generator, if it has one, picks them
-        seeds = (torch.randint(0, 2**31 - 1, (len(classes),), generator=sampler.generator).tolist()
-                 if sampler.generator is not None else list(range(len(classes))))
+        seeds = (
+            torch.randint(0, 2**31 - 1, (len(classes),), generator=sampler.generator).tolist()
+            if sampler.generator is not None
+            else list(range(len(classes)))
+        )
     seeds = list(seeds)
     if len(seeds) != len(classes):
         raise ValueError(f"{len(seeds)} seeds for {len(classes)} classes")

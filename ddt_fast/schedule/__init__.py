@@ -1,11 +1,12 @@
 """Encoder-sharing schedules and the statistic DP that chooses them.
 
-    from ddt_fast.schedule import solve
-    result = solve(sim, k_max=50)           # sim: [N, N] or [B, N, N]
-    result.curve()                          # [(budget, cost), ...] for 1..k_max
-    sched = result.schedule(result.smallest_budget(tol=0.5))
-    sched.recompute(i)                      # does step i run the encoder?
+from ddt_fast.schedule import solve
+result = solve(sim, k_max=50)           # sim: [N, N] or [B, N, N]
+result.curve()                          # [(budget, cost), ...] for 1..k_max
+sched = result.schedule(result.smallest_budget(tol=0.5))
+sched.recompute(i)                      # does step i run the encoder?
 """
+
 from ddt_fast.schedule.schedule import Schedule, every_step, from_steps, uniform
 from ddt_fast.schedule.solver import DPResult, solve
 

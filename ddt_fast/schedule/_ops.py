@@ -6,6 +6,7 @@ module as the op's fake-implementation home, so torch's error message says
 what to import if only ddt_fast._C was loaded. Its checks are the kernel's
 (ddt_fast/ops/_checks.py), but for the finite check, which needs the values.
 """
+
 from __future__ import annotations
 
 import torch

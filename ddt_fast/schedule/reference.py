@@ -13,6 +13,7 @@ Conventions (docs/spec.md, "The statistic DP"):
 step ``i`` costs ``E(j, i) = e[j][j] + e[j+1][j] + ... + e[i][j]``, summed in
 that order; a schedule's cost is the sum of its runs' costs, first run first.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -166,10 +167,7 @@ def brute_force(sim, k: int, tie_tol: float = 1e-9) -> BruteForce:
     n = a.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..N = 1..{n}, got {k}")
-    scored = [
-        (schedule_cost(a, (0,) + rest), (0,) + rest)
-        for rest in itertools.combinations(range(1, n), k - 1)
-    ]
+    scored = [(schedule_cost(a, (0,) + rest), (0,) + rest) for rest in itertools.combinations(range(1, n), k - 1)]
     best_cost, best_steps = min(scored, key=lambda cs: (cs[0], cs[1][::-1]))
     limit = best_cost + tie_tol * max(1.0, abs(best_cost))
     num_optimal = sum(1 for c, _ in scored if c <= limit)

@@ -1,4 +1,5 @@
 """Encoder-sharing schedules: the set of sampler steps that run the encoder."""
+
 from __future__ import annotations
 
 import bisect
@@ -51,13 +52,17 @@ class Schedule:
         if not steps:
             raise ValueError("a schedule needs at least one step (step 0 always runs the encoder)")
         if steps[0] != 0:
-            raise ValueError(f"a schedule must start at step 0 (the first step always runs the encoder), got {steps[0]}")
+            raise ValueError(
+                f"a schedule must start at step 0 (the first step always runs the encoder), got {steps[0]}"
+            )
         for a, b in zip(steps, steps[1:]):
             if b <= a:
                 problem = "duplicate" if a == b else "unsorted"
                 raise ValueError(f"schedule steps must be strictly increasing: {problem} steps {a} then {b}")
         if steps[-1] >= num_steps:
-            raise ValueError(f"schedule step {steps[-1]} is out of range for num_steps={num_steps} (steps are 0..{num_steps - 1})")
+            raise ValueError(
+                f"schedule step {steps[-1]} is out of range for num_steps={num_steps} (steps are 0..{num_steps - 1})"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         cost = self.cost
@@ -155,7 +160,7 @@ class Schedule:
     @classmethod
     def load(cls, path: "os.PathLike[str] | str") -> "Schedule":
         path = os.fspath(path)
-        with open(path, "r") as f:
+        with open(path) as f:
             text = f.read()
         try:
             return cls.from_json(text)
@@ -179,8 +184,9 @@ def uniform(num_steps: int, refresh_rate: int) -> Schedule:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if refresh_rate < 1:
         raise ValueError(f"refresh_rate must be >= 1, got {refresh_rate}")
-    return Schedule(tuple(range(0, num_steps, refresh_rate)), num_steps, kind="uniform",
-                    meta={"refresh_rate": refresh_rate})
+    return Schedule(
+        tuple(range(0, num_steps, refresh_rate)), num_steps, kind="uniform", meta={"refresh_rate": refresh_rate}
+    )
 
 
 def from_steps(steps: Iterable[int], num_steps: int) -> Schedule:

@@ -1,4 +1,5 @@
 """solve(): the statistic DP for every budget, for one or many similarity matrices."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,10 @@ class DPResult:
             raise IndexError(f"problem must be 0 for an unbatched result, got {problem}")
         k = _as_int(k, "budget k")
         if not 1 <= k <= self.k_max:
-            raise IndexError(f"budget k={k} is out of range: this result holds budgets 1..{self.k_max} "
-                             f"(solve with a larger k_max, at most N={self.num_steps}, for more)")
+            raise IndexError(
+                f"budget k={k} is out of range: this result holds budgets 1..{self.k_max} "
+                f"(solve with a larger k_max, at most N={self.num_steps}, for more)"
+            )
         return k, problem
 
     def steps(self, k: int, problem: int = 0) -> List[int]:
@@ -70,8 +73,13 @@ class DPResult:
         meta = {"k_max": self.k_max}
         if self.batched:
             meta["problem"] = problem
-        return Schedule(tuple(self.steps(k, problem)), self.num_steps, kind="dp",
-                        cost=float(self._cost_host[problem, k - 1]), meta=meta)
+        return Schedule(
+            tuple(self.steps(k, problem)),
+            self.num_steps,
+            kind="dp",
+            cost=float(self._cost_host[problem, k - 1]),
+            meta=meta,
+        )
 
     def curve(self, problem: int = 0) -> List[Tuple[int, float]]:
         """(budget, optimal cost) for every budget 1..k_max."""
@@ -90,13 +98,13 @@ class DPResult:
         if within.size == 0:
             raise ValueError(
                 f"no budget up to k_max={self.k_max} reaches cost <= {tol} (the cost at k={self.k_max} "
-                f"is {costs[-1]:.6g}); solve with a larger k_max (at most N={self.num_steps}) or raise tol")
+                f"is {costs[-1]:.6g}); solve with a larger k_max (at most N={self.num_steps}) or raise tol"
+            )
         return int(within[0]) + 1
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_size}" if self.batched else ""
-        return (f"DPResult(num_steps={self.num_steps}, k_max={self.k_max}{batch}, "
-                f"device={self.cost.device})")
+        return f"DPResult(num_steps={self.num_steps}, k_max={self.k_max}{batch}, device={self.cost.device})"
 
 
 def _as_tensor(sim) -> torch.Tensor:
@@ -104,8 +112,9 @@ def _as_tensor(sim) -> torch.Tensor:
         return sim.detach()
     if isinstance(sim, np.ndarray):
         if sim.dtype not in (np.float32, np.float64):
-            raise TypeError(f"sim must be float32 or float64, got numpy {sim.dtype}; "
-                            "convert it with sim.astype(np.float64)")
+            raise TypeError(
+                f"sim must be float32 or float64, got numpy {sim.dtype}; convert it with sim.astype(np.float64)"
+            )
         if any(s < 0 for s in sim.strides):
             sim = np.ascontiguousarray(sim)
         return torch.from_numpy(sim)
@@ -123,7 +132,8 @@ def _check_finite(sim: torch.Tensor, batched: bool) -> None:
     where = f"sim[{b}] (problem {b}) has" if batched else "sim has"
     raise ValueError(
         f"{where} a non-finite similarity {value} at [{i}, {j}]; the DP needs finite values: "
-        "recompute that matrix, or repair it (e.g. torch.nan_to_num) before solving")
+        "recompute that matrix, or repair it (e.g. torch.nan_to_num) before solving"
+    )
 
 
 def _backend(backend) -> str:
@@ -166,8 +176,10 @@ def solve(sim, k_max: int, *, backend: str | None = None) -> DPResult:
     device = t3.device
     has_kernel = device.type in ("cpu", "cuda") and dispatch._has_fused(_OP, device.type)
     if mode == "fused" and not has_kernel:
-        raise RuntimeError(f"no compiled {_OP} kernel for {device.type} tensors "
-                           f"(extension loaded: {_extension.available()}); build ddt_fast._C or use backend='reference'")
+        raise RuntimeError(
+            f"no compiled {_OP} kernel for {device.type} tensors "
+            f"(extension loaded: {_extension.available()}); build ddt_fast._C or use backend='reference'"
+        )
     op = torch.ops.ddt_fast.dp_schedule_solve if _extension.available() else None
     if mode == "fused" or (mode == "auto" and has_kernel and (device.type == "cpu" or is_verified(_OP))):
         cost, steps = op(t3, k_max)

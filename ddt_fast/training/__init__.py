@@ -5,6 +5,7 @@ under torchrun, the built-in digits, latent shard datasets and their extraction.
     Trainer(TrainConfig(model="DDT-tiny/2", model_args={"in_channels": 1}, data="digits",
                         global_batch=64, steps=500, out_dir="runs/digits")).fit()
 """
+
 from ddt_fast.training.checkpointing import (
     export_lightning,
     list_checkpoints,
@@ -36,9 +37,34 @@ from ddt_fast.training.repa import (
 from ddt_fast.training.trainer import MetricsLogError, NonFiniteLossError, Trainer, train
 
 __all__ = [
-    "TrainConfig", "Trainer", "train", "NonFiniteLossError", "MetricsLogError", "EMA", "DiffusionTrainer",
-    "TrainModule", "StepDraws", "interpolate", "sample_time", "Projector", "RepaHook", "cosine_alignment_loss",
-    "resize_features", "load_feature_encoder", "DINOv2Features", "DigitsDataset", "LatentDataset",
-    "ImageFolderDataset", "SampleOrder", "open_dataset", "DatasetError", "extract_latents", "export_lightning",
-    "save_lightning", "list_checkpoints", "load_training_checkpoint", "verify_checksum", "init_distributed",
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "NonFiniteLossError",
+    "MetricsLogError",
+    "EMA",
+    "DiffusionTrainer",
+    "TrainModule",
+    "StepDraws",
+    "interpolate",
+    "sample_time",
+    "Projector",
+    "RepaHook",
+    "cosine_alignment_loss",
+    "resize_features",
+    "load_feature_encoder",
+    "DINOv2Features",
+    "DigitsDataset",
+    "LatentDataset",
+    "ImageFolderDataset",
+    "SampleOrder",
+    "open_dataset",
+    "DatasetError",
+    "extract_latents",
+    "export_lightning",
+    "save_lightning",
+    "list_checkpoints",
+    "load_training_checkpoint",
+    "verify_checksum",
+    "init_distributed",
 ]

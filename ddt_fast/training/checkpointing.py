@@ -25,6 +25,7 @@ verifies it; `find_resumable` falls back past checkpoints that fail
 `step_XXXXXXXX.ckpt.corrupt` (with their sidecar), where no listing,
 resume or prune sees them again; they are kept for inspection, never deleted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,7 @@ def list_checkpoints(out_dir: str) -> List[Tuple[int, str]]:
     folder = os.path.join(out_dir, CKPT_DIR)
     if not os.path.isdir(folder):
         return []
-    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
-             if (m := _NAME.match(name))]
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder) if (m := _NAME.match(name))]
     return sorted(found)
 
 
@@ -106,8 +106,13 @@ def rng_state() -> Dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -119,8 +124,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"][: torch.cuda.device_count()]
@@ -131,8 +137,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # files
 
 
-def lightning_state_dict(model: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
-                         proj: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+def lightning_state_dict(
+    model: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor], proj: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
     """Weights keyed as in the published Lightning checkpoints."""
     out = {MODEL_PREFIX + k: v for k, v in model.items()}
     out.update({EMA_PREFIX + k: v for k, v in ema.items()})
@@ -156,18 +163,24 @@ def load_training_checkpoint(path: str, verify: bool = True) -> Dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if verify and not verify_checksum(path):
-        logger.warning("checkpoint %s has no checksum file (%s; written before checksums were recorded): "
-                       "loading it unverified", path, os.path.basename(checksum_path(path)))
+        logger.warning(
+            "checkpoint %s has no checksum file (%s; written before checksums were recorded): loading it unverified",
+            path,
+            os.path.basename(checksum_path(path)),
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, ...: many types
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Resuming falls back to the checkpoint before it; or start a new run in another out_dir.") from e
+            "Resuming falls back to the checkpoint before it; or start a new run in another out_dir."
+        ) from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a ddt_fast training checkpoint (format "
-                              f"{obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}, "
-                              f"expected {FORMAT!r}); to start from its weights use init_from=...")
+        raise CheckpointError(
+            f"{path} is not a ddt_fast training checkpoint (format "
+            f"{obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r}, "
+            f"expected {FORMAT!r}); to start from its weights use init_from=..."
+        )
     missing = [k for k in ("state_dict", "optimizer", "step", "rng", "data", "config") if k not in obj]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it cannot be resumed from")
@@ -214,19 +227,27 @@ def find_resumable(out_dir: str, move_corrupt: bool = True) -> Tuple[Optional[st
             failed.append((path, e))
             continue
         if not verified:
-            logger.warning("checkpoint %s has no checksum file (written before checksums were recorded): "
-                           "resuming from it unverified", path)
+            logger.warning(
+                "checkpoint %s has no checksum file (written before checksums were recorded): "
+                "resuming from it unverified",
+                path,
+            )
         for bad, err in failed:
             where = move_aside(bad) if move_corrupt else bad
-            logger.warning("%s; resuming from %s instead (the corrupt file %s)", err, path,
-                           f"is moved aside to {where}" if move_corrupt else "is left in place")
+            logger.warning(
+                "%s; resuming from %s instead (the corrupt file %s)",
+                err,
+                path,
+                f"is moved aside to {where}" if move_corrupt else "is left in place",
+            )
         return path, state
     if failed:
         raise CheckpointError(
             f"no checkpoint in {os.path.join(out_dir, CKPT_DIR)} can be resumed from:\n"
             + "\n".join(f"  {e}" for _, e in failed)
             + "\nRestore a good copy of one of them, or start a new run in another out_dir (nothing was moved "
-            "or deleted).")
+            "or deleted)."
+        )
     return None, None
 
 
@@ -246,23 +267,37 @@ def newest_verified(out_dir: str) -> Tuple[Optional[str], List[str]]:
 
 def split_weights(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict, Dict, Dict]:
     """`(model, ema, proj)` weights from a Lightning-layout state dict."""
+
     def part(prefix):
-        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
     return part(MODEL_PREFIX), part(EMA_PREFIX), part(PROJ_PREFIX + "proj.")
 
 
-def save_lightning(path: str, model: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor],
-                   proj: Optional[Dict[str, torch.Tensor]] = None, *, global_step: int = 0,
-                   hyper_parameters: Optional[Dict[str, Any]] = None, overwrite: bool = False,
-                   checksum: bool = False, **extra) -> str:
+def save_lightning(
+    path: str,
+    model: Dict[str, torch.Tensor],
+    ema: Dict[str, torch.Tensor],
+    proj: Optional[Dict[str, torch.Tensor]] = None,
+    *,
+    global_step: int = 0,
+    hyper_parameters: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
+    checksum: bool = False,
+    **extra,
+) -> str:
     """Write weights as a published-style Lightning checkpoint (`state_dict`
     with `denoiser.`, `ema_denoiser.`, `diffusion_trainer.proj.`, plus
     `global_step`, `epoch` and `hyper_parameters`), crash-safe. An existing
     `path` is replaced only with `overwrite=True`. `checksum`: also write the
     sidecar `path.sha256` (before the file is renamed into place)."""
-    payload = {"state_dict": lightning_state_dict(model, ema, proj), "global_step": int(global_step), "epoch": 0,
-               "hyper_parameters": hyper_parameters or {}, **extra}
+    payload = {
+        "state_dict": lightning_state_dict(model, ema, proj),
+        "global_step": int(global_step),
+        "epoch": 0,
+        "hyper_parameters": hyper_parameters or {},
+        **extra,
+    }
     write = atomic_write_checked if checksum else atomic_write
     write(path, lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
     return path
@@ -275,6 +310,14 @@ def export_lightning(checkpoint: str, out_path: str, overwrite: bool = False, ch
     published code."""
     ckpt = load_training_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     model, ema, proj = split_weights(ckpt["state_dict"])
-    return save_lightning(out_path, model, ema, proj, global_step=ckpt["step"],
-                          hyper_parameters=ckpt.get("hyper_parameters", {}), ddt_fast_config=ckpt["config"],
-                          overwrite=overwrite, checksum=checksum)
+    return save_lightning(
+        out_path,
+        model,
+        ema,
+        proj,
+        global_step=ckpt["step"],
+        hyper_parameters=ckpt.get("hyper_parameters", {}),
+        ddt_fast_config=ckpt["config"],
+        overwrite=overwrite,
+        checksum=checksum,
+    )

@@ -7,6 +7,7 @@ resumed from its files alone. Defaults follow the published DDT recipe
 (AdamW lr 1e-4, betas (0.9, 0.95), no weight decay, log-normal t, label
 dropout 0.1, EMA 0.9999, REPA weight 0.5 at block 8).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -131,8 +132,19 @@ class TrainConfig:
     # moved folder may be given another `data` path; the path itself is
     # compared only for checkpoints that record no digest), the init_from and
     # feature encoder weights (see `Trainer`).
-    RESUME_FIXED = ("model", "model_args", "time_sampling", "label_dropout", "repa", "align_layer",
-                    "repa_feature_dim", "global_batch", "seed", "strategy", "latent_sampling")
+    RESUME_FIXED = (
+        "model",
+        "model_args",
+        "time_sampling",
+        "label_dropout",
+        "repa",
+        "align_layer",
+        "repa_feature_dim",
+        "global_batch",
+        "seed",
+        "strategy",
+        "latent_sampling",
+    )
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -141,6 +153,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting and how to fix it."""
+
         def choice(name, allowed):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -169,8 +182,10 @@ class TrainConfig:
         if self.align_layer < 1:
             raise ValueError(f"align_layer is 1-based (block index align_layer - 1); got {self.align_layer}")
         if self.global_batch % self.grad_accum:
-            raise ValueError(f"global_batch {self.global_batch} is not divisible by grad_accum "
-                             f"{self.grad_accum}; pick a global batch that is a multiple of it")
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by grad_accum "
+                f"{self.grad_accum}; pick a global batch that is a multiple of it"
+            )
 
     # -- (de)serialisation ---------------------------------------------------
 

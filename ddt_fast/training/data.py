@@ -21,6 +21,7 @@ it before any item of it is used; `verify="open"` hashes every shard up
 front instead. The fix is re-running `extract_latents` with the same
 arguments on the same folder: it re-encodes the shards that fail their check.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ class DatasetError(RuntimeError):
 
 
 def _fix(root: str) -> str:
-    return (f"re-run extract_latents with the same arguments and out_dir={root!r}: it re-encodes the shards that "
-            "fail their check")
+    return (
+        f"re-run extract_latents with the same arguments and out_dir={root!r}: it re-encodes the shards that "
+        "fail their check"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -62,8 +65,10 @@ class DigitsDataset(torch.utils.data.Dataset):
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:
-            raise ImportError("the digits dataset comes with scikit-learn: pip install scikit-learn "
-                              "(or pip install 'ddt_fast[train]')") from e
+            raise ImportError(
+                "the digits dataset comes with scikit-learn: pip install scikit-learn "
+                "(or pip install 'ddt_fast[train]')"
+            ) from e
         d = load_digits()
         self.x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
         self.y = torch.from_numpy(d.target.astype(np.int64))
@@ -103,7 +108,7 @@ def center_crop(image, resolution: int):
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
-    return arr[top: top + resolution, left: left + resolution]
+    return arr[top : top + resolution, left : left + resolution]
 
 
 def load_image(path: str, resolution: int, flip: bool = False) -> Tensor:
@@ -133,8 +138,10 @@ def scan_image_folder(root: str) -> tuple:
                     files.append(os.path.relpath(os.path.join(dirpath, name), root))
                     labels.append(label)
     if not files:
-        raise DatasetError(f"no images under {root}: expected root/<class name>/<image files> with one of "
-                           f"{', '.join(IMAGE_EXTENSIONS)}")
+        raise DatasetError(
+            f"no images under {root}: expected root/<class name>/<image files> with one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}"
+        )
     return classes, files, labels
 
 
@@ -157,8 +164,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     `items` (pairs of file index and flip flag) selects and orders the images;
     by default every file once, unflipped."""
 
-    def __init__(self, root: str, resolution: int = 256, items: Optional[Sequence] = None,
-                 files: Optional[List[str]] = None, labels: Optional[List[int]] = None):
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 256,
+        items: Optional[Sequence] = None,
+        files: Optional[List[str]] = None,
+        labels: Optional[List[int]] = None,
+    ):
         self.root, self.resolution = root, resolution
         if files is None:
             self.classes, self.files, self.labels = scan_image_folder(root)
@@ -189,11 +202,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 def read_index(root: str) -> dict:
     path = os.path.join(root, INDEX_NAME)
     if not os.path.isdir(root):
-        raise DatasetError(f"dataset folder not found: {root} (pass data='digits' or a folder written by "
-                           "extract_latents)")
+        raise DatasetError(
+            f"dataset folder not found: {root} (pass data='digits' or a folder written by extract_latents)"
+        )
     if not os.path.exists(path):
-        raise DatasetError(f"{root} has no {INDEX_NAME}: it is not a finished latent dataset. Run "
-                           "extract_latents(image_folder, out_dir=...) (again, to finish it) first")
+        raise DatasetError(
+            f"{root} has no {INDEX_NAME}: it is not a finished latent dataset. Run "
+            "extract_latents(image_folder, out_dir=...) (again, to finish it) first"
+        )
     try:
         with open(path) as f:
             index = json.load(f)
@@ -204,8 +220,9 @@ def read_index(root: str) -> dict:
     return index
 
 
-def check_shard(path: str, expected: Optional[int] = None, size: Optional[int] = None,
-                root: Optional[str] = None) -> int:
+def check_shard(
+    path: str, expected: Optional[int] = None, size: Optional[int] = None, root: Optional[str] = None
+) -> int:
     """Rows in a latent shard, or DatasetError naming the file and the
     problem: missing, empty, not a readable safetensors file, lacking
     tensors, of another `size` in bytes or other row count than `expected`.
@@ -220,8 +237,10 @@ def check_shard(path: str, expected: Optional[int] = None, size: Optional[int] =
     if actual == 0:
         raise DatasetError(f"latent shard is empty: {path} ({fix})")
     if size is not None and actual != size:
-        raise DatasetError(f"latent shard is corrupt: {path} ({actual} bytes, the index says {size}: truncated or "
-                           f"damaged after extraction); {fix}")
+        raise DatasetError(
+            f"latent shard is corrupt: {path} ({actual} bytes, the index says {size}: truncated or "
+            f"damaged after extraction); {fix}"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
@@ -253,8 +272,7 @@ class LatentDataset(torch.utils.data.Dataset):
     each item also carries its source image, center-cropped and mirrored like
     the latent, for REPA."""
 
-    def __init__(self, root: str, image_folder: Optional[str] = None, in_memory: bool = True,
-                 verify: str = "read"):
+    def __init__(self, root: str, image_folder: Optional[str] = None, in_memory: bool = True, verify: str = "read"):
         if verify not in ("read", "open"):
             raise ValueError(f"verify must be 'read' or 'open', got {verify!r}")
         self.root = root
@@ -277,14 +295,16 @@ class LatentDataset(torch.utils.data.Dataset):
         if image_folder is not None:
             files, labels = self.index.get("files"), self.index.get("labels")
             if files is None or labels is None:
-                raise DatasetError(f"{root}/{INDEX_NAME} does not list its source files; re-extract it to pair "
-                                   "latents with images")
+                raise DatasetError(
+                    f"{root}/{INDEX_NAME} does not list its source files; re-extract it to pair latents with images"
+                )
             first = os.path.join(image_folder, files[0])
             if not os.path.exists(first):
-                raise DatasetError(f"image folder {image_folder} does not hold the images these latents came "
-                                   f"from (missing {first}); pass the folder given to extract_latents")
-            self.images = ImageFolderDataset(image_folder, int(self.index["resolution"]), files=files,
-                                             labels=labels)
+                raise DatasetError(
+                    f"image folder {image_folder} does not hold the images these latents came "
+                    f"from (missing {first}); pass the folder given to extract_latents"
+                )
+            self.images = ImageFolderDataset(image_folder, int(self.index["resolution"]), files=files, labels=labels)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -303,8 +323,10 @@ class LatentDataset(torch.utils.data.Dataset):
         classes, files and shard layout. What a training run records of its
         data: equal for a re-extraction that repaired shards, different for
         other images, another VAE or other settings."""
-        index = dict(self.index, shards=[{k: v for k, v in s.items() if k not in ("sha256", "bytes")}
-                                         for s in self.index["shards"]])
+        index = dict(
+            self.index,
+            shards=[{k: v for k, v in s.items() if k not in ("sha256", "bytes")} for s in self.index["shards"]],
+        )
         return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
 
     def _verify(self, k: int) -> None:
@@ -317,9 +339,11 @@ class LatentDataset(torch.utils.data.Dataset):
         except OSError as e:
             raise DatasetError(f"could not read latent shard {self.shards[k]}: {e}") from e
         if actual != expected:
-            raise DatasetError(f"latent shard {self.shards[k]} fails its checksum (sha256 {actual[:16]}..., "
-                               f"{INDEX_NAME} says {expected[:16]}...): it was damaged after extraction; "
-                               f"{_fix(self.root)}")
+            raise DatasetError(
+                f"latent shard {self.shards[k]} fails its checksum (sha256 {actual[:16]}..., "
+                f"{INDEX_NAME} says {expected[:16]}...): it was damaged after extraction; "
+                f"{_fix(self.root)}"
+            )
         self._verified.add(k)
 
     def _shard(self, k: int) -> Dict[str, Tensor]:
@@ -388,7 +412,7 @@ class SampleOrder:
         while len(out) < count:
             epoch, offset = divmod(pos, self.n)
             take = min(count - len(out), self.n - offset)
-            out.extend(self._permutation(epoch)[offset: offset + take].tolist())
+            out.extend(self._permutation(epoch)[offset : offset + take].tolist())
             pos += take
         return out
 
@@ -399,8 +423,16 @@ class StepBatches(torch.utils.data.Sampler):
     process r takes its contiguous `G / world` part, cut into `grad_accum`
     micro-batches. Used as a DataLoader `batch_sampler`."""
 
-    def __init__(self, order: SampleOrder, global_batch: int, rank: int, world: int, grad_accum: int,
-                 start_step: int, end_step: int):
+    def __init__(
+        self,
+        order: SampleOrder,
+        global_batch: int,
+        rank: int,
+        world: int,
+        grad_accum: int,
+        start_step: int,
+        end_step: int,
+    ):
         self.order, self.G, self.rank, self.world, self.accum = order, global_batch, rank, world, grad_accum
         self.start_step, self.end_step = start_step, end_step
         self.micro = global_batch // (world * grad_accum)
@@ -413,4 +445,4 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start_step, self.end_step):
             idx = self.order.indices(step * self.G + self.rank * per_rank, per_rank)
             for m in range(self.accum):
-                yield idx[m * self.micro: (m + 1) * self.micro]
+                yield idx[m * self.micro : (m + 1) * self.micro]

@@ -6,6 +6,7 @@ the state-dict helpers give full (gathered, CPU) weights and optimizer state
 keyed by parameter name whatever the strategy, so checkpoints do not depend
 on how the run was sharded.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -15,9 +16,21 @@ import torch.nn as nn
 
 from ddt_fast._distributed import barrier_fn, init_from_env, launched_by_torchrun, rank_world
 
-__all__ = ["init_distributed", "rank_world", "barrier_fn", "launched_by_torchrun", "wrap", "fsdp_available",
-           "model_state", "load_model_state", "optimizer_state", "load_optimizer_state", "all_reduce_mean",
-           "gather_objects", "broadcast_object"]
+__all__ = [
+    "init_distributed",
+    "rank_world",
+    "barrier_fn",
+    "launched_by_torchrun",
+    "wrap",
+    "fsdp_available",
+    "model_state",
+    "load_model_state",
+    "optimizer_state",
+    "load_optimizer_state",
+    "all_reduce_mean",
+    "gather_objects",
+    "broadcast_object",
+]
 
 
 def init_distributed(device=None) -> torch.device:
@@ -47,8 +60,10 @@ def wrap(module: nn.Module, strategy: str, device: torch.device) -> nn.Module:
         return DistributedDataParallel(module, device_ids=ids)
     if strategy == "fsdp":
         if not fsdp_available():
-            raise RuntimeError(f"strategy='fsdp' needs torch.distributed.fsdp.fully_shard (FSDP2, PyTorch >= 2.6); "
-                               f"this PyTorch ({torch.__version__}) lacks it: use strategy='ddp'")
+            raise RuntimeError(
+                f"strategy='fsdp' needs torch.distributed.fsdp.fully_shard (FSDP2, PyTorch >= 2.6); "
+                f"this PyTorch ({torch.__version__}) lacks it: use strategy='ddp'"
+            )
         from torch.distributed.fsdp import fully_shard
 
         for block in module.denoiser.blocks:

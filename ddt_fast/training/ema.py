@@ -6,6 +6,7 @@ model's parameters (checkpoints store them as `ema_denoiser`; `copy_to`
 puts them into a model for sampling). Under FSDP2 the parameters are sharded
 DTensors and so are their shadows; `state_dict()` gathers full tensors.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List

@@ -22,6 +22,7 @@ and a digest of the input files (relative paths and sizes): a later call on
 the same out_dir with another VAE, changed images or other settings is
 refused, naming what differs.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,12 @@ def _shard_file(k: int) -> str:
 
 
 # what the recorded settings mean, for the refusal message
-_SETTING_NAMES = {"vae_digest": "the VAE's weights (weights_digest)", "vae_dtype": "the VAE's dtype",
-                  "files_digest": "the input images (relative paths and sizes)",
-                  "num_files": "the number of input images"}
+_SETTING_NAMES = {
+    "vae_digest": "the VAE's weights (weights_digest)",
+    "vae_dtype": "the VAE's dtype",
+    "files_digest": "the input images (relative paths and sizes)",
+    "num_files": "the number of input images",
+}
 
 
 def _shard_done(path: str, n: int) -> bool:
@@ -73,11 +77,21 @@ def _shard_done(path: str, n: int) -> bool:
 
 
 @torch.no_grad()
-def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Module] = "stabilityai/sd-vae-ft-ema",
-                    resolution: int = 256, flip: bool = False, batch_size: int = 32, shard_size: int = 1024,
-                    dtype: str = "float16", store_std: bool = True, device=None,
-                    vae_dtype: torch.dtype = torch.float32, progress: bool = True,
-                    scaling_factor: Optional[float] = None) -> str:
+def extract_latents(
+    image_folder: str,
+    out_dir: str,
+    vae: Union[str, torch.nn.Module] = "stabilityai/sd-vae-ft-ema",
+    resolution: int = 256,
+    flip: bool = False,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    dtype: str = "float16",
+    store_std: bool = True,
+    device=None,
+    vae_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    scaling_factor: Optional[float] = None,
+) -> str:
     """Encode `image_folder` (root/<class>/<images>) into `out_dir`; returns
     the path of `index.json`. `vae` is a `diffusers.AutoencoderKL`, a local
     folder or a model-hub id. Settings other than the ones of an earlier,
@@ -95,16 +109,28 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
 
         vae = load_vae(vae, dtype=vae_dtype)
     vae_digest = weights_digest(vae)
-    dev = torch.device(device) if device is not None else (
-        torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     vae = vae.to(dev).eval()
     param = next(vae.parameters())
     if scaling_factor is None:
         scaling_factor = float(getattr(getattr(vae, "config", None), "scaling_factor", 0.18215))
-    settings = {"resolution": resolution, "flip": bool(flip), "vae": vae_name, "scaling_factor": scaling_factor,
-                "shard_size": shard_size, "dtype": dtype, "store_std": bool(store_std), "num_files": len(files),
-                "vae_digest": vae_digest, "vae_dtype": str(param.dtype).replace("torch.", ""),
-                "files_digest": files_digest(image_folder, files)}
+    settings = {
+        "resolution": resolution,
+        "flip": bool(flip),
+        "vae": vae_name,
+        "scaling_factor": scaling_factor,
+        "shard_size": shard_size,
+        "dtype": dtype,
+        "store_std": bool(store_std),
+        "num_files": len(files),
+        "vae_digest": vae_digest,
+        "vae_dtype": str(param.dtype).replace("torch.", ""),
+        "files_digest": files_digest(image_folder, files),
+    }
     _check_settings(out_dir, settings, rank, barrier)
 
     items = [(i, f) for i in range(len(files)) for f in ((False, True) if flip else (False,))]
@@ -113,8 +139,9 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
     counts = [min(shard_size, len(items) - k * shard_size) for k in range(num_shards)]
     mine = [k for k in range(num_shards) if k % world == rank]
     todo = [k for k in mine if not _shard_done(os.path.join(out_dir, _shard_file(k)), counts[k])]
-    bar = progress_bar(progress and rank == 0, total=len(mine), initial=len(mine) - len(todo), desc="encoding",
-                       unit="shard")
+    bar = progress_bar(
+        progress and rank == 0, total=len(mine), initial=len(mine) - len(todo), desc="encoding", unit="shard"
+    )
     for k in todo:
         lo, hi = k * shard_size, k * shard_size + counts[k]
         means, stds = [], []
@@ -133,8 +160,9 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
             tensors["std"] = torch.cat(stds).contiguous()
         from safetensors.torch import save_file
 
-        atomic_write_checked(os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp),
-                             overwrite=True)  # absent or failed its check
+        atomic_write_checked(
+            os.path.join(out_dir, _shard_file(k)), lambda tmp, t=tensors: save_file(t, tmp), overwrite=True
+        )  # absent or failed its check
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -149,10 +177,16 @@ def extract_latents(image_folder: str, out_dir: str, vae: Union[str, torch.nn.Mo
             digest = read_checksum(path)  # verified (skipped) or hashed as written by the rank that owns it
             if digest is None:
                 raise DatasetError(f"latent shard {path} has no checksum sidecar; re-run extract_latents")
-            shards.append({"file": _shard_file(k), "num": counts[k], "bytes": os.path.getsize(path),
-                           "sha256": digest})
-        index = dict(settings, format="ddt_fast.latents/1", classes=classes, files=files, labels=labels,
-                     num_items=len(items), shards=shards)
+            shards.append({"file": _shard_file(k), "num": counts[k], "bytes": os.path.getsize(path), "sha256": digest})
+        index = dict(
+            settings,
+            format="ddt_fast.latents/1",
+            classes=classes,
+            files=files,
+            labels=labels,
+            num_items=len(items),
+            shards=shards,
+        )
         atomic_write_text(index_path, json.dumps(index) + "\n", overwrite=True)
     barrier()
     return index_path
@@ -165,18 +199,27 @@ def _check_settings(out_dir: str, settings: dict, rank: int, barrier) -> None:
             old = json.load(f)
         unrecorded = sorted(k for k in settings if k not in old and k in _SETTING_NAMES)
         if unrecorded:  # an extraction started before these were recorded
-            logger.warning("%s records no %s (written by an earlier version): not compared", path,
-                           ", ".join(unrecorded))
+            logger.warning(
+                "%s records no %s (written by an earlier version): not compared", path, ", ".join(unrecorded)
+            )
         diff = {k: (old.get(k), v) for k, v in settings.items() if k not in unrecorded and old.get(k) != v}
         if diff:
-            what = "; ".join(f"{k}" + (f" ({_SETTING_NAMES[k]})" if k in _SETTING_NAMES else "")
-                             + f": {old.get(k)!r} then, {v!r} now" for k, v in diff.items())
-            raise ValueError(f"{out_dir} holds latents extracted with other settings (earlier, now): {what}. "
-                             "Mixing them would give a dataset of two kinds: use another out_dir, restore the "
-                             "earlier settings (VAE, images), or delete the folder to start over")
+            what = "; ".join(
+                f"{k}"
+                + (f" ({_SETTING_NAMES[k]})" if k in _SETTING_NAMES else "")
+                + f": {old.get(k)!r} then, {v!r} now"
+                for k, v in diff.items()
+            )
+            raise ValueError(
+                f"{out_dir} holds latents extracted with other settings (earlier, now): {what}. "
+                "Mixing them would give a dataset of two kinds: use another out_dir, restore the "
+                "earlier settings (VAE, images), or delete the folder to start over"
+            )
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a latent extraction folder; nothing is overwritten "
-                              "without asking: choose an empty or new out_dir")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a latent extraction folder; nothing is overwritten "
+            "without asking: choose an empty or new out_dir"
+        )
     barrier()
     if rank == 0:  # before any shard is written
         removed = remove_stale_temps(os.path.join(out_dir, "shards"))

@@ -12,6 +12,7 @@ and each process takes its slice. So a step's numbers do not depend on the
 number of processes or accumulation steps, and a resumed run draws exactly
 what the uninterrupted one would have drawn.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,14 +53,24 @@ def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
 class StepDraws:
     """The random draws of one optimizer step, for the whole global batch."""
 
-    noise: Tensor          # [G, C, H, W]
-    t: Tensor              # [G]
-    drop: Tensor           # [G] bool: label replaced by the null class
+    noise: Tensor  # [G, C, H, W]
+    t: Tensor  # [G]
+    drop: Tensor  # [G] bool: label replaced by the null class
     eps: Optional[Tensor]  # [G, C, H, W] posterior noise (latent_sampling="sample"), else None
 
     @classmethod
-    def draw(cls, seed: int, step: int, global_batch: int, sample_shape, *, time_sampling: str,
-             label_dropout: float, posterior: bool, device) -> "StepDraws":
+    def draw(
+        cls,
+        seed: int,
+        step: int,
+        global_batch: int,
+        sample_shape,
+        *,
+        time_sampling: str,
+        label_dropout: float,
+        posterior: bool,
+        device,
+    ) -> "StepDraws":
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(step_seed(seed, step))
         noise = torch.randn((global_batch, *sample_shape), generator=g, device=device)
@@ -69,8 +80,12 @@ class StepDraws:
         return cls(noise, t, drop, eps)
 
     def slice(self, start: int, stop: int) -> "StepDraws":
-        return StepDraws(self.noise[start:stop], self.t[start:stop], self.drop[start:stop],
-                         None if self.eps is None else self.eps[start:stop])
+        return StepDraws(
+            self.noise[start:stop],
+            self.t[start:stop],
+            self.drop[start:stop],
+            None if self.eps is None else self.eps[start:stop],
+        )
 
 
 class DiffusionTrainer(nn.Module):
@@ -83,8 +98,15 @@ class DiffusionTrainer(nn.Module):
         self.repa_weight = float(repa_weight)
         self.proj = Projector(hidden_size, repa_dim) if repa_dim else None
 
-    def forward(self, denoiser: nn.Module, x0: Tensor, y: Tensor, draws: StepDraws,
-                features: Optional[Tensor] = None, hook: Optional[RepaHook] = None) -> Dict[str, Tensor]:
+    def forward(
+        self,
+        denoiser: nn.Module,
+        x0: Tensor,
+        y: Tensor,
+        draws: StepDraws,
+        features: Optional[Tensor] = None,
+        hook: Optional[RepaHook] = None,
+    ) -> Dict[str, Tensor]:
         num_classes = denoiser.num_classes
         y = torch.where(draws.drop, torch.full_like(y, num_classes), y)
         x_t, v = interpolate(x0, draws.noise, draws.t)
@@ -113,8 +135,7 @@ class TrainModule(nn.Module):
     and the `diffusion_trainer` (loss + REPA projector). Its state-dict keys
     are the published Lightning ones (`denoiser.`, `diffusion_trainer.proj.`)."""
 
-    def __init__(self, denoiser: nn.Module, diffusion_trainer: DiffusionTrainer,
-                 align_layer: Optional[int] = None):
+    def __init__(self, denoiser: nn.Module, diffusion_trainer: DiffusionTrainer, align_layer: Optional[int] = None):
         super().__init__()
         self.denoiser = denoiser
         self.diffusion_trainer = diffusion_trainer

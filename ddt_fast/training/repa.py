@@ -8,6 +8,7 @@ towards the feature encoder's patch features (resized to the token grid) by
 [-1, 1] `[B, 3, H, W]` to patch features `[B, L', D']`; DINOv2 ViT-B/14 from
 `torch.hub` is the published choice.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,16 +29,23 @@ class Projector(nn.Sequential):
     """`Linear(C, C) -> SiLU -> Linear(C, C) -> SiLU -> Linear(C, out)` (keys 0, 2, 4)."""
 
     def __init__(self, hidden_size: int, out_dim: int):
-        super().__init__(Linear(hidden_size, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size),
-                         nn.SiLU(), Linear(hidden_size, out_dim))
+        super().__init__(
+            Linear(hidden_size, hidden_size),
+            nn.SiLU(),
+            Linear(hidden_size, hidden_size),
+            nn.SiLU(),
+            Linear(hidden_size, out_dim),
+        )
 
 
 def check_align_layer(align_layer: int, num_blocks: int) -> int:
     """The block index the hook goes on (`align_layer - 1`), or a clear error."""
     if not isinstance(align_layer, int) or not 1 <= align_layer <= num_blocks:
-        raise ValueError(f"align_layer={align_layer!r} is out of range for a model with {num_blocks} blocks: it "
-                         f"is 1-based (the hook sits on block index align_layer - 1); pick 1..{num_blocks} "
-                         "(the published DDT-XL/2 uses 8, inside its 22-block encoder)")
+        raise ValueError(
+            f"align_layer={align_layer!r} is out of range for a model with {num_blocks} blocks: it "
+            f"is 1-based (the hook sits on block index align_layer - 1); pick 1..{num_blocks} "
+            "(the published DDT-XL/2 uses 8, inside its 22-block encoder)"
+        )
     return align_layer - 1
 
 
@@ -70,8 +78,10 @@ def resize_features(features: Tensor, grid: Tuple[int, int]) -> Tensor:
         return features
     side = math.isqrt(L)
     if side * side != L:
-        raise ValueError(f"cannot resize {L} patch features to the {Hp}x{Wp} token grid: {L} is not a square "
-                         "grid (drop class/register tokens from the encoder's output)")
+        raise ValueError(
+            f"cannot resize {L} patch features to the {Hp}x{Wp} token grid: {L} is not a square "
+            "grid (drop class/register tokens from the encoder's output)"
+        )
     f = features.transpose(1, 2).reshape(B, D, side, side).float()
     f = F.interpolate(f, size=(Hp, Wp), mode="bilinear", align_corners=False)
     return f.flatten(2).transpose(1, 2).to(features.dtype)
@@ -80,8 +90,10 @@ def resize_features(features: Tensor, grid: Tuple[int, int]) -> Tensor:
 def cosine_alignment_loss(pred: Tensor, target: Tensor) -> Tensor:
     """`mean(1 - cos(pred, target))` over batch and tokens (cosine along the last dim)."""
     if pred.shape != target.shape:
-        raise ValueError(f"projected tokens {tuple(pred.shape)} and encoder features {tuple(target.shape)} differ "
-                         "in shape: set repa_feature_dim to the encoder's feature size")
+        raise ValueError(
+            f"projected tokens {tuple(pred.shape)} and encoder features {tuple(target.shape)} differ "
+            "in shape: set repa_feature_dim to the encoder's feature size"
+        )
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
     return (1.0 - cos).mean()
 
@@ -118,16 +130,19 @@ class DINOv2Features(nn.Module):
         return self.model.forward_features(x)["x_norm_patchtokens"]
 
 
-def load_feature_encoder(name: str = "dinov2_vitb14", resolution: int = 256, device=None,
-                         repo: str = "facebookresearch/dinov2") -> DINOv2Features:
+def load_feature_encoder(
+    name: str = "dinov2_vitb14", resolution: int = 256, device=None, repo: str = "facebookresearch/dinov2"
+) -> DINOv2Features:
     """A DINOv2 feature encoder from `torch.hub` (the hub cache, or `repo` as a
     local clone of facebookresearch/dinov2 with `source="local"`).
 
     Raises RuntimeError with what to do when torch.hub cannot provide it
     (no network and nothing cached)."""
     if name not in DINOV2_MODELS:
-        raise ValueError(f"unknown REPA feature encoder {name!r}; choose one of {', '.join(DINOV2_MODELS)} "
-                         "or pass a frozen module mapping images to [B, L', D'] features (feature_encoder=...)")
+        raise ValueError(
+            f"unknown REPA feature encoder {name!r}; choose one of {', '.join(DINOV2_MODELS)} "
+            "or pass a frozen module mapping images to [B, L', D'] features (feature_encoder=...)"
+        )
     import os
 
     source = "local" if os.path.isdir(repo) else "github"
@@ -139,6 +154,7 @@ def load_feature_encoder(name: str = "dinov2_vitb14", resolution: int = 256, dev
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). torch.hub needs network access "
             f"the first time (it caches under {torch.hub.get_dir()}); offline, copy that cache from a machine "
             "that has it, pass a local clone of facebookresearch/dinov2 as repo=..., pass your own frozen "
-            "encoder as feature_encoder=..., or train without REPA (repa=False).") from e
+            "encoder as feature_encoder=..., or train without REPA (repa=False)."
+        ) from e
     enc = DINOv2Features(model, DINOV2_MODELS[name], resolution)
     return enc.to(device) if device is not None else enc

@@ -26,6 +26,7 @@ any of them changed is refused, naming what differs, unless
 `allow_changed_inputs=True`. A custom dataset without a `digest` attribute is
 recorded as None and not compared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,11 @@ METRICS_NAME = "metrics.jsonl"
 INPUTS_NAME = "inputs.json"
 LIGHTNING_PATH = os.path.join("lightning", "last.ckpt")
 # what each recorded input is, for messages
-_INPUT_NAMES = {"dataset": "the dataset's content", "init_from": "the init_from weights",
-                "feature_encoder": "the REPA feature encoder's weights"}
+_INPUT_NAMES = {
+    "dataset": "the dataset's content",
+    "init_from": "the init_from weights",
+    "feature_encoder": "the REPA feature encoder's weights",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,8 +83,14 @@ class Trainer:
     model: a DDT to train instead of building `config.model`.
     """
 
-    def __init__(self, config: TrainConfig, *, dataset=None, feature_encoder: Optional[nn.Module] = None,
-                 model: Optional[DDT] = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        dataset=None,
+        feature_encoder: Optional[nn.Module] = None,
+        model: Optional[DDT] = None,
+    ):
         self.config = cfg = config
         cfg.validate()
         self.device = dist.init_distributed(cfg.device)
@@ -89,7 +99,8 @@ class Trainer:
             raise ValueError(
                 f"global_batch {cfg.global_batch} is not divisible by world_size ({self.world}) x grad_accum "
                 f"({cfg.grad_accum}) = {self.world * cfg.grad_accum}: every process takes an equal share of each "
-                "step's batch. Pick a global batch that is a multiple of it (or change grad_accum).")
+                "step's batch. Pick a global batch that is a multiple of it (or change grad_accum)."
+            )
         self.micro_batch = cfg.global_batch // (self.world * cfg.grad_accum)
         self._check_out_dir()
 
@@ -98,8 +109,10 @@ class Trainer:
         first = self.dataset[0]
         self.sample_shape = tuple(first["x"].shape)
         if cfg.latent_sampling == "sample" and "std" not in first:
-            raise ValueError(f"latent_sampling='sample' needs the posterior std in the dataset; {cfg.data} has "
-                             "none (extract with store_std=True, or use latent_sampling='mean')")
+            raise ValueError(
+                f"latent_sampling='sample' needs the posterior std in the dataset; {cfg.data} has "
+                "none (extract with store_std=True, or use latent_sampling='mean')"
+            )
 
         # model (same seed on every process: FSDP shards identical initial weights)
         torch.manual_seed(cfg.seed)
@@ -118,25 +131,31 @@ class Trainer:
         if cfg.repa:
             check_align_layer(cfg.align_layer, model.num_blocks)
             if "image" not in first:
-                raise ValueError("REPA needs the raw images beside the latents: pass image_folder= (the tree "
-                                 "the latents were extracted from)")
+                raise ValueError(
+                    "REPA needs the raw images beside the latents: pass image_folder= (the tree "
+                    "the latents were extracted from)"
+                )
             if feature_encoder is None:
                 feature_encoder = load_feature_encoder(cfg.repa_encoder, resolution=first["image"].shape[-1])
             dim = getattr(feature_encoder, "feature_dim", cfg.repa_feature_dim)
             if dim != cfg.repa_feature_dim:
-                raise ValueError(f"the feature encoder gives {dim}-dim features but repa_feature_dim is "
-                                 f"{cfg.repa_feature_dim}; set repa_feature_dim={dim}")
+                raise ValueError(
+                    f"the feature encoder gives {dim}-dim features but repa_feature_dim is "
+                    f"{cfg.repa_feature_dim}; set repa_feature_dim={dim}"
+                )
             proj_dim = cfg.repa_feature_dim
             self.feature_encoder = feature_encoder.to(self.device).eval().requires_grad_(False)
             self.inputs["feature_encoder"] = weights_digest(self.feature_encoder)
         else:
             self.feature_encoder = None
-        self.module = TrainModule(model, DiffusionTrainer(model.hidden_size, proj_dim, cfg.repa_weight),
-                                  cfg.align_layer if cfg.repa else None).to(self.device)
+        self.module = TrainModule(
+            model, DiffusionTrainer(model.hidden_size, proj_dim, cfg.repa_weight), cfg.align_layer if cfg.repa else None
+        ).to(self.device)
         self.wrapped = dist.wrap(self.module, cfg.strategy, self.device)
         self.ema = EMA(self.module.denoiser, cfg.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay, eps=cfg.eps)
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps
+        )
         if cfg.compile:
             self.wrapped.compile()
         self.step = 0
@@ -150,15 +169,17 @@ class Trainer:
         if found and not cfg.resume:
             raise FileExistsError(
                 f"{cfg.out_dir} already holds {len(found)} checkpoint(s) (newest: step {found[-1][0]}); nothing "
-                "is overwritten without asking: pass resume=True to continue that run, or choose another out_dir")
+                "is overwritten without asking: pass resume=True to continue that run, or choose another out_dir"
+            )
         metrics = os.path.join(cfg.out_dir, METRICS_NAME)
         if not found and os.path.exists(metrics) and not cfg.resume:
             raise FileExistsError(f"{metrics} exists from an earlier run; choose another out_dir or delete it")
         if self.rank == 0:  # before this run writes anything; only rank 0 ever writes here
             removed = ckpt.clean_checkpoint_dir(cfg.out_dir)
-            removed += remove_stale_temps(os.path.dirname(os.path.join(cfg.out_dir, LIGHTNING_PATH)),
-                                          [os.path.basename(LIGHTNING_PATH), os.path.basename(LIGHTNING_PATH)
-                                           + ".sha256"])
+            removed += remove_stale_temps(
+                os.path.dirname(os.path.join(cfg.out_dir, LIGHTNING_PATH)),
+                [os.path.basename(LIGHTNING_PATH), os.path.basename(LIGHTNING_PATH) + ".sha256"],
+            )
             removed += remove_stale_temps(cfg.out_dir, [CONFIG_NAME, METRICS_NAME, INPUTS_NAME])
             if removed:
                 logger.warning("removed %d file(s) that killed writes left: %s", len(removed), ", ".join(removed))
@@ -166,14 +187,18 @@ class Trainer:
     def _check_model_fits_data(self, model: DDT, item: Dict[str, torch.Tensor]) -> None:
         c, h, w = self.sample_shape
         if c != model.in_channels:
-            raise ValueError(f"the data has {c} channels but the model takes in_channels={model.in_channels}; "
-                             f"set model_args={{'in_channels': {c}, ...}}")
+            raise ValueError(
+                f"the data has {c} channels but the model takes in_channels={model.in_channels}; "
+                f"set model_args={{'in_channels': {c}, ...}}"
+            )
         if h % model.patch_size or w % model.patch_size:
             raise ValueError(f"data of size {h}x{w} is not divisible by the model's patch size {model.patch_size}")
         n = getattr(self.dataset, "num_classes", None)
         if n is not None and n > model.num_classes:
-            raise ValueError(f"the data has {n} classes but the model only {model.num_classes}; set "
-                             f"model_args={{'num_classes': {n}, ...}}")
+            raise ValueError(
+                f"the data has {n} classes but the model only {model.num_classes}; set "
+                f"model_args={{'num_classes': {n}, ...}}"
+            )
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -204,18 +229,25 @@ class Trainer:
         if state is None:
             state = ckpt.load_training_checkpoint(path, verify=False)  # rank 0 verified these bytes
         stored = state["config"]
-        changed = {k: (stored.get(k), v) for k, v in cfg.to_dict().items()
-                   if k in TrainConfig.RESUME_FIXED and _norm(stored.get(k)) != _norm(v)}
+        changed = {
+            k: (stored.get(k), v)
+            for k, v in cfg.to_dict().items()
+            if k in TrainConfig.RESUME_FIXED and _norm(stored.get(k)) != _norm(v)
+        }
         recorded = state.get("inputs") or {}
         if not (recorded.get("dataset") and self.inputs["dataset"]) and stored.get("data") != cfg.data:
             changed["data"] = (stored.get("data"), cfg.data)  # no content digest on one side: the path decides
         if changed:
-            raise CheckpointError(f"cannot resume {path}: these settings differ from the run that wrote it "
-                                  f"(checkpoint, now): {changed}; restore them or start a new out_dir")
+            raise CheckpointError(
+                f"cannot resume {path}: these settings differ from the run that wrote it "
+                f"(checkpoint, now): {changed}; restore them or start a new out_dir"
+            )
         self._check_inputs(path, recorded)
         if state["data"]["position"] != state["step"] * cfg.global_batch:
-            raise CheckpointError(f"{path}: data position {state['data']['position']} does not match step "
-                                  f"{state['step']} x global batch {cfg.global_batch}")
+            raise CheckpointError(
+                f"{path}: data position {state['data']['position']} does not match step "
+                f"{state['step']} x global batch {cfg.global_batch}"
+            )
         model_sd, ema_sd, proj_sd = ckpt.split_weights(state["state_dict"])
         full = {"denoiser." + k: v for k, v in model_sd.items()}
         full.update({"diffusion_trainer.proj." + k: v for k, v in proj_sd.items()})
@@ -224,8 +256,9 @@ class Trainer:
             self.ema.load_state_dict(ema_sd)
             dist.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {path}: its weights or optimizer state do not fit this "
-                                  f"model ({e})") from e
+            raise CheckpointError(
+                f"cannot resume from {path}: its weights or optimizer state do not fit this model ({e})"
+            ) from e
         rngs = state["rng"]
         ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
         self.step = int(state["step"])
@@ -238,8 +271,11 @@ class Trainer:
     def _check_inputs(self, path: str, recorded: Dict[str, Optional[str]]) -> None:
         """Refuse (or, with allow_changed_inputs, warn about) inputs that differ from the checkpoint's."""
         if not recorded:
-            logger.warning("checkpoint %s records no inputs (written before they were recorded): the dataset and "
-                           "init_from weights of this resume are not compared with the run's", path)
+            logger.warning(
+                "checkpoint %s records no inputs (written before they were recorded): the dataset and "
+                "init_from weights of this resume are not compared with the run's",
+                path,
+            )
             return
         differ = []
         for key, now in self.inputs.items():
@@ -247,8 +283,12 @@ class Trainer:
             if then is not None and now is not None and then != now:
                 differ.append(f"{_INPUT_NAMES[key]} (sha256 {then[:16]}... in the checkpoint, {now[:16]}... now)")
             elif (then is None) != (now is None):
-                logger.warning("%s: %s is recorded %s, so it is not compared", path, _INPUT_NAMES[key],
-                               "only in the checkpoint" if now is None else "only now")
+                logger.warning(
+                    "%s: %s is recorded %s, so it is not compared",
+                    path,
+                    _INPUT_NAMES[key],
+                    "only in the checkpoint" if now is None else "only now",
+                )
         if not differ:
             return
         what = "; ".join(differ)
@@ -258,21 +298,27 @@ class Trainer:
         raise CheckpointError(
             f"cannot resume {path}: {what}. The run would continue on other inputs than it started with. "
             "Restore them (data, init_from, init_ema, the feature encoder), pass allow_changed_inputs=True to "
-            "continue on the new ones deliberately, or start a new out_dir.")
+            "continue on the new ones deliberately, or start a new out_dir."
+        )
 
     def _write_config(self) -> None:
         if self.rank == 0:
-            atomic_write_text(os.path.join(self.config.out_dir, CONFIG_NAME), self.config.to_json() + "\n",
-                              overwrite=True)
-            atomic_write_text(os.path.join(self.config.out_dir, INPUTS_NAME),
-                              json.dumps(self.inputs, indent=1, sort_keys=True) + "\n", overwrite=True)
+            atomic_write_text(
+                os.path.join(self.config.out_dir, CONFIG_NAME), self.config.to_json() + "\n", overwrite=True
+            )
+            atomic_write_text(
+                os.path.join(self.config.out_dir, INPUTS_NAME),
+                json.dumps(self.inputs, indent=1, sort_keys=True) + "\n",
+                overwrite=True,
+            )
 
     def state(self) -> Dict[str, Any]:
         """The checkpoint payload (complete on rank 0; every process must call it)."""
         full = dist.model_state(self.module)
-        model_sd = {k[len("denoiser."):]: v for k, v in full.items() if k.startswith("denoiser.")}
-        proj_sd = {k[len("diffusion_trainer.proj."):]: v for k, v in full.items()
-                   if k.startswith("diffusion_trainer.proj.")}
+        model_sd = {k[len("denoiser.") :]: v for k, v in full.items() if k.startswith("denoiser.")}
+        proj_sd = {
+            k[len("diffusion_trainer.proj.") :]: v for k, v in full.items() if k.startswith("diffusion_trainer.proj.")
+        }
         return {
             "step": self.step,
             "state_dict": ckpt.lightning_state_dict(model_sd, self.ema.state_dict(), proj_sd),
@@ -294,8 +340,12 @@ class Trainer:
             path = ckpt.save_checkpoint(ckpt.checkpoint_path(cfg.out_dir, self.step), payload)
             ckpt.prune(cfg.out_dir, cfg.keep_last)
             if cfg.export_lightning:
-                ckpt.export_lightning(payload | {"format": ckpt.FORMAT}, os.path.join(cfg.out_dir, LIGHTNING_PATH),
-                                      overwrite=True, checksum=True)
+                ckpt.export_lightning(
+                    payload | {"format": ckpt.FORMAT},
+                    os.path.join(cfg.out_dir, LIGHTNING_PATH),
+                    overwrite=True,
+                    checksum=True,
+                )
         dist.barrier_fn()()
         return path
 
@@ -323,9 +373,16 @@ class Trainer:
     def train_step(self, micro_batches) -> Dict[str, float]:
         """One optimizer step over this process's micro-batches (a list of dicts)."""
         cfg, dev = self.config, self.device
-        draws = StepDraws.draw(cfg.seed, self.step, cfg.global_batch, self.sample_shape,
-                               time_sampling=cfg.time_sampling, label_dropout=cfg.label_dropout,
-                               posterior=cfg.latent_sampling == "sample", device=dev)
+        draws = StepDraws.draw(
+            cfg.seed,
+            self.step,
+            cfg.global_batch,
+            self.sample_shape,
+            time_sampling=cfg.time_sampling,
+            label_dropout=cfg.label_dropout,
+            posterior=cfg.latent_sampling == "sample",
+            device=dev,
+        )
         per_rank = cfg.global_batch // self.world
         totals: Dict[str, torch.Tensor] = {}
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -357,7 +414,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the loss is {metrics['loss']} at step {self.step}; the run stopped before updating the "
                 f"weights. {self._last_good()} Resume from it (resume=True) with a lower lr, grad_clip set "
-                "(e.g. 1.0), or precision='fp32', and check the data for NaN/inf.")
+                "(e.g. 1.0), or precision='fp32', and check the data for NaN/inf."
+            )
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
             metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -386,8 +444,9 @@ class Trainer:
         cfg = self.config
         order = SampleOrder(len(self.dataset), cfg.seed)
         sampler = StepBatches(order, cfg.global_batch, self.rank, self.world, cfg.grad_accum, self.step, cfg.steps)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda"
+        )
         log = _Logger(cfg, self.rank, self.step) if self.rank == 0 else None
         metrics: Dict[str, float] = {}
         path = None
@@ -447,7 +506,8 @@ def _metrics_up_to(path: str, step: int) -> Optional[str]:
             raise MetricsLogError(
                 f"{path}, line {n}: not a metrics line ({e}). Only the last line can be torn by a killed "
                 f"write, so this file was damaged otherwise: delete line {n} (or every line from it on; "
-                "those metrics are lost), then resume again") from None
+                "those metrics are lost), then resume again"
+            ) from None
         if entry.get("step", 0) <= step:
             kept.append(ln.decode() + "\n")
     return "".join(kept)
@@ -480,8 +540,12 @@ class _Logger:
             return
         ips = self.cfg.global_batch * (step - self.s0) / max(now - self.t0, 1e-9)
         self.t0, self.s0 = now, step
-        line = {"step": step, **{k: round(v, 7) for k, v in metrics.items()}, "images_per_s": round(ips, 3),
-                "elapsed_s": round(now - self.start, 3)}
+        line = {
+            "step": step,
+            **{k: round(v, 7) for k, v in metrics.items()},
+            "images_per_s": round(ips, 3),
+            "elapsed_s": round(now - self.start, 3),
+        }
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
         if self.bar is not None:

@@ -108,9 +108,9 @@ void test_known_cases() {
     EXPECT(r.steps[0] == 0, "step %d", r.steps[0]);
   }
   {  // e (row = step reusing, column = run start); worked by hand
-    const std::vector<double> e = {0.0,  9.0,  9.0,   //
-                                   0.5,  0.0,  9.0,   //
-                                   1.0,  0.25, 0.0};  //
+    const std::vector<double> e = {0.0, 9.0,  9.0,   //
+                                   0.5, 0.0,  9.0,   //
+                                   1.0, 0.25, 0.0};  //
     Result r = solve(from_errors(e), 1, 3, 3, 1);
     EXPECT(r.cost[0] == 1.5, "K=1 cost %g", r.cost[0]);
     EXPECT(r.cost[1] == 0.25, "K=2 cost %g", r.cost[1]);
@@ -121,9 +121,9 @@ void test_known_cases() {
     EXPECT(padded(r, 0, 3, 1) && padded(r, 0, 3, 2), "padding");
   }
   {  // an exact tie at K=2: starts 1 and 2 both cost 0.5; the smaller wins
-    const std::vector<double> e = {0.0,  9.0,  9.0,   //
-                                   0.5,  0.25, 9.0,   //
-                                   9.0,  0.25, 0.0};  //
+    const std::vector<double> e = {0.0, 9.0,  9.0,   //
+                                   0.5, 0.25, 9.0,   //
+                                   9.0, 0.25, 0.0};  //
     Result r = solve(from_errors(e), 1, 3, 2, 1);
     EXPECT(r.cost[1] == 0.5, "tie cost %g", r.cost[1]);
     EXPECT(row_steps(r, 0, 2, 2) == std::vector<int>({0, 1}), "tie goes to the smaller start");
@@ -157,14 +157,12 @@ void test_against_brute_force() {
         const Brute bf = brute_force(sim, n, k);
         const double got = r.cost[k - 1];
         EXPECT(std::fabs(got - bf.cost) <= 1e-12 * std::max(1.0, std::fabs(bf.cost)),
-               "n=%ld variant=%d K=%ld: cost %.17g, brute force %.17g", (long)n, variant, (long)k, got,
-               bf.cost);
+               "n=%ld variant=%d K=%ld: cost %.17g, brute force %.17g", (long)n, variant, (long)k, got, bf.cost);
         const std::vector<int> steps = row_steps(r, 0, n, k);
         if (variant == 2 || bf.near_optimal == 1)
-          EXPECT(steps == bf.steps, "n=%ld variant=%d K=%ld: steps differ from brute force", (long)n,
-                 variant, (long)k);
-        EXPECT(schedule_cost(sim, n, steps) == got, "n=%ld K=%ld: reported cost is not the schedule's",
-               (long)n, (long)k);
+          EXPECT(steps == bf.steps, "n=%ld variant=%d K=%ld: steps differ from brute force", (long)n, variant, (long)k);
+        EXPECT(schedule_cost(sim, n, steps) == got, "n=%ld K=%ld: reported cost is not the schedule's", (long)n,
+               (long)k);
         EXPECT(padded(r, 0, n, k), "n=%ld K=%ld: padding", (long)n, (long)k);
       }
     }
@@ -209,7 +207,7 @@ void test_long_ranges_against_plain_dp() {
         for (int64_t j = 0; j < n; ++j) {
           // 0: arbitrary; 1: similarity decaying with |r - j| plus noise; 2: ties
           const double d = static_cast<double>(r > j ? r - j : j - r);
-          sim[r * n + j] = variant == 0 ? uni(rng)
+          sim[r * n + j] = variant == 0   ? uni(rng)
                            : variant == 1 ? std::exp(-d / 20.0) + 0.01 * uni(rng)
                                           : few(rng) / 2.0;
         }
@@ -217,8 +215,8 @@ void test_long_ranges_against_plain_dp() {
       const Result got = solve(sim, 1, n, k_max, 1);
       const Result want = plain_dp(sim, n, k_max);
       for (int64_t k = 1; k <= k_max; ++k) {
-        EXPECT(got.cost[k - 1] == want.cost[k - 1], "n=%ld variant=%d K=%ld: cost %.17g, plain %.17g",
-               (long)n, variant, (long)k, got.cost[k - 1], want.cost[k - 1]);
+        EXPECT(got.cost[k - 1] == want.cost[k - 1], "n=%ld variant=%d K=%ld: cost %.17g, plain %.17g", (long)n, variant,
+               (long)k, got.cost[k - 1], want.cost[k - 1]);
         EXPECT(row_steps(got, 0, k_max, k) == row_steps(want, 0, k_max, k),
                "n=%ld variant=%d K=%ld: steps differ from the plain DP", (long)n, variant, (long)k);
       }
@@ -259,10 +257,8 @@ void test_every_instruction_set() {
   check_relax_rows("baseline", ddt::cpu::detail::relax_rows_baseline);
 #if defined(DDT_DP_HAVE_AVX2)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2"))
-    check_relax_rows("avx2", ddt::cpu::detail::relax_rows_avx2);
-  else
-    std::printf("note: this CPU has no AVX2; the AVX2 build was not run\n");
+  if (__builtin_cpu_supports("avx2")) check_relax_rows("avx2", ddt::cpu::detail::relax_rows_avx2);
+  else std::printf("note: this CPU has no AVX2; the AVX2 build was not run\n");
 #endif
 }
 
@@ -277,15 +273,13 @@ void test_parallel_paths_match_serial() {
   const Result serial = solve(sim, batch, n, k_max, 1);
   for (int threads : {2, 3, 8}) {
     const Result par = solve(sim, batch, n, k_max, threads);
-    EXPECT(par.cost == serial.cost && par.steps == serial.steps, "batch of %ld with %d threads",
-           (long)batch, threads);
+    EXPECT(par.cost == serial.cost && par.steps == serial.steps, "batch of %ld with %d threads", (long)batch, threads);
     for (int64_t b = 0; b < batch; ++b) {
       std::vector<double> one(sim.begin() + b * n * n, sim.begin() + (b + 1) * n * n);
       const Result single = solve(one, 1, n, k_max, threads);
       bool same = true;
       for (int64_t t = 0; t < k_max; ++t) same &= single.cost[t] == serial.cost[b * k_max + t];
-      for (int64_t t = 0; t < k_max * k_max; ++t)
-        same &= single.steps[t] == serial.steps[b * k_max * k_max + t];
+      for (int64_t t = 0; t < k_max * k_max; ++t) same &= single.steps[t] == serial.steps[b * k_max * k_max + t];
       EXPECT(same, "problem %ld alone with %d threads", (long)b, threads);
     }
   }

@@ -8,14 +8,14 @@
 #include "ddt/swiglu.h"
 
 static int failures = 0;
-#define CHECK(cond, ...)                                  \
-  do {                                                    \
-    if (!(cond)) {                                        \
-      ++failures;                                         \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-      std::printf(__VA_ARGS__);                           \
-      std::printf("\n");                                  \
-    }                                                     \
+#define CHECK(cond, ...)                               \
+  do {                                                 \
+    if (!(cond)) {                                     \
+      ++failures;                                      \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                        \
+      std::printf("\n");                               \
+    }                                                  \
   } while (0)
 
 int main() {
@@ -83,9 +83,9 @@ int main() {
   // bfloat16 (signalling and quiet, with payload), and its invalid operations,
   // give quiet NaNs with zero low 16 bits.
   {
-    volatile float snan = bits_to_float(0xff810000u), qnan = bits_to_float(0x7fd50000u), inf = INFINITY,
-                   zero = 0.f, half = 0.5f, three = 3.f;
-    const float made[] = {(snan - half) * three, qnan * three + half, half + snan, inf - inf, zero * inf,
+    volatile float snan = bits_to_float(0xff810000u), qnan = bits_to_float(0x7fd50000u), inf = INFINITY, zero = 0.f,
+                   half = 0.5f, three = 3.f;
+    const float made[] = {(snan - half) * three,  qnan * three + half,        half + snan, inf - inf, zero * inf,
                           std::sqrt(zero - half), std::fma(three, qnan, half)};
     for (float v : made) {
       const uint32_t u = float_to_bits(v);
