@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vae
 
 from ddt_fast import models, sampling
 from ddt_fast.cli import main
@@ -460,20 +461,10 @@ def test_convert_round_trip(trained, tmp_path, capsys):
 
 
 def test_extract_latents_command(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from PIL import Image
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = tiny_vae(0)
     vae.save_pretrained(str(tmp_path / "vae"))
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):

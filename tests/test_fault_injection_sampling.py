@@ -14,8 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
-from faults import flip_bytes, tiny_model
+from helpers import flip_bytes, tiny_model
 
 from ddt_fast import _io, models, sampling
 

@@ -19,8 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from faults import flip_bytes
+from helpers import flip_bytes, tiny_vae
 
 from ddt_fast import models
 from ddt_fast._io import read_checksum, sha256_file
@@ -373,19 +372,7 @@ def test_resume_with_another_feature_encoder_is_refused(tmp_path):
 # latent shards
 
 
-def _vae(seed):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+_vae = tiny_vae
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from faults import tiny_model
+from helpers import tiny_model
 
 from ddt_fast import sampling
 from ddt_fast.sampling import AdamsSampler, EulerSampler, time_grid

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from faults import tiny_model
+from helpers import tiny_model
 
 from ddt_fast import sampling
 

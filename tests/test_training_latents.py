@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vae
 
 from ddt_fast.training import DatasetError, LatentDataset, TrainConfig, Trainer, extract_latents
 from ddt_fast.training.data import load_image
@@ -20,17 +21,7 @@ def setup(tmp_path_factory):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("latents")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = tiny_vae(0)
     vae_dir = str(root / "vae")
     vae.save_pretrained(vae_dir)
     images = root / "images"
