@@ -179,55 +179,12 @@ def test_command_line_overrides_the_published_yaml(published_ckpt, tmp_path, cap
 
     assert Image.open(png).size[0] > 100
     os.remove(png)
-    assert (
-        main(
-            [
-                "calibrate",
-                "--ckpt",
-                published_ckpt,
-                "--config",
-                cfg,
-                "--steps",
-                "4",
-                "--calib-samples",
-                "1",
-                "--quiet",
-                "--out",
-                cal,
-                "--plot",
-                "none",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 2
-    )  # cal.json: other settings
+    other = ["calibrate", "--ckpt", published_ckpt, "--config", cfg, "--steps", "4", "--calib-samples", "1"]
+    other += ["--quiet", "--out", cal, "--plot", "none", "--device", "cpu"]
+    assert main(other) == 2  # cal.json: other settings
     err = capsys.readouterr().err.strip()
     assert "num_steps: 5 -> 4" in err and "--force" in err and len(err.splitlines()) == 1
-    assert (
-        main(
-            [
-                "calibrate",
-                "--ckpt",
-                published_ckpt,
-                "--config",
-                cfg,
-                "--steps",
-                "4",
-                "--calib-samples",
-                "1",
-                "--quiet",
-                "--out",
-                cal,
-                "--plot",
-                "none",
-                "--device",
-                "cpu",
-                "--force",
-            ]
-        )
-        == 0
-    )
+    assert main([*other, "--force"]) == 0
     assert json.load(open(cal))["settings"]["num_steps"] == 4
     assert not os.path.exists(png)
 
