@@ -252,3 +252,23 @@ def test_benchmark_results_page_is_generated_by_summarize():
     # one generated block, on the benchmarks page only
     with open(os.path.join(ROOT, "README.md")) as f:
         assert summarize.BEGIN not in f.read(), "README.md holds a results block; it lives in docs/benchmarks.md"
+
+
+@pytest.mark.slow
+def test_compare_builds_times_both_trees_and_refuses_to_overwrite(tmp_path):
+    """compare_builds.py against the same tree twice: every case timed for both
+    sides in one file, and a second run into the same file asks for --force."""
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, os.path.join(BENCH, "compare_builds.py"), ROOT, ROOT, "--model", "DDT-tiny/2"]
+    cmd += ["--cases", "forward_fp32,train_fp32", "--rounds", "1", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=ENV, timeout=600, capture_output=True)
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"forward_fp32", "train_fp32"}
+    for case, row in data["results"].items():
+        assert len(data["times_s"][case]["before"]) == len(data["times_s"][case]["after"]) == row["calls"] > 0
+        assert row["after_vs_before"] == pytest.approx(row["after_min_s"] / row["before_min_s"])
+    assert data["trees"]["before"]["ddt_fast"] == os.path.join(ROOT, "ddt_fast")
+    again = subprocess.run(cmd, env=ENV, timeout=600, capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
+    bad = subprocess.run(cmd[:2] + [str(tmp_path), ROOT], env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a ddt_fast source tree" in bad.stderr
