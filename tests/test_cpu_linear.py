@@ -1,4 +1,4 @@
-"""16-bit linear layers on the CPU computed in float32 (ops.linear, ops/float32_linear.py).
+"""16-bit linear layers on the CPU computed in float32 (ops.linear, ops/cpu_linear.py).
 
 The float32 path must give what PyTorch's 16-bit kernels give (float32
 accumulation, one rounding) up to summation order, gradients included, under
@@ -17,7 +17,7 @@ from ddt_fast import ops
 from ddt_fast.models import presets
 from ddt_fast.models.ddt import Linear
 from ddt_fast.ops import dispatch
-from ddt_fast.ops.float32_linear import Float32Linear
+from ddt_fast.ops.cpu_linear import Float32Linear
 
 HALF = (torch.bfloat16, torch.float16)
 # the spacing of 16-bit values in [1, 2): one rounding of the result is at most half of it

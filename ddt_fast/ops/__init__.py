@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ddt_fast.ops import dispatch, fused, reference  # noqa: F401  (fused: registrations)
+from ddt_fast.ops.cpu_linear import float32_linear
 from ddt_fast.ops.dispatch import (
     get_attention_backend,
     get_backend,
@@ -27,7 +28,6 @@ from ddt_fast.ops.dispatch import (
     set_cpu_linear,
     use_backend,
 )
-from ddt_fast.ops.float32_linear import float32_linear
 
 Tensor = torch.Tensor
 
