@@ -9,7 +9,7 @@ from ddt_fast.ops import dispatch, verified
 
 
 def test_reference_forced_never_uses_fused(monkeypatch):
-    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    monkeypatch.setattr(dispatch, "has_fused_kernel", lambda op, dev: True)
     with ops.use_backend("reference"):
         assert not dispatch.use_fused("swiglu", torch.device("cpu"))
     with ops.use_backend("fused"):
@@ -17,7 +17,7 @@ def test_reference_forced_never_uses_fused(monkeypatch):
 
 
 def test_cuda_auto_requires_gpu_verification(monkeypatch):
-    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    monkeypatch.setattr(dispatch, "has_fused_kernel", lambda op, dev: True)
     cuda = torch.device("cuda")
     with ops.use_backend("auto"):
         assert dispatch.use_fused("swiglu", torch.device("cpu"))  # CPU kernels need no GPU run
@@ -31,7 +31,7 @@ def test_cuda_auto_requires_gpu_verification(monkeypatch):
 
 
 def test_no_kernel_means_reference_even_when_forced(monkeypatch):
-    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: False)
+    monkeypatch.setattr(dispatch, "has_fused_kernel", lambda op, dev: False)
     with ops.use_backend("fused"):
         assert not dispatch.use_fused("swiglu", torch.device("cpu"))
 
@@ -63,7 +63,7 @@ def test_attention_auto_order(monkeypatch):
         shape = (1, 16, 256, 72)
 
     q = FakeCuda()
-    monkeypatch.setattr(dispatch, "_has_fused", lambda op, dev: True)
+    monkeypatch.setattr(dispatch, "has_fused_kernel", lambda op, dev: True)
     monkeypatch.setattr(dispatch, "flash_attn_importable", lambda: True)
     with ops.use_backend(attention="auto"):
         monkeypatch.setattr(dispatch, "auto_on_gpu", lambda op: False)

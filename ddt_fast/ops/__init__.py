@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from ddt_fast.ops import dispatch, fused, reference  # noqa: F401  (fused: registrations)
 from ddt_fast.ops.cpu_linear import float32_linear
 from ddt_fast.ops.dispatch import (
+    auto_uses_fused,
     get_attention_backend,
     get_backend,
     get_cpu_linear,
+    has_fused_kernel,
     set_attention_backend,
     set_backend,
     set_cpu_linear,
@@ -303,6 +305,8 @@ __all__ = [
     "get_attention_backend",
     "set_attention_backend",
     "use_backend",
+    "has_fused_kernel",
+    "auto_uses_fused",
     "linear",
     "get_cpu_linear",
     "set_cpu_linear",

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -113,18 +113,33 @@ _FUSED_KERNELS = frozenset(
 )
 
 
-def _has_fused(op: str, device_type: str) -> bool:
-    return (op, device_type) in _FUSED_KERNELS
+def _device_type(device: Union[torch.device, str]) -> str:
+    return device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
+
+
+def has_fused_kernel(op: str, device: Union[torch.device, str]) -> bool:
+    """Whether the extension has a compiled kernel of `op` (a name of
+    `KERNEL_OPS`) for `device` (a device, or a device type such as "cuda")."""
+    return (op, _device_type(device)) in _FUSED_KERNELS
+
+
+def auto_uses_fused(op: str, device: Union[torch.device, str]) -> bool:
+    """Whether the `auto` backend runs the compiled kernel of `op` on `device`:
+    one exists and, on CUDA, it is GPU-verified and not measured slower
+    (ops/verified.py)."""
+    if not has_fused_kernel(op, device):
+        return False
+    return _device_type(device) != "cuda" or auto_on_gpu(op)
 
 
 def use_fused(op: str, device: torch.device) -> bool:
     """Whether `op` on `device` runs the fused kernel under the current backend."""
     backend = _state["backend"]
-    if backend == "reference" or not _has_fused(op, device.type):
+    if backend == "reference":
         return False
-    if backend == "fused" or device.type != "cuda":
-        return True
-    return auto_on_gpu(op)
+    if backend == "fused":
+        return has_fused_kernel(op, device)
+    return auto_uses_fused(op, device)
 
 
 _FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -152,7 +167,7 @@ def _ddt_case(device: torch.device, dtype: torch.dtype, head_dim: int, mask, op:
         and device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
         and head_dim in (64, 72, 128)
-        and _has_fused(op, "cuda")
+        and has_fused_kernel(op, "cuda")
     )
 
 
