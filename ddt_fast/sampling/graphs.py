@@ -30,8 +30,8 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
 
+from ddt_fast._torch_private import tree_leaves, tree_map
 from ddt_fast.ops.dispatch import current as current_backends
 
 Tensor = torch.Tensor
