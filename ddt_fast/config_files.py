@@ -165,7 +165,7 @@ def published_settings(config: Mapping[str, Any], path: str = "config") -> Dict[
     `{"model": DDT constructor args, "sampler": "euler" | "adams",
     "options": {option: value}, "latent_size": int | None}`. Unknown
     denoiser or sampler arguments raise ConfigError naming them."""
-    from ddt_fast.models.presets import _constructor_args as constructor_args
+    from ddt_fast.models.presets import constructor_args
 
     if not is_published_config(config):
         raise ConfigError(

@@ -10,7 +10,7 @@ from ddt_fast.models.checkpoint import (
     weights_digest,
 )
 from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
-from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
+from ddt_fast.models.presets import PRESETS, constructor_args, create, match_preset, preset_config, preset_names
 
 __all__ = [
     "DDT",
@@ -21,6 +21,7 @@ __all__ = [
     "match_preset",
     "preset_config",
     "preset_names",
+    "constructor_args",
     "CheckpointError",
     "load_checkpoint",
     "read_state_dict",
