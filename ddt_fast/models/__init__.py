@@ -1,4 +1,4 @@
-"""DDT models: the model class, named presets, checkpoint I/O."""
+"""DDT models: the model class, named presets, checkpoint I/O, the VAE loader."""
 
 from ddt_fast.models.checkpoint import (
     CheckpointError,
@@ -11,6 +11,7 @@ from ddt_fast.models.checkpoint import (
 )
 from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
 from ddt_fast.models.presets import PRESETS, constructor_args, create, match_preset, preset_config, preset_names
+from ddt_fast.models.vae import load_vae
 
 __all__ = [
     "DDT",
@@ -29,4 +30,5 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "weights_digest",
+    "load_vae",
 ]
