@@ -594,7 +594,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _earlier_calibration(path: str):
     """The calibration already at --out, if that is one (None when there is no file);
     anything else there is left to the no-overwrite check."""
-    from ddt_fast.sampling import Calibration
+    from ddt_fast.schedule import Calibration
 
     if not os.path.isfile(path):
         return None
