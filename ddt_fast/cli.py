@@ -17,6 +17,19 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
+__all__ = [
+    "CliError",
+    "WEIGHTS_NAME",
+    "WEIGHT_SUFFIXES",
+    "SEED_RANGE",
+    "SAMPLING_DEFAULTS",
+    "OPTION_FLAGS",
+    "PUBLISHED_NAMES",
+    "SCHEDULE_SYNTAX",
+    "build_parser",
+    "main",
+]
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import ddt_fast

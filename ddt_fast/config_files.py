@@ -15,6 +15,19 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
+__all__ = [
+    "ConfigError",
+    "PUBLISHED_SAMPLERS",
+    "PUBLISHED_SAMPLER_ARGS",
+    "PUBLISHED_SAMPLER_IGNORED",
+    "read_config",
+    "parse_value",
+    "apply_overrides",
+    "is_published_config",
+    "load_train_config",
+    "published_settings",
+]
+
 # published sampler arguments -> ddt-fast sample/calibrate options
 PUBLISHED_SAMPLER_ARGS = {
     "num_steps": "steps",

@@ -32,3 +32,8 @@ __all__ = [
     "weights_digest",
     "load_vae",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

@@ -20,6 +20,21 @@ import torch.nn.functional as F
 from ddt_fast import ops
 from ddt_fast.models._pretrained import PretrainedMixin
 
+__all__ = [
+    "DDT",
+    "DDTBlock",
+    "ModulationCache",
+    "Linear",
+    "RMSNorm",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "Attention",
+    "FeedForward",
+    "FinalLayer",
+    "run_blocks",
+]
+
 Tensor = torch.Tensor
 
 

@@ -297,6 +297,7 @@ __all__ = [
     "qk_norm_rope",
     "attention",
     "qkv_attention",
+    "QKV_ATTENTION_K_PREPASS",
     "plan",
     "reference",
     "dispatch",
@@ -311,3 +312,8 @@ __all__ = [
     "get_cpu_linear",
     "set_cpu_linear",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

@@ -51,3 +51,8 @@ __all__ = [
     "save_png",
     "sample_to_folder",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

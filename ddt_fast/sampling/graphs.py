@@ -34,6 +34,8 @@ import torch
 from ddt_fast._torch_private import tree_leaves, tree_map
 from ddt_fast.ops.dispatch import current as current_backends
 
+__all__ = ["StepGraphs", "CUDAGraphCall", "EagerReplayCall", "WARMUP_RUNS"]
+
 Tensor = torch.Tensor
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (lazy library init, caches)
 

@@ -40,6 +40,18 @@ import torch
 from ddt_fast.sampling.grid import adams_weights, guided, time_grid
 from ddt_fast.schedule import Schedule, every_step, from_steps, load_schedule, uniform
 
+__all__ = [
+    "Sampler",
+    "EulerSampler",
+    "AdamsSampler",
+    "AdamLMSampler",
+    "MODES",
+    "sample",
+    "make_noise",
+    "simple_guidance",
+    "resolve_schedule",
+]
+
 logger = logging.getLogger("ddt_fast")
 Tensor = torch.Tensor
 MODES = ("fast", "reference")

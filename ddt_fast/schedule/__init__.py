@@ -15,3 +15,8 @@ from ddt_fast.schedule.schedule import Schedule, every_step, from_steps, uniform
 from ddt_fast.schedule.solver import DPResult, solve
 
 __all__ = ["solve", "DPResult", "Schedule", "uniform", "every_step", "from_steps", "Calibration", "load_schedule"]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

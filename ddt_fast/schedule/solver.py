@@ -16,6 +16,8 @@ from ddt_fast.schedule import _ops  # noqa: F401  (registers the op's fake imple
 from ddt_fast.schedule.reference import solve_reference
 from ddt_fast.schedule.schedule import Schedule, _as_int
 
+__all__ = ["solve", "DPResult"]
+
 _OP = "dp_schedule_solve"
 _BACKENDS = ("auto", "fused", "reference")
 

@@ -16,6 +16,8 @@ import torch.nn as nn
 
 from ddt_fast import _torch_private
 
+__all__ = ["EMA"]
+
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t

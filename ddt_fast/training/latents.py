@@ -46,6 +46,8 @@ from ddt_fast.training.data import (
     scan_image_folder,
 )
 
+__all__ = ["extract_latents", "SETTINGS_NAME"]
+
 logger = logging.getLogger("ddt_fast")
 SETTINGS_NAME = "extract.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
