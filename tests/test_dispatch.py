@@ -323,6 +323,7 @@ def test_compiled_code_follows_the_override_of_each_caller(process_defaults):
     assert len(recorder.graphs) == 3
 
 
+@pytest.mark.slow
 def test_compiled_model_has_no_graph_break_under_an_override():
     from ddt_fast import models
 
