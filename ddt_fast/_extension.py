@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
+from ddt_fast import _torch_private
+
 logger = logging.getLogger("ddt_fast")
 
 _C = None
@@ -43,7 +45,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
     name = f"ddt_fast::{op}"
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
+        return _torch_private.dispatch_has_kernel(name, dispatch_key)
     except RuntimeError:  # op not registered at all
         return False
 
@@ -53,8 +55,5 @@ def registered_ops() -> list:
     if _C is None:
         return []
 
-    names = []
-    for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("ddt_fast::"):
-            names.append(schema.name.split("::", 1)[1])
-    return sorted(set(names) - {"build_marker"})
+    names = {name.split("::", 1)[1] for name in _torch_private.schema_names() if name.startswith("ddt_fast::")}
+    return sorted(names - {"build_marker"})

@@ -68,11 +68,7 @@ def info() -> Dict[str, Any]:
 def _dispatch_state() -> Dict[str, str]:
     from ddt_fast.ops import dispatch
 
-    return {
-        "backend": dispatch.get_backend(),
-        "attention": dispatch.get_attention_backend(),
-        "cpu_linear": dispatch.get_cpu_linear(),
-    }
+    return dict(dispatch.current()._asdict())
 
 
 def _cpu_huge_pages() -> Dict[str, Any]:

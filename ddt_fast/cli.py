@@ -17,6 +17,19 @@ import re
 import sys
 from typing import List, Optional, Tuple
 
+__all__ = [
+    "CliError",
+    "WEIGHTS_NAME",
+    "WEIGHT_SUFFIXES",
+    "SEED_RANGE",
+    "SAMPLING_DEFAULTS",
+    "OPTION_FLAGS",
+    "PUBLISHED_NAMES",
+    "SCHEDULE_SYNTAX",
+    "build_parser",
+    "main",
+]
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import ddt_fast
@@ -594,7 +607,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _earlier_calibration(path: str):
     """The calibration already at --out, if that is one (None when there is no file);
     anything else there is left to the no-overwrite check."""
-    from ddt_fast.sampling import Calibration
+    from ddt_fast.schedule import Calibration
 
     if not os.path.isfile(path):
         return None

@@ -15,6 +15,19 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
+__all__ = [
+    "ConfigError",
+    "PUBLISHED_SAMPLERS",
+    "PUBLISHED_SAMPLER_ARGS",
+    "PUBLISHED_SAMPLER_IGNORED",
+    "read_config",
+    "parse_value",
+    "apply_overrides",
+    "is_published_config",
+    "load_train_config",
+    "published_settings",
+]
+
 # published sampler arguments -> ddt-fast sample/calibrate options
 PUBLISHED_SAMPLER_ARGS = {
     "num_steps": "steps",
@@ -165,7 +178,7 @@ def published_settings(config: Mapping[str, Any], path: str = "config") -> Dict[
     `{"model": DDT constructor args, "sampler": "euler" | "adams",
     "options": {option: value}, "latent_size": int | None}`. Unknown
     denoiser or sampler arguments raise ConfigError naming them."""
-    from ddt_fast.models.presets import _constructor_args as constructor_args
+    from ddt_fast.models.presets import constructor_args
 
     if not is_published_config(config):
         raise ConfigError(

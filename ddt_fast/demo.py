@@ -35,6 +35,24 @@ import torch
 
 from ddt_fast._io import atomic_write_text
 
+__all__ = [
+    "DemoSettings",
+    "DEMO_FILES",
+    "DIGIT_SIDE",
+    "run_demo",
+    "real_digits",
+    "DigitsClassifier",
+    "frechet_distance",
+    "to_uint8",
+    "machine",
+    "check_out_dir",
+    "train_model",
+    "schedules",
+    "format_table",
+    "summary",
+    "report",
+]
+
 DIGIT_SIDE = 8
 
 

@@ -182,3 +182,27 @@ def test_cuda_graph_follows_in_place_weight_updates_and_recaptures_on_new_ones_c
     m2 = _tiny("cuda")
     sampler(m2, *inputs)
     assert sampler._graphs is not first
+
+
+def test_another_backend_choice_captures_its_own_graphs():
+    """A captured graph holds the kernels chosen at capture: a call under
+    another `use_backend` choice must not replay it."""
+    from ddt_fast import ops
+
+    m = _tiny()
+    graphs = StepGraphs(m, call_type=EagerReplayCall)
+    sampler = _with_replay_graphs(EulerSampler(**SETTINGS, schedule="every"), graphs)
+    with ops.use_backend("reference"):
+        ref = sampler(m, *_inputs())
+    captures = graphs.captures
+    with ops.use_backend("reference"):
+        assert torch.equal(sampler(m, *_inputs()), ref)
+    assert graphs.captures == captures
+    with ops.use_backend("fused", attention="sdpa"):
+        sampler(m, *_inputs())
+    assert graphs.captures == 2 * captures
+    outside = ops.dispatch.current()
+    assert {key[-1] for key in graphs.calls} == {
+        ("reference", outside.attention, outside.cpu_linear),
+        ("fused", "sdpa", outside.cpu_linear),
+    }

@@ -1,4 +1,4 @@
-"""DDT models: the model class, named presets, checkpoint I/O."""
+"""DDT models: the model class, named presets, checkpoint I/O, the VAE loader."""
 
 from ddt_fast.models.checkpoint import (
     CheckpointError,
@@ -10,7 +10,8 @@ from ddt_fast.models.checkpoint import (
     weights_digest,
 )
 from ddt_fast.models.ddt import DDT, DDTBlock, ModulationCache
-from ddt_fast.models.presets import PRESETS, create, match_preset, preset_config, preset_names
+from ddt_fast.models.presets import PRESETS, constructor_args, create, match_preset, preset_config, preset_names
+from ddt_fast.models.vae import load_vae
 
 __all__ = [
     "DDT",
@@ -21,6 +22,7 @@ __all__ = [
     "match_preset",
     "preset_config",
     "preset_names",
+    "constructor_args",
     "CheckpointError",
     "load_checkpoint",
     "read_state_dict",
@@ -28,4 +30,10 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "weights_digest",
+    "load_vae",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

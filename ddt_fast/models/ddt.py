@@ -18,6 +18,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddt_fast import ops
+from ddt_fast.models._pretrained import PretrainedMixin
+
+__all__ = [
+    "DDT",
+    "DDTBlock",
+    "ModulationCache",
+    "Linear",
+    "RMSNorm",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "Attention",
+    "FeedForward",
+    "FinalLayer",
+    "run_blocks",
+]
 
 Tensor = torch.Tensor
 
@@ -248,7 +264,7 @@ class FinalLayer(nn.Module):
         return self.linear(ops.layer_norm_modulate(x, shift, scale, self.eps))
 
 
-class DDT(nn.Module):
+class DDT(PretrainedMixin, nn.Module):
     """Decoupled Diffusion Transformer; the first `num_encoder_blocks` blocks
     form the condition encoder, the rest the velocity decoder.
 
@@ -256,7 +272,8 @@ class DDT(nn.Module):
     `deep_supervision`, `weight_path` and `load_ema` are accepted for
     compatibility with the published class and do not change the math
     (output channels are always `in_channels`); use `ddt_fast.load_checkpoint`
-    to load weights.
+    to load weights. `save_pretrained` / `from_pretrained` come from
+    `PretrainedMixin` (`_pretrained.py`).
     """
 
     def __init__(
@@ -312,21 +329,6 @@ class DDT(nn.Module):
             "patch_size": self.patch_size,
             "num_classes": self.num_classes,
         }
-
-    def save_pretrained(self, folder: str, overwrite: bool = False) -> None:
-        """Write `config.json` + `model.safetensors` to `folder` (atomically;
-        existing files there are replaced only with `overwrite=True`)."""
-        from ddt_fast.models.checkpoint import save_pretrained
-
-        save_pretrained(self, folder, overwrite=overwrite)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> "DDT":
-        """Load a save_pretrained folder, a checkpoint file or a hub id; see
-        `ddt_fast.models.checkpoint.from_pretrained` for the options."""
-        from ddt_fast.models.checkpoint import from_pretrained
-
-        return from_pretrained(name_or_path, **kwargs)
 
     @property
     def encoder_blocks(self):

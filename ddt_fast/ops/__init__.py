@@ -18,16 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from ddt_fast.ops import dispatch, fused, reference  # noqa: F401  (fused: registrations)
+from ddt_fast.ops.cpu_linear import float32_linear
 from ddt_fast.ops.dispatch import (
+    auto_uses_fused,
     get_attention_backend,
     get_backend,
     get_cpu_linear,
+    has_fused_kernel,
     set_attention_backend,
     set_backend,
     set_cpu_linear,
     use_backend,
 )
-from ddt_fast.ops.float32_linear import float32_linear
 
 Tensor = torch.Tensor
 
@@ -295,6 +297,7 @@ __all__ = [
     "qk_norm_rope",
     "attention",
     "qkv_attention",
+    "QKV_ATTENTION_K_PREPASS",
     "plan",
     "reference",
     "dispatch",
@@ -303,7 +306,14 @@ __all__ = [
     "get_attention_backend",
     "set_attention_backend",
     "use_backend",
+    "has_fused_kernel",
+    "auto_uses_fused",
     "linear",
     "get_cpu_linear",
     "set_cpu_linear",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ddt_fast import _torch_private
+
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUPPORTED = "float32, float64, float16, bfloat16"
 NONE, RMS, LAYER = 0, 1, 2
@@ -48,9 +50,9 @@ def _dt(dtype) -> str:
 
 
 def check(cond, message) -> None:
-    """`torch._check`: a RuntimeError with `message()` unless `cond`
-    (symbolic sizes become a guard or a runtime assertion)."""
-    torch._check(cond, message)
+    """A RuntimeError with `message()` unless `cond` (symbolic sizes become a
+    guard or a runtime assertion): `torch._check`."""
+    _torch_private.check(cond, message)
 
 
 def dtype_of(t, name: str) -> None:

@@ -14,6 +14,8 @@ import torch
 from ddt_fast import _extension
 from ddt_fast.ops import _checks
 
+__all__ = ["register"]
+
 _NONE, _RMS, _LAYER = _checks.NONE, _checks.RMS, _checks.LAYER
 
 

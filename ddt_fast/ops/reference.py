@@ -12,6 +12,20 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "rms_norm",
+    "modulate",
+    "rms_norm_modulate",
+    "layer_norm_modulate",
+    "gated_residual",
+    "gated_residual_rms_norm_modulate",
+    "swiglu",
+    "rope_frequencies",
+    "apply_rope",
+    "qk_norm_rope",
+    "attention",
+]
+
 Tensor = torch.Tensor
 
 

@@ -11,6 +11,8 @@ the commit that was tested.
 
 from typing import Dict, NamedTuple, Tuple
 
+__all__ = ["Verified", "VERIFIED", "SLOWER_ON_GPU", "is_verified", "auto_on_gpu"]
+
 
 class Verified(NamedTuple):
     op: str

@@ -3,9 +3,12 @@
 A sampling step is a few model calls on fixed shapes: the encoder on both CFG
 halves or on one, the decoder with or without cached modulations, or (the
 published path) `net(x, t, y[, s])`. Each distinct call, keyed by its kind,
-its inputs' shapes/dtypes and the autocast state, is captured once into a
-CUDA graph with static input buffers; later steps copy their inputs into the
-buffers and replay it: one launch instead of hundreds of kernel launches.
+its inputs' shapes/dtypes, the autocast state and the op backends in effect
+(`ddt_fast.ops.dispatch.current()`), is captured once into a CUDA graph with
+static input buffers; later steps copy their inputs into the buffers and
+replay it: one launch instead of hundreds of kernel launches. (A graph holds
+the kernels chosen when it was captured, so a call under another
+`use_backend` choice captures its own graph.)
 
 - Outputs are cloned out of the graph's static buffers, so the sampler can
   keep them (a self-condition reused over a window, the Adams history).
@@ -27,7 +30,11 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+
+from ddt_fast._torch_private import tree_leaves, tree_map
+from ddt_fast.ops.dispatch import current as current_backends
+
+__all__ = ["StepGraphs", "CUDAGraphCall", "EagerReplayCall", "WARMUP_RUNS"]
 
 Tensor = torch.Tensor
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (lazy library init, caches)
@@ -100,7 +107,8 @@ class StepGraphs:
 
     def _key(self, kind: str, inputs: Sequence[Tensor]) -> Tuple:
         device_type = inputs[0].device.type
-        return (kind, tuple((tuple(t.shape), t.dtype) for t in inputs), _autocast_state(device_type))
+        shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        return (kind, shapes, _autocast_state(device_type), current_backends())
 
     def _entry(self, key: Tuple, fn: Callable, inputs: Sequence[Tensor]):
         """The captured call for `key` (capturing it on first use) and its static inputs."""

@@ -7,6 +7,8 @@ from typing import List
 
 import torch
 
+__all__ = ["time_grid", "shift_time", "guided", "adams_weights"]
+
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """t' = t / (t + (1 - t) * shift); shift = 1 is the identity."""

@@ -42,6 +42,8 @@ from ddt_fast.models import weights_digest
 from ddt_fast.sampling.outputs import decode_latents, make_grid, save_npz, save_png
 from ddt_fast.sampling.samplers import make_noise
 
+__all__ = ["sample_to_folder", "run_settings", "SHARD_DIR", "MANIFEST_NAME"]
+
 logger = logging.getLogger("ddt_fast")
 
 SHARD_DIR = "shards"

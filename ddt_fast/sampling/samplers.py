@@ -38,7 +38,19 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from ddt_fast.sampling.grid import adams_weights, guided, time_grid
-from ddt_fast.schedule import Schedule, every_step, uniform
+from ddt_fast.schedule import Schedule, every_step, from_steps, load_schedule, uniform
+
+__all__ = [
+    "Sampler",
+    "EulerSampler",
+    "AdamsSampler",
+    "AdamLMSampler",
+    "MODES",
+    "sample",
+    "make_noise",
+    "simple_guidance",
+    "resolve_schedule",
+]
 
 logger = logging.getLogger("ddt_fast")
 Tensor = torch.Tensor
@@ -63,12 +75,8 @@ def resolve_schedule(schedule, num_steps: int, refresh_rate: int) -> Schedule:
     elif isinstance(schedule, str) and schedule.startswith("uniform:"):
         result = uniform(num_steps, int(schedule.split(":", 1)[1]))
     elif isinstance(schedule, (str, os.PathLike)):
-        from ddt_fast.sampling.calibration import load_schedule
-
         result = load_schedule(schedule)
     elif isinstance(schedule, Sequence):
-        from ddt_fast.schedule import from_steps
-
         result = from_steps(schedule, num_steps)
     else:
         raise TypeError(
@@ -96,7 +104,7 @@ def _number(name: str, value) -> float:
     return number
 
 
-class _Sampler:
+class Sampler:
     """Shared loop of the Euler and Adams samplers (see the module docstring)."""
 
     def __init__(
@@ -344,11 +352,11 @@ class _Sampler:
                     )
 
 
-class EulerSampler(_Sampler):
+class EulerSampler(Sampler):
     """Euler ODE sampler (the published default): `x <- x + v * dt` every step."""
 
 
-class AdamsSampler(_Sampler):
+class AdamsSampler(Sampler):
     """Adams-Bashforth multistep sampler: step i combines the last
     `min(order, i + 1)` guided velocities with Lagrange-integral weights
     (order 1 is Euler)."""
@@ -416,7 +424,7 @@ def sample(
     classes: Union[Sequence[int], Tensor],
     seeds: Optional[Sequence[int]] = None,
     *,
-    sampler: Optional[_Sampler] = None,
+    sampler: Optional[Sampler] = None,
     latent_size: Optional[int] = None,
     device=None,
 ) -> Tensor:

@@ -22,6 +22,8 @@ from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
+__all__ = ["solve_reference", "solve_published_style", "schedule_cost", "brute_force", "BruteForce"]
+
 
 def _as_float64_array(sim) -> np.ndarray:
     if hasattr(sim, "detach"):  # a torch tensor, possibly on a GPU

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ddt_fast._io import atomic_write_text
 
+__all__ = ["Schedule", "KINDS", "every_step", "uniform", "from_steps"]
+
 KINDS = ("every", "uniform", "dp", "explicit")
 _FORMAT = "ddt_fast.schedule"
 _VERSION = 1

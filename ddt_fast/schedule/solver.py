@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from ddt_fast import _extension
-from ddt_fast.ops import dispatch
-from ddt_fast.ops.verified import is_verified
+from ddt_fast.ops import auto_uses_fused, get_backend, has_fused_kernel
 from ddt_fast.schedule import _ops  # noqa: F401  (registers the op's fake implementation)
 from ddt_fast.schedule.reference import solve_reference
 from ddt_fast.schedule.schedule import Schedule, _as_int
+
+__all__ = ["solve", "DPResult"]
 
 _OP = "dp_schedule_solve"
 _BACKENDS = ("auto", "fused", "reference")
@@ -138,7 +139,7 @@ def _check_finite(sim: torch.Tensor, batched: bool) -> None:
 
 def _backend(backend) -> str:
     if backend is None:
-        return dispatch.get_backend()
+        return get_backend()
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     return backend
@@ -174,16 +175,16 @@ def solve(sim, k_max: int, *, backend: str | None = None) -> DPResult:
 
     mode = _backend(backend)
     device = t3.device
-    has_kernel = device.type in ("cpu", "cuda") and dispatch._has_fused(_OP, device.type)
+    has_kernel = has_fused_kernel(_OP, device)
     if mode == "fused" and not has_kernel:
         raise RuntimeError(
             f"no compiled {_OP} kernel for {device.type} tensors "
             f"(extension loaded: {_extension.available()}); build ddt_fast._C or use backend='reference'"
         )
     op = torch.ops.ddt_fast.dp_schedule_solve if _extension.available() else None
-    if mode == "fused" or (mode == "auto" and has_kernel and (device.type == "cpu" or is_verified(_OP))):
+    if mode == "fused" or (mode == "auto" and auto_uses_fused(_OP, device)):
         cost, steps = op(t3, k_max)
-    elif mode == "auto" and dispatch._has_fused(_OP, "cpu"):
+    elif mode == "auto" and has_fused_kernel(_OP, "cpu"):
         # A CUDA kernel not yet GPU-verified (ops/verified.py): solve on the CPU.
         cost, steps = (x.to(device) for x in op(t3.cpu(), k_max))
     else:

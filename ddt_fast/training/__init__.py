@@ -68,3 +68,8 @@ __all__ = [
     "verify_checksum",
     "init_distributed",
 ]
+
+
+def __dir__():
+    """Only the API (PEP 562): not the modules and helpers used to build it."""
+    return sorted(__all__)

@@ -45,6 +45,28 @@ from ddt_fast._io import (
 )
 from ddt_fast.models.checkpoint import EMA_PREFIX, MODEL_PREFIX, PROJ_PREFIX, CheckpointError, verify_checksum
 
+__all__ = [
+    "FORMAT",
+    "CKPT_DIR",
+    "CORRUPT_SUFFIX",
+    "checkpoint_path",
+    "list_checkpoints",
+    "prune",
+    "clean_checkpoint_dir",
+    "rng_state",
+    "set_rng_state",
+    "lightning_state_dict",
+    "save_checkpoint",
+    "load_training_checkpoint",
+    "move_aside",
+    "find_resumable",
+    "newest_verified",
+    "split_weights",
+    "save_lightning",
+    "export_lightning",
+    "verify_checksum",
+]
+
 logger = logging.getLogger("ddt_fast")
 FORMAT = "ddt_fast.train/1"
 CKPT_DIR = "checkpoints"

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+__all__ = ["TrainConfig", "TIME_SAMPLINGS", "PRECISIONS", "STRATEGIES", "LATENT_SAMPLINGS"]
+
 TIME_SAMPLINGS = ("lognorm", "uniform")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")

@@ -34,6 +34,24 @@ import torch
 
 from ddt_fast._io import sha256_file
 
+__all__ = [
+    "DatasetError",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "LatentDataset",
+    "SampleOrder",
+    "StepBatches",
+    "open_dataset",
+    "INDEX_NAME",
+    "IMAGE_EXTENSIONS",
+    "center_crop",
+    "load_image",
+    "scan_image_folder",
+    "files_digest",
+    "read_index",
+    "check_shard",
+]
+
 Tensor = torch.Tensor
 INDEX_NAME = "index.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")

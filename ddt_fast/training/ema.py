@@ -14,6 +14,10 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from ddt_fast import _torch_private
+
+__all__ = ["EMA"]
+
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -33,8 +37,8 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         if len(params) != len(self._shadow):
             raise ValueError(f"EMA tracks {len(self._shadow)} parameters, the model has {len(params)}")
-        torch._foreach_mul_(self._shadow, self.decay)
-        torch._foreach_add_(self._shadow, params, alpha=1.0 - self.decay)
+        _torch_private.foreach_mul_(self._shadow, self.decay)
+        _torch_private.foreach_add_(self._shadow, params, alpha=1.0 - self.decay)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Full (gathered) shadow weights on the CPU, keyed like the model's state dict."""

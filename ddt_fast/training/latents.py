@@ -36,6 +36,7 @@ from ddt_fast._distributed import barrier_fn, rank_world
 from ddt_fast._io import atomic_write_checked, atomic_write_text, read_checksum, remove_stale_temps, sha256_file
 from ddt_fast._progress import progress_bar
 from ddt_fast.models import weights_digest
+from ddt_fast.models.vae import load_vae
 from ddt_fast.training.data import (
     INDEX_NAME,
     DatasetError,
@@ -44,6 +45,8 @@ from ddt_fast.training.data import (
     files_digest,
     scan_image_folder,
 )
+
+__all__ = ["extract_latents", "SETTINGS_NAME"]
 
 logger = logging.getLogger("ddt_fast")
 SETTINGS_NAME = "extract.json"
@@ -105,8 +108,6 @@ def extract_latents(
     classes, files, labels = scan_image_folder(image_folder)
     vae_name = vae if isinstance(vae, str) else type(vae).__name__
     if isinstance(vae, str):
-        from ddt_fast.sampling.outputs import load_vae
-
         vae = load_vae(vae, dtype=vae_dtype)
     vae_digest = weights_digest(vae)
     dev = (

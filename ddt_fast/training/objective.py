@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from ddt_fast.training.repa import Projector, RepaHook, cosine_alignment_loss, resize_features
 
+__all__ = ["DiffusionTrainer", "TrainModule", "StepDraws", "step_seed", "sample_time", "interpolate"]
+
 Tensor = torch.Tensor
 
 

@@ -20,6 +20,17 @@ import torch.nn.functional as F
 
 from ddt_fast.models.ddt import Linear
 
+__all__ = [
+    "Projector",
+    "RepaHook",
+    "DINOv2Features",
+    "DINOV2_MODELS",
+    "check_align_layer",
+    "resize_features",
+    "cosine_alignment_loss",
+    "load_feature_encoder",
+]
+
 Tensor = torch.Tensor
 
 DINOV2_MODELS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}

@@ -52,6 +52,17 @@ from ddt_fast.training.ema import EMA
 from ddt_fast.training.objective import DiffusionTrainer, StepDraws, TrainModule
 from ddt_fast.training.repa import check_align_layer, load_feature_encoder
 
+__all__ = [
+    "Trainer",
+    "train",
+    "NonFiniteLossError",
+    "MetricsLogError",
+    "CONFIG_NAME",
+    "METRICS_NAME",
+    "INPUTS_NAME",
+    "LIGHTNING_PATH",
+]
+
 logger = logging.getLogger("ddt_fast")
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+__all__ = ["Float32Linear", "float32_linear"]
+
 Tensor = torch.Tensor
 
 
