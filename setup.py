@@ -86,6 +86,36 @@ def _cpu_arch_flags():
     return [f"-march={arch}"] if arch else []
 
 
+def _kernel_digest_module():
+    """ddt_fast/_kernel_digest.py, loaded by path (the package itself imports
+    torch and the extension this script is about to build)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kernel_digest", os.path.join(ROOT, "ddt_fast", "_kernel_digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_kernel_digests(kd, folder):
+    """The digests of the CUDA sources about to be compiled, as a generated
+    header the extension embeds (rewritten only when they change, so an
+    unchanged tree rebuilds nothing)."""
+    text = kd.header_text(kd.op_digests(kd.tree_reader(ROOT)))
+    path = os.path.join(folder, "ddt_fast_kernel_digests.h")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _version():
     ns = {}
     with open(os.path.join(ROOT, "ddt_fast", "_version.py")) as f:
@@ -121,18 +151,16 @@ def _extension():
     # which the ninja shell line would mangle); csrc/torch stringifies it.
     arch_token = "_".join(a for a in archs.replace(";", " ").split())
     cxx += ["-DDDT_FAST_WITH_CUDA", f"-DDDT_FAST_CUDA_ARCHS={arch_token}"]
-    nvcc = [
-        "-O3",
-        "-std=c++20",
-        "-lineinfo",
-        "-DDDT_FAST_WITH_CUDA",
-        "--expt-relaxed-constexpr",
-        "-Xptxas=-warn-spills",
-    ]
+    # The nvcc flags are part of each op's kernel digest (ddt_fast/_kernel_digest.py),
+    # which the extension embeds so that `auto` can match it against GPU-verified code.
+    kd = _kernel_digest_module()
+    nvcc = list(kd.NVCC_FLAGS)
+    generated = os.path.join(ROOT, "build", "generated")
+    _write_kernel_digests(kd, generated)
     return CUDAExtension(
         "ddt_fast._C",
         cpu_sources + cuda_sources,
-        include_dirs=include_dirs,
+        include_dirs=include_dirs + [generated],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
     )

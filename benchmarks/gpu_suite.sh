@@ -126,6 +126,15 @@ TEST_LIMIT=900
 stage cuda_tests "$TEST_LIMIT" "$PYTHON" -m pytest -m cuda -p no:cacheprovider -q -rs \
     --continue-on-collection-errors --junitxml "$OUT/cuda_tests.xml" ${TEST_PATHS:-tests}
 grep -E "passed|failed|error|skipped|no tests ran" "$OUT/cuda_tests.log" | tail -n 1 | sed 's/^/   /'
+# Record the ops whose cuda tests all passed as GPU-verified at the digest of the code just
+# built (ddt_fast/gpu_verified.json; commit it); a dry run only prints the statuses.
+if [[ $DEVICE == cuda && -s "$OUT/cuda_tests.xml" ]]; then
+    SUMMARY=$(grep -E "passed|failed" "$OUT/cuda_tests.log" | tail -n 1 | tr -d '=' | xargs)
+    stage record_verified 60 "$PYTHON" -m ddt_fast.ops.verified record --junit "$OUT/cuda_tests.xml" \
+        --suite "pytest -m cuda: ${SUMMARY:-see cuda_tests.log}" --commit "$(git rev-parse --short HEAD 2>/dev/null)"
+fi
+"$PYTHON" -m ddt_fast.ops.verified 2>&1 | tee "$OUT/verified.log" | sed 's/^/   /'
+cp ddt_fast/gpu_verified.json "$OUT/gpu_verified.json"  # the records travel with the results
 
 # -- 3. benchmarks ------------------------------------------------------------------------------
 BENCH_ARGS=(--out "$OUT" --device "$DEVICE")

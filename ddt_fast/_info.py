@@ -40,6 +40,7 @@ def info() -> Dict[str, Any]:
         build = dict(_extension._C.build_info())
         archs = build.pop("cuda_archs", "")
         build["cuda_archs"] = [a for a in archs.split("_") if a]
+        build.pop("cuda_kernel_digests", None)  # shown per op under cuda_kernels
         build["gpu_images"] = _gpu_image_summary(_extension._C.__file__)
         report["build"] = build
         report["kernels"] = {
@@ -55,10 +56,16 @@ def info() -> Dict[str, Any]:
     }
     if torch.cuda.is_available():
         report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
-    from ddt_fast.ops.verified import SLOWER_ON_GPU, VERIFIED
+    from ddt_fast.ops import verified
 
-    report["gpu_verified"] = [row._asdict() for row in VERIFIED]
-    report["gpu_auto_off"] = dict(SLOWER_ON_GPU)  # verified, but measured slower: forced use only
+    # Per CUDA kernel: whether `auto` may use it on a GPU, and why (ops/verified.py).
+    report["cuda_kernels"] = {}
+    for op in sorted(verified.KERNEL_SOURCES):
+        st = verified.status(op)
+        digest = verified.built_digests().get(op)
+        where = f" [{digest[:12]}]" if digest else ""
+        slower = f"; auto leaves it off: {verified.SLOWER_ON_GPU[op]}" if op in verified.SLOWER_ON_GPU else ""
+        report["cuda_kernels"][op] = f"{st.state}{where}: {st.reason}{slower}"
     report["cuda_devices"] = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     )

@@ -133,6 +133,8 @@ def test_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert suite["stages"]["cuda_tests"]["rc"] == 0 and suite["stages"]["benchmarks"]["rc"] == 0
     assert suite["benchmarks"]["dp"]["rc"] == 0 and (out / "dp.json").exists()
     assert "skipped" in (out / "cuda_tests.log").read_text()  # the cuda tests skip on a CPU
+    assert "rms_norm_modulate" in (out / "verified.log").read_text()  # every op's verification status
+    assert (out / "gpu_verified.json").read_text() == open(os.path.join(ROOT, "ddt_fast", "gpu_verified.json")).read()
     assert "gpu_suite summary" in r.stdout and "failed or unfinished: none" in r.stdout
 
 

@@ -42,6 +42,7 @@ PART_LAYER = {
     "ddt_fast._distributed": "base",
     "ddt_fast._version": "base",
     "ddt_fast._fatbin": "base",
+    "ddt_fast._kernel_digest": "base",
     "ddt_fast.ops": "ops",
     "ddt_fast.models": "models",
     "ddt_fast.schedule": "loops",
