@@ -114,44 +114,6 @@ def test_qk_norm_rope_nan_and_inf_propagate_like_the_reference(dtype):
         assert outs[0][..., 8:10].isnan().all()  # the NaN weight's rotary pair, every token
 
 
-_F16_SCRIPT = """
-import sys, torch
-import ddt_fast
-from ddt_fast.ops import reference
-torch.manual_seed(0)
-out = {}
-for H, D in ((2, 8), (3, 36), (12, 64), (16, 72)):  # D % 8 == 4 leaves a scalar tail
-    qkv = torch.randn(3, 35, 3 * H * D).half() * 2
-    rope = torch.view_as_real(reference.rope_frequencies(5, 7, D))
-    for wdtype in (torch.float16, torch.float32):
-        qw, kw = (1 + 0.2 * torch.randn(D)).to(wdtype), (1 + 0.2 * torch.randn(D)).to(wdtype)
-        out[(D, str(wdtype))] = torch.ops.ddt_fast.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6)
-torch.save(out, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_qk_norm_rope_float16_in_loop_conversion_matches_staged(tmp_path):
-    """The float16 forward converts with F16C inside its loops where the build
-    has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging of each
-    token through float (the path of builds without it). Same rounding
-    points: v bit for bit, q and k almost all equal (the rotation's two
-    products may fuse differently) and within float16's tolerance."""
-    from script_outputs import script_outputs
-
-    outs = {
-        mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode})
-        for mode in ("default", "staged")
-    }
-    assert outs["default"].keys() == outs["staged"].keys()
-    for key, (q, k, v) in outs["default"].items():
-        q_s, k_s, v_s = outs["staged"][key]
-        assert torch.equal(v, v_s), key
-        for a, b in ((q, q_s), (k, k_s)):
-            assert (a == b).float().mean().item() > 0.99, key
-            close(a, b, torch.float16)
-
-
 def _loss_grads(fn, inputs, seed=1):
     inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     outs = fn(*inputs)

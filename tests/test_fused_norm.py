@@ -5,7 +5,6 @@ import itertools
 import pytest
 import torch
 
-from script_outputs import script_outputs
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
@@ -83,7 +82,7 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
         ops.rms_norm_modulate(x, weight, s32, c32, 1e-6), reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype
     )
     # backward, float32 weight with 16-bit modulation (autocast; the bfloat16
-    # word loops) and with float32 modulation (read in place by the float16 staging)
+    # word loops) and with float32 modulation
     y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
     rms = (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6))
     grn = (
@@ -191,58 +190,6 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
             finite = a.isfinite()
             close(a[finite], b[finite], dtype, scale=2.0)
         assert outs[0][..., 13].isnan().all() and outs[4][..., 13].isnan().all()
-
-
-_F16_SCRIPT = """
-import sys, torch
-from ddt_fast import _extension
-assert _extension.available()
-f = torch.ops.ddt_fast
-torch.manual_seed(0)
-out = {}
-for C in (8, 73, 768, 1155):
-    for mod_dtype in (torch.float16, torch.float32):
-        for per_token in (False, True):
-            B, L = 2, 9
-            x, y = torch.randn(B, L, C, dtype=torch.float16) * 2, torch.randn(B, L, C, dtype=torch.float16)
-            w = (1 + 0.1 * torch.randn(C)).to(mod_dtype)
-            m = (torch.randn(B, L if per_token else 1, 3 * C) * 0.5).to(mod_dtype)
-            leaves = [t.requires_grad_() for t in (x, y, w, m)]
-            sh, sc, g = m.chunk(3, -1)
-            outs = [f.rms_norm_modulate(x, w, sh, sc, 1e-6), f.layer_norm_modulate(x, sh, sc, 1e-6),
-                    f.gated_residual(x, g, y), *f.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)]
-            loss = sum((o.float() * torch.randn(o.shape)).sum() for o in outs)
-            loss.backward()
-            out[(C, str(mod_dtype), per_token)] = [o.detach() for o in outs] + [t.grad for t in leaves]
-torch.save(out, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_float16_in_loop_conversion_matches_staged(tmp_path):
-    """The float16 forward and backward convert with F16C inside their row
-    loops where the build has F16C; DDT_FAST_CPU_F16_FORWARD=staged and
-    DDT_FAST_CPU_F16_BACKWARD=staged select the staging through float rows
-    (the paths of builds without it). Both must agree: x' bit for bit, the
-    normalised outputs up to the order of the row sums (almost all elements
-    equal), the gradients within float16's tolerance; widths with and
-    without a tail of C % 8, float16 and float32 modulation and weight."""
-    outs = {
-        mode: script_outputs(
-            _F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode, "DDT_FAST_CPU_F16_BACKWARD": mode}
-        )
-        for mode in ("default", "staged")
-    }
-    assert outs["default"].keys() == outs["staged"].keys()
-    for key, results in outs["default"].items():
-        for i, (a, b) in enumerate(zip(results, outs["staged"][key])):
-            if i in (2, 3):  # x' of gated_residual and of the fused form: no sums involved
-                assert torch.equal(a, b), (key, i)
-            if i < 5:  # forward outputs
-                assert (a == b).float().mean().item() > 0.98, (key, i)
-                close(a, b, torch.float16)
-            else:  # gradients of x, y, the weight and the modulation (sums over rows and ops)
-                close_relative(a, b, torch.float16, 2.0)
 
 
 def _grads(fn, inputs):

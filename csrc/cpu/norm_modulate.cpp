@@ -8,10 +8,7 @@
 #include "cpu_helpers.h"
 #include "ddt/dtype_dispatch.h"
 
-#include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -155,9 +152,8 @@ void with_kind(NormKind k, Fn&& fn, Flags... flags) {
 
 // The forward's two passes over a row, element by element, so that one loop
 // can run pass 2 of row r together with pass 1 of row r + 1.
-// T, W, M: the element types read and written; R: the type whose rounding
-// points apply (T itself, or float16 for float16 rows staged as float).
-template <class T, class W, class M, class R, bool kResidual>
+// T, W, M: the element types read and written.
+template <class T, class W, class M, bool kResidual>
 struct ForwardRow {
   using A = acc_t<T>;
   // Pass 1 operands: x (and y, gate, x_out for the residual form); buf
@@ -189,7 +185,7 @@ struct ForwardRow {
   // Pass 1 at c: the value the norm reads (x' as stored, or x widened).
   A first(int64_t c) const {
     if constexpr (kResidual) {
-      const T v = store_rounded<T, R>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
+      const T v = store<T>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
       x_out[c] = v;
       widen.buf[c] = load<A>(v);
       return widen.buf[c];
@@ -203,7 +199,7 @@ struct ForwardRow {
   // LayerNorm the multiply by one (same values).
   template <NormKind K>
   void second(int64_t c, const A* __restrict w) const {
-    const A n = round_to<R>((K == NormKind::rms ? xrow[c] : xrow[c] - mean) * rinv);
+    const A n = round_to<T>((K == NormKind::rms ? xrow[c] : xrow[c] - mean) * rinv);
     out[c] = store<T>(nm::modulate<A>(n, K == NormKind::rms ? w[c] : A(1), load<A>(shift[c]), load<A>(scale[c])));
   }
 };
@@ -213,7 +209,7 @@ struct ForwardRow {
 // statistics): a pass over one row alone keeps too few memory streams in
 // flight to reach DRAM bandwidth on large inputs. xbuf: 2 * C scratch; w: the
 // weight row in the accumulation type (ones for the weight-free LayerNorm).
-template <class T, class W, class M, class R>
+template <class T, class W, class M>
 void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>* xbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
   const int64_t C = p.C;
@@ -224,7 +220,7 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
   with_kind(
       p.kind,
       [&](auto kind, auto residual_c) {
-        using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
+        using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
         constexpr NormKind K = decltype(kind)::value;
         if (r0 >= r1) return;
         Row cur(p, r0, xbuf);
@@ -266,7 +262,7 @@ void forward_impl(const NormModulateForward& p) {
     const auto [r0, r1] = thread_rows(p.B * p.L);
     std::vector<A> xbuf(2 * p.C);
     const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
-    forward_rows<T, W, M, T>(p, r0, r1, xbuf.data(), w.data());
+    forward_rows<T, W, M>(p, r0, r1, xbuf.data(), w.data());
   }
 }
 
@@ -444,186 +440,6 @@ void forward(const NormModulateForward& p) {
 
 }  // namespace pairs
 
-// Staging of float16 operands (see staged_v): blocks of rows of one sample,
-// [n, C] float rows per operand, sized to stay in the L2 cache.
-struct StagedBlocks {
-  int64_t C, max_rows;
-  std::vector<float> buf;
-  int64_t used = 0;
-
-  StagedBlocks(int64_t C, int operands) : C(C) {
-    constexpr int64_t kStageBytes = 256 * 1024;
-    max_rows = std::max<int64_t>(1, kStageBytes / (int64_t(operands) * C * int64_t(sizeof(float))));
-    buf.resize(size_t(operands) * size_t(max_rows) * size_t(C));
-  }
-  // fn(b, l0, n) for blocks of rows [r0, r1) of a [B, L] grid: rows l0 .. l0 + n
-  // of sample b, at most max_rows and never across samples; the buffer is
-  // free again for every block.
-  template <class Fn>
-  void for_each_block(int64_t r0, int64_t r1, int64_t L, Fn&& fn) {
-    for (int64_t r = r0; r < r1;) {
-      const int64_t b = r / L, l0 = r % L;
-      const int64_t n = std::min({r1 - r, L - l0, max_rows});
-      used = 0;
-      fn(b, l0, n);
-      r += n;
-    }
-  }
-  float* take(int64_t rows) {
-    float* p = buf.data() + used;
-    used += rows * C;
-    return p;
-  }
-  // Rows [l0, l0 + n) of sample b of operand r (stored as S), readable as
-  // float rows of a one-sample problem: the operand itself when it is float,
-  // else its rows widened into the buffer (one row when per sample).
-  template <class S>
-  Rows in(const Rows& r, int64_t b, int64_t l0, int64_t n) {
-    if (!r.ptr) return r;
-    const S* src = row<S>(r, b, l0);
-    if constexpr (std::is_same_v<S, float>) {
-      return {src, 0, r.stride_l};
-    } else {
-      const int64_t rows = r.per_token() ? n : 1;
-      float* dst = take(rows);
-      for (int64_t i = 0; i < rows; ++i) widen_to_float(src + i * r.stride_l, dst + i * C, C);
-      return {dst, 0, r.per_token() ? C : 0};
-    }
-  }
-  // Where a one-sample problem writes rows that end up in (b, l0 + i) of out.
-  template <class S>
-  MutRows out(const MutRows& o, int64_t b, int64_t l0, int64_t n) {
-    if (!o.ptr) return o;
-    if constexpr (std::is_same_v<S, float>) return {row<S>(o, b, l0), 0, o.stride_l};
-    return {take(n), 0, C};
-  }
-  // Narrows the staged rows of `staged` into out (no-op when out is float).
-  template <class S>
-  void narrow(const MutRows& staged, const MutRows& o, int64_t b, int64_t l0, int64_t n) const {
-    if constexpr (!std::is_same_v<S, float>) {
-      if (!o.ptr) return;
-      for (int64_t i = 0; i < n; ++i)
-        narrow_from_float(static_cast<const float*>(staged.ptr) + i * C, row<S>(o, b, l0 + i), C);
-    }
-  }
-};
-
-// float16 x: each thread stages blocks of its rows and runs the float loops
-// with float16 rounding points on them.
-template <class W, class M>
-void forward_staged(const NormModulateForward& p) {
-  using T = f16_t;
-  const int64_t C = p.C;
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    std::vector<float> xbuf(2 * C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, C);
-    StagedBlocks stage(C, 7);
-    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
-      NormModulateForward s = p;
-      s.B = 1;
-      s.L = n;
-      s.x = stage.in<T>(p.x, b, l0, n);
-      s.y = stage.in<T>(p.y, b, l0, n);
-      s.gate = stage.in<M>(p.gate, b, l0, n);
-      s.shift = stage.in<M>(p.shift, b, l0, n);
-      s.scale = stage.in<M>(p.scale, b, l0, n);
-      s.out = stage.out<T>(p.out, b, l0, n);
-      s.x_out = stage.out<T>(p.x_out, b, l0, n);
-      forward_rows<float, float, float, T>(s, 0, n, xbuf.data(), w.data());
-      stage.narrow<T>(s.out, p.out, b, l0, n);
-      stage.narrow<T>(s.x_out, p.x_out, b, l0, n);
-    });
-  }
-}
-
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 forward with the F16C conversions inside the row loops (f16x8 in
-// cpu_helpers.h) instead of staging blocks of rows through float (see
-// forward_staged): no extra passes through the staging rows. Rows of C % 8
-// left-over elements finish in scalar code with the same math.
-namespace f16c {
-
-using namespace f16x8;
-
-// Rows [r0, r1) of p by the calling thread (x float16, modulation M). Pass 1
-// (x' stored, the values the norm reads kept in xbuf as float, their sums),
-// then pass 2 (normalise, round to float16, modulate, store). w: the weight
-// row as float (ones without one); xbuf: C floats.
-template <class M, bool kResidual>
-void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w, float* __restrict xbuf) {
-  const int64_t C = p.C, C8 = C - C % 8;
-  const bool norm = p.kind != NormKind::none;
-  const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
-  const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
-  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / p.L, l = r % p.L;
-    shift_ahead(r + 1, r1);
-    scale_ahead(r + 1, r1);
-    gate_ahead(r + 1, r1);
-    const f16_t* __restrict x = row<f16_t>(p.x, b, l);
-    const f16_t* __restrict y = kResidual ? row<f16_t>(p.y, b, l) : nullptr;
-    const M* __restrict gate = kResidual ? row<M>(p.gate, b, l) : nullptr;
-    f16_t* __restrict x_out = kResidual ? row<f16_t>(p.x_out, b, l) : nullptr;
-    __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C8; c += 8) {
-      __m256 v = load8(x + c);
-      if constexpr (kResidual) {
-        const __m128i h = halves(_mm256_fmadd_ps(load8(gate + c), load8(y + c), v));  // x + gate * y, rounded once
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(x_out + c), h);
-        v = _mm256_cvtph_ps(h);
-      }
-      _mm256_storeu_ps(xbuf + c, v);
-      s8 = _mm256_add_ps(s8, v);
-      q8 = _mm256_fmadd_ps(v, v, q8);
-    }
-    float sum = sum8(s8), sq = sum8(q8);
-    for (int64_t c = C8; c < C; ++c) {
-      float v = load<float>(x[c]);
-      if constexpr (kResidual) {
-        x_out[c] = store<f16_t>(nm::residual<float>(v, load<float>(gate[c]), load<float>(y[c])));
-        v = load<float>(x_out[c]);
-      }
-      xbuf[c] = v;
-      sum += v;
-      sq += v * v;
-    }
-    if (!norm) continue;
-    float mean, rinv;
-    finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
-    const M* __restrict shift = row<M>(p.shift, b, l);
-    const M* __restrict scale = row<M>(p.scale, b, l);
-    f16_t* __restrict out = row<f16_t>(p.out, b, l);
-    const __m256 mean8 = _mm256_set1_ps(mean), rinv8 = _mm256_set1_ps(rinv), one = _mm256_set1_ps(1.f);
-    for (int64_t c = 0; c < C8; c += 8) {
-      // the spec's rounding point: the normalised value as float16
-      const __m256 n = rounded(_mm256_mul_ps(_mm256_sub_ps(load8(xbuf + c), mean8), rinv8));
-      const __m256 nw = _mm256_mul_ps(n, load8(w + c));
-      store8(out + c, _mm256_fmadd_ps(nw, _mm256_add_ps(one, load8(scale + c)), load8(shift + c)));
-    }
-    for (int64_t c = C8; c < C; ++c)
-      out[c] = store<f16_t>(nm::modulate<float>(round_to<f16_t>((xbuf[c] - mean) * rinv), w[c], load<float>(shift[c]),
-                                                load<float>(scale[c])));
-  }
-}
-
-template <class W, class M>
-void forward(const NormModulateForward& p) {
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> xbuf(p.C);
-    if (p.residual) rows<M, true>(p, r0, r1, w.data(), xbuf.data());
-    else rows<M, false>(p, r0, r1, w.data(), xbuf.data());
-  }
-}
-
-}  // namespace f16c
-#endif
-
 // Either adds v into a per-thread sum over rows (per-sample operand) or stores
 // it as this row's gradient (per-token operand).
 template <class Sum, class A, class O>
@@ -646,9 +462,9 @@ struct RowSums {
   RowSums at_sample(int64_t b, int64_t C) const { return {w, shift + b * C, scale + b * C, gate + b * C}; }
 };
 
-// Row r's operands and outputs in the backward (the bfloat16 word loops and
-// the float16 F16C loops): per-token gradients at row r, per-sample ones
-// (summed) at the row's start, null where the op has none.
+// Row r's operands and outputs in the bfloat16 word backward: per-token
+// gradients at row r, per-sample ones (summed) at the row's start, null where
+// the op has none.
 template <class T, class M>
 struct BackwardRow {
   const T* grad_out = nullptr;
@@ -687,7 +503,7 @@ struct BackwardRow {
 // sample: acc_*; gsh/gsc are row r's when per token). kRms: RMSNorm (mean 0,
 // weight w), else the weight-free LayerNorm. A function of its own: with
 // every operand a parameter, GCC vectorises it for every flag combination.
-template <class T, class M, class R, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
+template <class T, class M, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
 void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, const M* __restrict sc,
                     const A* __restrict w, A mean, A rinv, A* __restrict d, A* __restrict acc_w, A* __restrict acc_sh,
                     A* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc, A& dot_out, A& sum_d_out) {
@@ -697,7 +513,7 @@ void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, co
 #pragma omp simd reduction(+ : dot, sum_d)
   for (int64_t c = 0; c < C; ++c) {
     const A xh = (kRms ? x[c] : x[c] - mean) * rinv;
-    const A n = round_to<R>(xh);  // the forward's rounding point
+    const A n = round_to<T>(xh);  // the forward's rounding point
     const A g = load<A>(go[c]);
     const A ga = g * (A(1) + load<A>(sc[c]));
     const A dc = kRms ? ga * w[c] : ga;
@@ -715,7 +531,7 @@ void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, co
 // Rows [r0, r1) of p, by the calling thread: gradients of per-token operands
 // stored, of the weight and per-sample operands added into sums. xbuf: 2 * C
 // and dbuf: C scratch; w: the weight row (ones without one).
-template <class T, class W, class M, class R>
+template <class T, class W, class M>
 void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<acc_t<T>> sums, acc_t<T>* xbuf,
                    acc_t<T>* dbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
@@ -757,7 +573,7 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
       M* gsc = static_cast<M*>(p.grad_scale) + (sum_scale ? 0 : r * C);
       with_flags(
           [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-            backward_pass2<T, M, R, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
+            backward_pass2<T, M, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
                            decltype(sum_sc)::value>(C, xrow, go, sc, w, mean, rinv, d, acc_w, sums.shift + b * C,
                                                     sums.scale + b * C, gsh, gsc, dot, sum_d);
           },
@@ -851,7 +667,7 @@ void backward_impl(const NormModulateBackward& p) {
     std::vector<A> xbuf(2 * p.C), dbuf(p.C);
     const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
     const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows<T, W, M, T>(p, r0, r1, sums.mine(), xbuf.data(), dbuf.data(), w.data());
+    backward_rows<T, W, M>(p, r0, r1, sums.mine(), xbuf.data(), dbuf.data(), w.data());
   }
   sums.template store<W, M>(p);
 }
@@ -1032,215 +848,6 @@ void backward(const NormModulateBackward& p) {
 
 }  // namespace pairs
 
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 backward with F16C conversions inside the row loops (as
-// f16c::forward; DDT_FAST_CPU_F16_BACKWARD=staged selects backward_staged).
-// The vector code uses GCC's vector operators on __m256 so that it reads as
-// the scalar tails (and backward_rows) do.
-namespace f16c {
-
-using namespace f16x8;
-
-inline void add8(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_loadu_ps(p) + v); }
-
-// Pass 2 of a row (as in backward_rows): d out / d xhat into d, its two row
-// sums, the gradients of the weight, shift and scale (summed when per sample).
-template <class M, bool kHasW, bool kSumShift, bool kSumScale>
-void backward_pass2(int64_t C, const float* __restrict x, const f16_t* __restrict go, const M* __restrict sc,
-                    const float* __restrict w, float mean, float rinv, float* __restrict d, float* __restrict acc_w,
-                    float* __restrict acc_sh, float* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc,
-                    float& dot_out, float& sum_d_out) {
-  const int64_t C8 = C - C % 8;
-  __m256 dot8 = _mm256_setzero_ps(), sum_d8 = _mm256_setzero_ps();
-  for (int64_t c = 0; c < C8; c += 8) {
-    const __m256 xh = (load8(x + c) - mean) * rinv;
-    const __m256 n = rounded(xh);  // the forward's rounding point
-    const __m256 g = load8(go + c), wc = load8(w + c);
-    const __m256 ga = g * (1.f + load8(sc + c));
-    const __m256 dc = ga * wc;
-    store8(d + c, dc);
-    dot8 = _mm256_fmadd_ps(dc, xh, dot8);
-    sum_d8 = sum_d8 + dc;
-    if constexpr (kHasW) add8(acc_w + c, ga * n);
-    if constexpr (kSumShift) add8(acc_sh + c, g);
-    else store8(gsh + c, g);
-    if constexpr (kSumScale) add8(acc_sc + c, g * n * wc);
-    else store8(gsc + c, g * n * wc);
-  }
-  float dot = sum8(dot8), sum_d = sum8(sum_d8);
-  for (int64_t c = C8; c < C; ++c) {
-    const float xh = (x[c] - mean) * rinv;
-    const float n = round_to<f16_t>(xh);
-    const float g = load<float>(go[c]);
-    const float ga = g * (1.f + load<float>(sc[c]));
-    const float dc = ga * w[c];
-    d[c] = dc;
-    dot += dc * xh;
-    sum_d += dc;
-    if constexpr (kHasW) acc_w[c] += ga * n;
-    if constexpr (kSumShift) acc_sh[c] += g;
-    else gsh[c] = store<M>(g);
-    if constexpr (kSumScale) acc_sc[c] += g * n * w[c];
-    else gsc[c] = store<M>(g * n * w[c]);
-  }
-  dot_out = dot;
-  sum_d_out = sum_d;
-}
-
-// Pass 3 of a row: grad_x (plus gxo, the gradient that reached x' directly),
-// the residual's grad_y and grad_gate (summed when per sample).
-template <class M, bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
-void backward_pass3(int64_t C, const float* __restrict x, const float* __restrict d, float mean, float rinv,
-                    float mean_d, float dot, const f16_t* __restrict gxo, const f16_t* __restrict y,
-                    const M* __restrict gate, f16_t* __restrict grad_x, f16_t* __restrict grad_y, M* __restrict ggate,
-                    float* __restrict acc_g) {
-  const int64_t C8 = C - C % 8;
-  for (int64_t c = 0; c < C8; c += 8) {
-    __m256 gx = _mm256_setzero_ps();
-    if constexpr (kNorm) gx = rinv * (load8(d + c) - mean_d - (load8(x + c) - mean) * rinv * dot);
-    if constexpr (kHasGxo) gx = gx + load8(gxo + c);
-    store8(grad_x + c, gx);
-    if constexpr (kResidual) {
-      store8(grad_y + c, gx * load8(gate + c));
-      if constexpr (kSumGate) add8(acc_g + c, gx * load8(y + c));
-      else store8(ggate + c, gx * load8(y + c));
-    }
-  }
-  for (int64_t c = C8; c < C; ++c) {
-    float gx = 0;
-    if constexpr (kNorm) gx = rinv * (d[c] - mean_d - (x[c] - mean) * rinv * dot);
-    if constexpr (kHasGxo) gx += load<float>(gxo[c]);
-    grad_x[c] = store<f16_t>(gx);
-    if constexpr (kResidual) {
-      grad_y[c] = store<f16_t>(gx * load<float>(gate[c]));
-      if constexpr (kSumGate) acc_g[c] += gx * load<float>(y[c]);
-      else ggate[c] = store<M>(gx * load<float>(y[c]));
-    }
-  }
-}
-
-// Rows [r0, r1) of p by the calling thread. xbuf, d: C floats each; w: the
-// weight row as float (ones without one).
-template <class M>
-void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* xbuf, float* d,
-                   const float* w) {
-  const int64_t C = p.C, C8 = C - C % 8;
-  const bool norm = p.kind != NormKind::none;
-  const bool sum_shift = norm && !p.shift.per_token();
-  const bool sum_scale = norm && !p.scale.per_token();
-  const bool sum_gate = p.residual && !p.gate.per_token();
-  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<M>(p.scale, p.L, C) : RowPrefetch{};
-  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  for (int64_t r = r0; r < r1; ++r) {
-    const BackwardRow<f16_t, M> g(p, sums, r);
-    scale_ahead(r + 1, r1);  // (see RowPrefetch)
-    gate_ahead(r + 1, r1);
-    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
-    if (norm) {
-      // Pass 1: the row widened into xbuf, its sums.
-      const f16_t* __restrict x = row<f16_t>(p.x, r / p.L, r % p.L);
-      __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
-      for (int64_t c = 0; c < C8; c += 8) {
-        const __m256 v = load8(x + c);
-        store8(xbuf + c, v);
-        s8 = s8 + v;
-        q8 = _mm256_fmadd_ps(v, v, q8);
-      }
-      float sum = sum8(s8), sq = sum8(q8);
-      for (int64_t c = C8; c < C; ++c) {
-        xbuf[c] = load<float>(x[c]);
-        sum += xbuf[c];
-        sq += xbuf[c] * xbuf[c];
-      }
-      finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
-      float sum_d = 0;
-      with_flags(
-          [&](auto has_w, auto sum_sh, auto sum_sc) {
-            backward_pass2<M, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-                C, xbuf, g.grad_out, g.scale, w, mean, rinv, d, sums.w, g.sums.shift, g.sums.scale, g.grad_shift,
-                g.grad_scale, dot, sum_d);
-          },
-          p.weight != nullptr, sum_shift, sum_scale);
-      dot /= float(C);
-      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
-    }
-    with_flags(
-        [&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
-          backward_pass3<M, decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                         decltype(sum_g)::value>(C, xbuf, d, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate);
-        },
-        norm, p.residual, g.grad_x_out != nullptr, sum_gate);
-  }
-}
-
-template <class W, class M>
-void backward(const NormModulateBackward& p) {
-  ThreadSums<float> sums(p);
-#pragma omp parallel
-  {
-    std::vector<float> xbuf(p.C), d(p.C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows<M>(p, r0, r1, sums.mine(), xbuf.data(), d.data(), w.data());
-  }
-  sums.template store<W, M>(p);
-}
-
-}  // namespace f16c
-#endif
-
-// float16 x (see forward_staged). Gradients of per-token operands are
-// computed in float and narrowed once; the sums stay float until the end.
-template <class W, class M>
-void backward_staged(const NormModulateBackward& p) {
-  using T = f16_t;
-  const int64_t C = p.C;
-  ThreadSums<float> sums(p);
-#pragma omp parallel
-  {
-    std::vector<float> xbuf(2 * C), dbuf(C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, C);
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const RowSums<float> mine = sums.mine();
-    StagedBlocks stage(C, 11);
-    // the [B*L, C] gradient outputs as rows of a [B, L, C] operand
-    auto rows_of = [&](void* ptr) { return MutRows{ptr, p.L * C, C}; };
-    auto per_token = [&](bool summed, void* ptr) { return summed ? MutRows{} : rows_of(ptr); };
-    const bool norm = p.kind != NormKind::none;
-    const MutRows grad_x = rows_of(p.grad_x), grad_y = p.residual ? rows_of(p.grad_y) : MutRows{};
-    const MutRows grad_gate = per_token(!p.residual || !p.gate.per_token(), p.grad_gate);
-    const MutRows grad_shift = per_token(!norm || !p.shift.per_token(), p.grad_shift);
-    const MutRows grad_scale = per_token(!norm || !p.scale.per_token(), p.grad_scale);
-    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
-      NormModulateBackward s = p;
-      s.B = 1;
-      s.L = n;
-      s.grad_out = stage.in<T>(p.grad_out, b, l0, n);
-      s.grad_x_out = stage.in<T>(p.grad_x_out, b, l0, n);
-      s.x = stage.in<T>(p.x, b, l0, n);
-      s.y = stage.in<T>(p.y, b, l0, n);
-      s.gate = stage.in<M>(p.gate, b, l0, n);
-      s.scale = stage.in<M>(p.scale, b, l0, n);
-      const MutRows gx = stage.out<T>(grad_x, b, l0, n), gy = stage.out<T>(grad_y, b, l0, n);
-      const MutRows gg = stage.out<M>(grad_gate, b, l0, n), gsh = stage.out<M>(grad_shift, b, l0, n);
-      const MutRows gsc = stage.out<M>(grad_scale, b, l0, n);
-      s.grad_x = gx.ptr;
-      s.grad_y = gy.ptr;
-      s.grad_gate = gg.ptr;
-      s.grad_shift = gsh.ptr;
-      s.grad_scale = gsc.ptr;
-      backward_rows<float, float, float, T>(s, 0, n, mine.at_sample(b, C), xbuf.data(), dbuf.data(), w.data());
-      stage.narrow<T>(gx, grad_x, b, l0, n);
-      stage.narrow<T>(gy, grad_y, b, l0, n);
-      stage.narrow<M>(gg, grad_gate, b, l0, n);
-      stage.narrow<M>(gsh, grad_shift, b, l0, n);
-      stage.narrow<M>(gsc, grad_scale, b, l0, n);
-    });
-  }
-  sums.template store<W, M>(p);
-}
-
 }  // namespace
 
 // One instantiation per supported (x, weight, modulation) dtype triple.
@@ -1256,15 +863,7 @@ void dispatch(const P& p, Fn&& fn) {
 void norm_modulate_forward(const NormModulateForward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
-    if constexpr (staged_v<T>) {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (!use_staged_f16_forward()) {
-        f16c::forward<decltype(w), decltype(m)>(p);
-        return;
-      }
-#endif
-      forward_staged<decltype(w), decltype(m)>(p);
-    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
+    if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
       if (p.C % 2 == 0) pairs::forward<decltype(w)>(p);
       else forward_impl<T, decltype(w), decltype(m)>(p);
     } else {
@@ -1275,15 +874,7 @@ void norm_modulate_forward(const NormModulateForward& p) {
 void norm_modulate_backward(const NormModulateBackward& p) {
   dispatch(p, [&](auto t, auto w, auto m) {
     using T = decltype(t);
-    if constexpr (staged_v<T>) {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (!use_staged_f16_backward()) {
-        f16c::backward<decltype(w), decltype(m)>(p);
-        return;
-      }
-#endif
-      backward_staged<decltype(w), decltype(m)>(p);
-    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
+    if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
       if (p.C % 2 == 0) pairs::backward<decltype(w)>(p);
       else backward_impl<T, decltype(w), decltype(m)>(p);
     } else {

@@ -43,29 +43,28 @@ std::vector<A> widen_weights(const QkNormRope& p) {
   return wv;
 }
 
-// One token's q and k: RMSNorm, weight, rotation. token: its packed [3, H, D]
-// row, of element type S (T, or float when staged); R: the type whose rounding
-// point applies; out_row(part, h) -> where head h of q (part 0) or k goes.
-template <class S, class R, class A, class OutRow>
-void forward_token(const QkNormRope& p, const S* token, int64_t l, const A* wv, A* xv, A* rinv, OutRow&& out_row) {
+// Token (b, l)'s q and k: RMSNorm, weight, rotation. token: its packed
+// [3, H, D] row; outs: the q and k outputs.
+template <class T, class A>
+void forward_token(const QkNormRope& p, const T* token, int64_t b, int64_t l, const A* wv, A* xv, A* rinv,
+                   T* const* outs) {
   const int64_t D = p.D, half = D / 2;
   const float* __restrict rope = p.rope + l * half * 2;
   for (int part = 0; part < 2; ++part) {
-    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, xv, rinv);
+    widen_heads<T, A>(token + part * p.H * D, p.H, D, p.eps, xv, rinv);
     const A* __restrict w = wv + part * D;
     for (int64_t h = 0; h < p.H; ++h) {
       const A* __restrict xa = xv + h * D;
       const A r = rinv[h];
-      using O = std::remove_pointer_t<std::invoke_result_t<OutRow&, int, int64_t>>;
-      O* __restrict out = out_row(part, h);
+      T* __restrict out = outs[part] + qk::split(p, b, h, l);
 #pragma omp simd
       for (int64_t m = 0; m < half; ++m) {
-        const A u0 = round_to<R>(xa[2 * m] * r) * w[2 * m];
-        const A u1 = round_to<R>(xa[2 * m + 1] * r) * w[2 * m + 1];
+        const A u0 = round_to<T>(xa[2 * m] * r) * w[2 * m];
+        const A u1 = round_to<T>(xa[2 * m + 1] * r) * w[2 * m + 1];
         A r0, r1;
         qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
-        out[2 * m] = store<O>(r0);
-        out[2 * m + 1] = store<O>(r1);
+        out[2 * m] = store<T>(r0);
+        out[2 * m + 1] = store<T>(r1);
       }
     }
   }
@@ -84,32 +83,16 @@ template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  T* outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
-  const int64_t D = p.D, HD = p.H * D;
+  T* const outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
 #pragma omp parallel
   {
     // Per thread: the weights, and one token's q (or k) heads with their 1/RMS.
     const std::vector<A> wv = widen_weights<W, A>(p);
-    std::vector<A> xv(HD), rinv(p.H);
-    // float16 (see staged_v): the token's q and k, and the results, as float
-    std::vector<float> staged(staged_v<T> ? 4 * HD : 0);
+    std::vector<A> xv(p.H * p.D), rinv(p.H);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
-      const T* token = qkv + qk::packed(p, b, l, 0, 0);
-      if constexpr (staged_v<T>) {
-        float* in = staged.data();
-        float* res = in + 2 * HD;
-        widen_to_float(token, in, 2 * HD);
-        forward_token<float, T>(p, in, l, wv.data(), xv.data(), rinv.data(),
-                                [&](int part, int64_t h) { return res + (part * p.H + h) * D; });
-        for (int part = 0; part < 2; ++part)
-          for (int64_t h = 0; h < p.H; ++h)
-            narrow_from_float(res + (part * p.H + h) * D, outs[part] + qk::split(p, b, h, l), D);
-      } else {
-        forward_token<T, T>(p, token, l, wv.data(), xv.data(), rinv.data(),
-                            [&](int part, int64_t h) { return outs[part] + qk::split(p, b, h, l); });
-      }
+      forward_token<T, A>(p, qkv + qk::packed(p, b, l, 0, 0), b, l, wv.data(), xv.data(), rinv.data(), outs);
       copy_v(p, qkv, static_cast<T*>(p.v), b, l);
     }
   }
@@ -188,77 +171,6 @@ void forward(const QkNormRope& p) {
 
 }  // namespace pairs
 
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 with the F16C conversions inside the loops (f16x8 in cpu_helpers.h)
-// instead of staging each token through float (forward_impl's staged_v
-// path; DDT_FAST_CPU_F16_FORWARD=staged still selects it). A vector of 8
-// values holds 4 rotary pairs side by side, so the rotation is
-// u * (c, c) + swap(u) * (-s, s) with one in-lane shuffle, no
-// de-interleaving. A head's D % 8 left-over values (D is a multiple of 4)
-// finish in scalar code with the same math.
-namespace f16c {
-
-using namespace f16x8;
-
-template <class W>
-void forward(const QkNormRope& p) {
-  const f16_t* qkv = static_cast<const f16_t*>(p.qkv);
-  f16_t* outs[2] = {static_cast<f16_t*>(p.q), static_cast<f16_t*>(p.k)};
-  const int64_t D = p.D, D8 = D - D % 8, half = D / 2;
-#pragma omp parallel
-  {
-    const std::vector<float> wv = widen_weights<W, float>(p);  // [q_weight | k_weight]
-    // this token's (cos, cos) and (-sin, sin) per rotary pair; 1/RMS per head
-    std::vector<float> cos2(D), sin2(D), rinv(p.H);
-#pragma omp for schedule(static)
-    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
-      const int64_t b = bl / p.L, l = bl % p.L;
-      const float* rope = p.rope + l * half * 2;
-      for (int64_t m = 0; m < half; ++m) {
-        cos2[2 * m] = cos2[2 * m + 1] = rope[2 * m];
-        sin2[2 * m] = -rope[2 * m + 1];
-        sin2[2 * m + 1] = rope[2 * m + 1];
-      }
-      for (int part = 0; part < 2; ++part) {
-        const f16_t* heads = qkv + qk::packed(p, b, l, part, 0);
-        // every head's statistics before any rotation (as widen_heads)
-        for (int64_t h = 0; h < p.H; ++h) {
-          const f16_t* x = heads + h * D;
-          __m256 q8 = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D8; d += 8) q8 = _mm256_fmadd_ps(load8(x + d), load8(x + d), q8);
-          float sq = sum8(q8);
-          for (int64_t d = D8; d < D; ++d) sq += load<float>(x[d]) * load<float>(x[d]);
-          rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
-        }
-        const float* w = wv.data() + part * D;
-        for (int64_t h = 0; h < p.H; ++h) {
-          const f16_t* x = heads + h * D;
-          f16_t* out = outs[part] + qk::split(p, b, h, l);
-          const __m256 r8 = _mm256_set1_ps(rinv[h]);
-          for (int64_t d = 0; d < D8; d += 8) {
-            // the spec's rounding point, then weight and rotation in float
-            const __m256 u = _mm256_mul_ps(rounded(_mm256_mul_ps(load8(x + d), r8)), load8(w + d));
-            const __m256 swapped = _mm256_permute_ps(u, 0xb1);  // (u1, u0) of each pair
-            store8(out + d, _mm256_fmadd_ps(u, load8(cos2.data() + d), _mm256_mul_ps(swapped, load8(sin2.data() + d))));
-          }
-          for (int64_t d = D8; d < D; d += 2) {
-            const float u0 = round_to<f16_t>(load<float>(x[d]) * rinv[h]) * w[d];
-            const float u1 = round_to<f16_t>(load<float>(x[d + 1]) * rinv[h]) * w[d + 1];
-            float r0, r1;
-            qk::rotate<float>(u0, u1, cos2[d], sin2[d + 1], r0, r1);
-            out[d] = store<f16_t>(r0);
-            out[d + 1] = store<f16_t>(r1);
-          }
-        }
-      }
-      copy_v(p, qkv, static_cast<f16_t*>(p.v), b, l);
-    }
-  }
-}
-
-}  // namespace f16c
-#endif
-
 // Software prefetch of token l's incoming q and k gradients, read in the
 // [B, H, L, D] layout: one short row (D elements) per head, 2H streams that
 // the hardware prefetcher does not follow (bfloat16 backward 1.15-1.25x faster
@@ -281,25 +193,24 @@ struct TokenScratch {
   TokenScratch(const QkNormRope& p) : xv(p.H * p.D), rinv(p.H), xhat(p.D), gn(p.D) {}
 };
 
-// The gradient of one token's packed q and k rows (gx: [2, H, D], element type
-// O) from the incoming gradients grad_row(part, h) (element type S, D values;
-// unused for a part whose gradient is missing: zero). acc: the weight
-// gradients' sums [2, D]. S, R as in forward_token.
-template <class S, class O, class R, class A, class GradRow>
-void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* has_grad, GradRow&& grad_row,
-                    const A* wv, A* acc, TokenScratch<A>& t, O* gx_token) {
+// The gradient of token (b, l)'s packed q and k rows (gx_token: [2, H, D])
+// from the incoming gradients grads[part] ([B, H, L, D]; null for a part
+// whose gradient is missing: zero). acc: the weight gradients' sums [2, D].
+template <class T, class A>
+void backward_token(const QkNormRope& p, const T* token, int64_t b, int64_t l, const T* const* grads, const A* wv,
+                    A* acc, TokenScratch<A>& t, T* gx_token) {
   const int64_t D = p.D, half = D / 2;
   const float* rope = p.rope + l * half * 2;
   for (int part = 0; part < 2; ++part) {
-    if (!has_grad[part]) {
-      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<O>(A(0)));
+    if (grads[part] == nullptr) {
+      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<T>(A(0)));
       continue;
     }
-    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, t.xv.data(), t.rinv.data());
+    widen_heads<T, A>(token + part * p.H * D, p.H, D, p.eps, t.xv.data(), t.rinv.data());
     for (int64_t h = 0; h < p.H; ++h) {
       const A* __restrict x = t.xv.data() + h * D;
-      O* __restrict gx = gx_token + (part * p.H + h) * D;
-      const S* __restrict g = grad_row(part, h);
+      T* __restrict gx = gx_token + (part * p.H + h) * D;
+      const T* __restrict g = grads[part] + qk::split(p, b, h, l);
       const A r = t.rinv[h];
       const A* __restrict w = wv + part * D;
       A* __restrict acc_w = acc + part * D;
@@ -312,8 +223,8 @@ void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* 
         A gu0, gu1;
         qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
         const A xh0 = x[2 * m] * r, xh1 = x[2 * m + 1] * r;
-        acc_w[2 * m] += gu0 * round_to<R>(xh0);
-        acc_w[2 * m + 1] += gu1 * round_to<R>(xh1);
+        acc_w[2 * m] += gu0 * round_to<T>(xh0);
+        acc_w[2 * m + 1] += gu1 * round_to<T>(xh1);
         const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
         xh[2 * m] = xh0;
         xh[2 * m + 1] = xh1;
@@ -323,7 +234,7 @@ void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* 
       }
       dot /= A(D);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) gx[d] = store<O>(r * (gnv[d] - xh[d] * dot));
+      for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(r * (gnv[d] - xh[d] * dot));
     }
   }
 }
@@ -406,11 +317,10 @@ template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  const T* grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
-  const bool has_grad[2] = {grads[0] != nullptr, grads[1] != nullptr};
+  const T* const grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
   const T* grad_v = static_cast<const T*>(p.grad_v);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  const int64_t D = p.D, HD = p.H * D;
+  const int64_t D = p.D;
   const int threads = num_threads();
   std::vector<A> acc(size_t(threads) * 2 * D, A(0));
 #pragma omp parallel
@@ -421,33 +331,16 @@ void backward_impl(const QkNormRope& p) {
     const std::vector<A> wv = kWords ? std::vector<A>{} : widen_weights<W, A>(p);
     TokenScratch<A> scratch = kWords ? TokenScratch<A>{} : TokenScratch<A>(p);
     auto pairs_scratch = kWords ? pairs::BackwardScratch::of<W>(p) : pairs::BackwardScratch{};
-    // float16 (see staged_v): the token's q and k, their incoming gradients
-    // and their gradients, as float
-    std::vector<float> staged(staged_v<T> ? 6 * HD : 0);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
       if (l + 1 < p.L) prefetch_next_token(p, grads, b, l + 1);
       const T* token = qkv + qk::packed(p, b, l, 0, 0);
       T* gx_token = grad_qkv + qk::packed(p, b, l, 0, 0);
-      if constexpr (staged_v<T>) {
-        float* in = staged.data();
-        float* g = in + 2 * HD;
-        float* gx = g + 2 * HD;
-        widen_to_float(token, in, 2 * HD);
-        for (int part = 0; part < 2; ++part)
-          for (int64_t h = 0; h < p.H && has_grad[part]; ++h)
-            widen_to_float(grads[part] + qk::split(p, b, h, l), g + (part * p.H + h) * D, D);
-        backward_token<float, float, T>(
-            p, in, l, has_grad, [&](int part, int64_t h) { return g + (part * p.H + h) * D; }, wv.data(), mine, scratch,
-            gx);
-        narrow_from_float(gx, gx_token, 2 * HD);
-      } else if constexpr (kWords) {
+      if constexpr (kWords) {
         pairs::backward_token(p, token, b, l, grads, mine, pairs_scratch, gx_token);
       } else {
-        backward_token<T, T, T>(
-            p, token, l, has_grad, [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); }, wv.data(),
-            mine, scratch, gx_token);
+        backward_token<T, A>(p, token, b, l, grads, wv.data(), mine, scratch, gx_token);
       }
       for (int64_t h = 0; h < p.H; ++h) {
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);
@@ -488,12 +381,6 @@ void qk_norm_rope_forward(const QkNormRope& p) {
     if constexpr (std::is_same_v<decltype(t), bf16_t>) {
       pairs::forward<decltype(w)>(p);
     } else {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (std::is_same_v<decltype(t), f16_t> && !use_staged_f16_forward()) {
-        f16c::forward<decltype(w)>(p);
-        return;
-      }
-#endif
       forward_impl<decltype(t), decltype(w)>(p);
     }
   });

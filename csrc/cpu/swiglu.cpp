@@ -20,27 +20,26 @@ namespace {
 // the chains (split, the loop runs about twice as fast on an AVX2 core).
 constexpr int64_t kBlock = 256;
 
-// One block of n elements. S is the element type read (T, or float for staged
-// float16 blocks), O the type written; s receives sigmoid(a).
-template <class A, class S, class O>
-void forward_block(const S* __restrict a, const S* __restrict b, O* __restrict out, int64_t n, A* __restrict s) {
+// One block of n elements; s receives sigmoid(a).
+template <class A, class T>
+void forward_block(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n, A* __restrict s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] = sg::sigmoid(load<A>(a[i]));
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = store<O>(sg::forward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = store<T>(sg::forward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i])));
 }
 
-template <class A, class S, class O>
-void backward_block(const S* __restrict a, const S* __restrict b, const S* __restrict g, O* __restrict ga,
-                    O* __restrict gb, int64_t n, A* __restrict s) {
+template <class A, class T>
+void backward_block(const T* __restrict a, const T* __restrict b, const T* __restrict g, T* __restrict ga,
+                    T* __restrict gb, int64_t n, A* __restrict s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] = sg::sigmoid(load<A>(a[i]));
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     A da, db;
     sg::backward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i]), load<A>(g[i]), da, db);
-    ga[i] = store<O>(da);
-    gb[i] = store<O>(db);
+    ga[i] = store<T>(da);
+    gb[i] = store<T>(db);
   }
 }
 
@@ -96,13 +95,13 @@ inline void backward_block(const bf16_t* __restrict a, const bf16_t* __restrict 
 }  // namespace pairs
 
 // block(r, i0, n, scratch): elements [i0, i0 + n) of row r; scratch holds
-// 6 * kBlock accumulator values of the calling thread.
+// kBlock accumulator values of the calling thread.
 template <class T, class Block>
 void for_each_block(const Swiglu& p, Block&& block) {
   using A = acc_t<T>;
 #pragma omp parallel
   {
-    std::vector<A> scratch(6 * kBlock);
+    std::vector<A> scratch(kBlock);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.R; ++r)
       for (int64_t i0 = 0; i0 < p.H; i0 += kBlock) block(r, i0, std::min(kBlock, p.H - i0), scratch.data());
@@ -116,13 +115,7 @@ void forward_impl(const Swiglu& p) {
     const T* a = static_cast<const T*>(p.a) + r * p.a_stride + i0;
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride + i0;
     T* out = static_cast<T*>(p.out) + r * p.H + i0;
-    if constexpr (staged_v<T>) {  // (see staged_v)
-      float *sa = scratch + kBlock, *sb = sa + kBlock, *so = sb + kBlock;
-      widen_to_float(a, sa, n);
-      widen_to_float(b, sb, n);
-      forward_block<A>(sa, sb, so, n, scratch);
-      narrow_from_float(so, out, n);
-    } else if constexpr (std::is_same_v<T, bf16_t>) {
+    if constexpr (std::is_same_v<T, bf16_t>) {
       if (n % 2 == 0) pairs::forward_block(a, b, out, n / 2, scratch, scratch + kBlock / 2);
       else forward_block<A>(a, b, out, n, scratch);
     } else {
@@ -140,15 +133,7 @@ void backward_impl(const Swiglu& p) {
     const T* g = static_cast<const T*>(p.grad_out) + r * p.H + i0;
     T* ga = static_cast<T*>(p.grad_a) + r * p.H + i0;
     T* gb = static_cast<T*>(p.grad_b) + r * p.H + i0;
-    if constexpr (staged_v<T>) {
-      float *sa = scratch + kBlock, *sb = sa + kBlock, *sgo = sb + kBlock, *sga = sgo + kBlock, *sgb = sga + kBlock;
-      widen_to_float(a, sa, n);
-      widen_to_float(b, sb, n);
-      widen_to_float(g, sgo, n);
-      backward_block<A>(sa, sb, sgo, sga, sgb, n, scratch);
-      narrow_from_float(sga, ga, n);
-      narrow_from_float(sgb, gb, n);
-    } else if constexpr (std::is_same_v<T, bf16_t>) {
+    if constexpr (std::is_same_v<T, bf16_t>) {
       if (n % 2 == 0) pairs::backward_block(a, b, g, ga, gb, n / 2, scratch, scratch + kBlock / 2);
       else backward_block<A>(a, b, g, ga, gb, n, scratch);
     } else {
