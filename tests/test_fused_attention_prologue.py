@@ -192,8 +192,7 @@ def test_swiglu_forward_backward(dtype, shape):
 @pytest.mark.parametrize("width,start", [(299, 0), (300, 0), (300, 1)])
 def test_swiglu_packed_halves_are_views_not_copies(dtype, width, start):
     """a and b as the two halves of one packed GEMM output; odd widths, and
-    halves starting at an odd element (bfloat16's 32-bit words straddling
-    4-byte boundaries)."""
+    halves starting at an odd element (rows not 4-byte aligned)."""
     h = torch.randn(2, 5, 2 * width + start, dtype=dtype) * 3
     a, b = h[..., start : start + width], h[..., start + width :]
     assert not a.is_contiguous()

@@ -81,8 +81,8 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
     close(
         ops.rms_norm_modulate(x, weight, s32, c32, 1e-6), reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype
     )
-    # backward, float32 weight with 16-bit modulation (autocast; the bfloat16
-    # word loops) and with float32 modulation
+    # backward, float32 weight with 16-bit modulation (autocast) and with
+    # float32 modulation
     y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
     rms = (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6))
     grn = (
@@ -129,10 +129,9 @@ def test_16bit_rounding_points(dtype):
 
 @pytest.mark.parametrize("C", [73, 1155, 1152])
 def test_bfloat16_odd_widths_and_misaligned_rows(C):
-    """bfloat16 rows of even width run as 32-bit words of two elements; odd
-    widths take the element loop. Both against the reference, with every
+    """bfloat16 rows of odd and even widths against the reference, with every
     modulation row starting at an odd element (views of a [B, L, 6C + 1]
-    tensor past its first column), so words straddle 4-byte boundaries."""
+    tensor past its first column), so no row is 4-byte aligned."""
     B, L, dtype = 2, 9, torch.bfloat16
     x, y = torch.randn(B, L, C, dtype=dtype) * 2, torch.randn(B, L, C, dtype=dtype)
     w = (1 + 0.1 * torch.randn(C)).to(dtype)
@@ -156,8 +155,7 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
     """NaN and inf in x, y, gate and shift, and a float32 weight holding a NaN
     whose low mantissa bits are set (0x7fffffff): every output is NaN (or inf)
     exactly where the reference's is. Rounding that NaN to bfloat16 without a
-    NaN test would carry into the sign and give -0 (the bfloat16 word loop
-    relies on NaNs having zero low bits and makes such weights canonical)."""
+    NaN test would carry into the sign and give -0."""
     B, L = 2, 6
     x, y = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
     sh, sc, gate = (t.contiguous() for t in mods(B, L, C, dtype, True, k=3))

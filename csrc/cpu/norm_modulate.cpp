@@ -266,180 +266,6 @@ void forward_impl(const NormModulateForward& p) {
   }
 }
 
-// bfloat16 x and modulation (the bf16 model and autocast), even C: the same
-// two passes over rows of 32-bit words of two elements (see bf16_pairs), with
-// no float row buffer: pass 2 re-reads its row (x, or x' as just stored) from
-// L1. Every float operand is a widened bfloat16 or a weight split by
-// bf16_pairs::split, so the roundings skip their NaN test. Same values as
-// forward_impl up to the order of the row sums. 1.3-1.7x faster on a Zen 3.
-namespace pairs {
-
-using bf16_pairs::hi;
-using bf16_pairs::lo;
-using bf16_pairs::pack;
-using bf16_pairs::rounded;
-using Word = uint32_t;
-
-struct RowPtrs {
-  const bf16_t* x;
-  const bf16_t* y;
-  const bf16_t* gate;
-  bf16_t* x_out;
-  const bf16_t* shift;
-  const bf16_t* scale;
-  bf16_t* out;
-  const bf16_t* normed;  // what pass 2 normalises: x, or x' (x_out)
-
-  RowPtrs(const NormModulateForward& p, int64_t r) {
-    const int64_t b = r / p.L, l = r % p.L;
-    const bool norm = p.kind != NormKind::none;
-    x = row<bf16_t>(p.x, b, l);
-    y = p.residual ? row<bf16_t>(p.y, b, l) : nullptr;
-    gate = p.residual ? row<bf16_t>(p.gate, b, l) : nullptr;
-    x_out = p.residual ? row<bf16_t>(p.x_out, b, l) : nullptr;
-    shift = norm ? row<bf16_t>(p.shift, b, l) : nullptr;
-    scale = norm ? row<bf16_t>(p.scale, b, l) : nullptr;
-    out = norm ? row<bf16_t>(p.out, b, l) : nullptr;
-    normed = p.residual ? x_out : x;
-  }
-};
-
-// Mean (0 for RMSNorm) and 1/std of a row of C values from its pass 1 sums
-// (LayerNorm: a second pass for the variance about the mean, as finish_stats).
-inline void row_stats(NormKind kind, const bf16_t* __restrict x, int64_t C, double eps, float sum, float sq,
-                      float& mean, float& rinv) {
-  mean = 0;
-  if (kind == NormKind::layer) {
-    mean = sum / float(C);
-    float dev = 0;
-#pragma omp simd reduction(+ : dev)
-    for (int64_t i = 0; i < C / 2; ++i) {
-      const Word xw = bf16_pairs::load(x, i);
-      const float e0 = lo(xw) - mean, e1 = hi(xw) - mean;
-      dev += e0 * e0 + e1 * e1;
-    }
-    sq = dev;
-  }
-  rinv = nm::inv_std<float>(sq / float(C), eps);
-}
-
-// Pass 1 at word i: the two values the norm reads (x' stored first when kResidual).
-template <bool kResidual>
-inline void first(const bf16_t* __restrict x, const bf16_t* __restrict y, const bf16_t* __restrict gate,
-                  bf16_t* __restrict x_out, int64_t i, float& v0, float& v1) {
-  const Word xw = bf16_pairs::load(x, i);
-  if constexpr (kResidual) {
-    const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
-    const uint32_t r0 = rounded(nm::residual<float>(lo(xw), lo(gw), lo(yw)));
-    const uint32_t r1 = rounded(nm::residual<float>(hi(xw), hi(gw), hi(yw)));
-    bf16_pairs::store(x_out, i, pack(r0, r1));
-    v0 = bits_to_float(r0);
-    v1 = bits_to_float(r1);
-  } else {
-    v0 = lo(xw);
-    v1 = hi(xw);
-  }
-}
-
-// Pass 2 at word i: round the normalised values (the spec's rounding point),
-// modulate, pack. The kind is a template argument so that RMSNorm skips the
-// zero mean and the weight-free LayerNorm the multiply by one (same values).
-template <NormKind K>
-inline Word second(const bf16_t* __restrict normed, const bf16_t* __restrict shift, const bf16_t* __restrict scale,
-                   const float* __restrict w0, const float* __restrict w1, int64_t i, float mean, float rinv) {
-  const Word xw = bf16_pairs::load(normed, i), sh = bf16_pairs::load(shift, i), sc = bf16_pairs::load(scale, i);
-  constexpr bool kRms = K == NormKind::rms;
-  const auto normalised = [&](float v) { return bits_to_float(rounded((kRms ? v : v - mean) * rinv)); };
-  const float n0 = normalised(lo(xw)), n1 = normalised(hi(xw));
-  return pack(rounded(nm::modulate<float>(n0, kRms ? w0[i] : 1.f, lo(sh), lo(sc))),
-              rounded(nm::modulate<float>(n1, kRms ? w1[i] : 1.f, hi(sh), hi(sc))));
-}
-
-// x' alone (no norm): rows [r0, r1) of pass 1.
-inline void residual_rows(const NormModulateForward& p, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const RowPtrs row(p, r);
-#pragma omp simd
-    for (int64_t i = 0; i < p.C / 2; ++i) {
-      float v0, v1;
-      first<true>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
-    }
-  }
-}
-
-// Pass 1 at word i, with the one row sum kind K needs: the sum of squares for
-// RMSNorm, the sum for LayerNorm (whose variance row_stats takes about the mean).
-template <bool kResidual, NormKind K>
-inline void first_sums(const RowPtrs& row, int64_t i, float& sum, float& sq) {
-  float v0, v1;
-  first<kResidual>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
-  if constexpr (K == NormKind::rms) sq += v0 * v0 + v1 * v1;
-  else sum += v0 + v1;
-}
-
-// Rows [r0, r1) of p by the calling thread, p.kind == K; w0/w1: the weight's
-// even and odd elements.
-template <bool kResidual, NormKind K>
-void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w0,
-          const float* __restrict w1) {
-  const int64_t n = p.C / 2;
-  if (r0 >= r1) return;
-  const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
-  const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
-  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
-  RowPtrs cur(p, r0);
-  float sum = 0, sq = 0;
-#pragma omp simd reduction(+ : sum, sq)
-  for (int64_t i = 0; i < n; ++i) first_sums<kResidual, K>(cur, i, sum, sq);
-  // Pass 2 of row r in one loop with pass 1 of row r + 1 (as forward_rows).
-  for (int64_t r = r0; r + 1 < r1; ++r) {
-    const RowPtrs next(p, r + 1);
-    shift_ahead(r + 1, r1);
-    scale_ahead(r + 1, r1);
-    gate_ahead(r + 2, r1);
-    float mean, rinv;
-    row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
-    float s = 0, q = 0;
-    bf16_t* __restrict out = cur.out;
-#pragma omp simd reduction(+ : s, q)
-    for (int64_t i = 0; i < n; ++i) {
-      bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
-      first_sums<kResidual, K>(next, i, s, q);
-    }
-    sum = s;
-    sq = q;
-    cur = next;
-  }
-  float mean, rinv;
-  row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
-  bf16_t* __restrict out = cur.out;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
-}
-
-template <class W>
-void forward(const NormModulateForward& p) {
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> w0(p.C / 2), w1(p.C / 2);
-    bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
-    with_kind(
-        p.kind,
-        [&](auto kind, auto residual_c) {
-          if constexpr (decltype(kind)::value != NormKind::none)
-            rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
-          else if (p.residual)  // (no norm and no residual: nothing to write)
-            residual_rows(p, r0, r1);
-        },
-        p.residual);
-  }
-}
-
-}  // namespace pairs
-
 // Either adds v into a per-thread sum over rows (per-sample operand) or stores
 // it as this row's gradient (per-token operand).
 template <class Sum, class A, class O>
@@ -459,43 +285,6 @@ struct RowSums {
   A* shift;
   A* scale;
   A* gate;
-  RowSums at_sample(int64_t b, int64_t C) const { return {w, shift + b * C, scale + b * C, gate + b * C}; }
-};
-
-// Row r's operands and outputs in the bfloat16 word backward: per-token
-// gradients at row r, per-sample ones (summed) at the row's start, null where
-// the op has none.
-template <class T, class M>
-struct BackwardRow {
-  const T* grad_out = nullptr;
-  const M* scale = nullptr;
-  M* grad_shift = nullptr;
-  M* grad_scale = nullptr;
-  const T* grad_x_out = nullptr;
-  const T* y = nullptr;
-  const M* gate = nullptr;
-  T* grad_x;
-  T* grad_y = nullptr;
-  M* grad_gate = nullptr;
-  RowSums<float> sums;  // this sample's rows of the per-thread sums
-
-  BackwardRow(const NormModulateBackward& p, RowSums<float> thread_sums, int64_t r)
-      : grad_x(static_cast<T*>(p.grad_x) + r * p.C), sums(thread_sums.at_sample(r / p.L, p.C)) {
-    const int64_t b = r / p.L, l = r % p.L, C = p.C;
-    if (p.kind != NormKind::none) {
-      grad_out = row<T>(p.grad_out, b, l);
-      scale = row<M>(p.scale, b, l);
-      grad_shift = static_cast<M*>(p.grad_shift) + (p.shift.per_token() ? r * C : 0);
-      grad_scale = static_cast<M*>(p.grad_scale) + (p.scale.per_token() ? r * C : 0);
-    }
-    if (p.residual) {
-      grad_x_out = p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
-      y = row<T>(p.y, b, l);
-      gate = row<M>(p.gate, b, l);
-      grad_y = static_cast<T*>(p.grad_y) + r * C;
-      grad_gate = static_cast<M*>(p.grad_gate) + (p.gate.per_token() ? r * C : 0);
-    }
-  }
 };
 
 // Pass 2 of a row of the backward: d out / d xhat (into d) with its two row
@@ -627,12 +416,9 @@ struct ThreadSums {
   int threads;
   std::vector<A> acc;
 
-  // planes: each C-row of sums holds its even elements, then its odd ones (pairs::backward)
-  bool planes;
-
-  ThreadSums(const NormModulateBackward& p, bool planes = false)
+  ThreadSums(const NormModulateBackward& p)
       : C(p.C), B(p.B), stride(p.C * (1 + 3 * p.B)), threads(num_threads()),
-        acc(size_t(threads) * size_t(stride), A(0)), planes(planes) {}
+        acc(size_t(threads) * size_t(stride), A(0)) {}
   RowSums<A> mine() {
     A* m = acc.data() + size_t(thread_id()) * size_t(stride);
     return {m, m + C, m + C + B * C, m + C + 2 * B * C};
@@ -642,10 +428,8 @@ struct ThreadSums {
     auto reduce_into = [&](int64_t offset, int64_t n, auto* out) {
       using O = std::remove_pointer_t<decltype(out)>;
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t c = i % C;
-        const int64_t at = offset + (planes ? i - c + bf16_pairs::plane_index(c, C) : i);
         A s = 0;
-        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(at)];
+        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(offset + i)];
         out[i] = ddt::store<O>(s);
       }
     };
@@ -672,182 +456,6 @@ void backward_impl(const NormModulateBackward& p) {
   sums.template store<W, M>(p);
 }
 
-// bfloat16 backward over 32-bit words (as pairs::forward), for the same
-// operands: no float row buffers for x (passes 2 and 3 re-read its words), d
-// out / d xhat kept as even and odd planes, and the per-thread sums (weight,
-// per-sample modulation) in the same plane order, put back in element order
-// when they are added up (ThreadSums with planes). The row loops are
-// functions of their own: every operand a parameter, so the word stores
-// (memcpy, which may alias anything) do not force them to be reloaded.
-namespace pairs {
-
-// Pass 2 of a row: d out / d xhat (into d0/d1) with its two row sums, and
-// the gradients of the weight, shift and scale (summed when per sample: acc_*).
-template <NormKind K, bool kHasW, bool kSumShift, bool kSumScale>
-void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go, const bf16_t* __restrict sc,
-                    const float* __restrict w0, const float* __restrict w1, float mean, float rinv,
-                    float* __restrict d0, float* __restrict d1, float* __restrict acc_w0, float* __restrict acc_w1,
-                    float* __restrict acc_sh0, float* __restrict acc_sh1, float* __restrict acc_sc0,
-                    float* __restrict acc_sc1, bf16_t* __restrict gsh, bf16_t* __restrict gsc, float& dot_out,
-                    float& sum_d_out) {
-  float dot = 0, sum_d = 0;
-#pragma omp simd reduction(+ : dot, sum_d)
-  for (int64_t i = 0; i < n; ++i) {
-    constexpr bool kRms = K == NormKind::rms;  // (else the weight-free LayerNorm)
-    const Word xw = bf16_pairs::load(x, i), gw = bf16_pairs::load(go, i), sw = bf16_pairs::load(sc, i);
-    const float xh0 = (kRms ? lo(xw) : lo(xw) - mean) * rinv, xh1 = (kRms ? hi(xw) : hi(xw) - mean) * rinv;
-    const float n0 = bits_to_float(rounded(xh0)), n1 = bits_to_float(rounded(xh1));  // the forward's rounding point
-    const float ga0 = lo(gw) * (1.f + lo(sw)), ga1 = hi(gw) * (1.f + hi(sw));
-    const float dc0 = kRms ? ga0 * w0[i] : ga0, dc1 = kRms ? ga1 * w1[i] : ga1;
-    d0[i] = dc0;
-    d1[i] = dc1;
-    dot += dc0 * xh0 + dc1 * xh1;
-    if constexpr (!kRms) sum_d += dc0 + dc1;
-    if constexpr (kHasW) {
-      acc_w0[i] += ga0 * n0;
-      acc_w1[i] += ga1 * n1;
-    }
-    if constexpr (kSumShift) {
-      acc_sh0[i] += lo(gw);
-      acc_sh1[i] += hi(gw);
-    } else {
-      bf16_pairs::store(gsh, i, gw);  // d out / d shift = grad_out
-    }
-    const float gs0 = kRms ? lo(gw) * n0 * w0[i] : lo(gw) * n0, gs1 = kRms ? hi(gw) * n1 * w1[i] : hi(gw) * n1;
-    if constexpr (kSumScale) {
-      acc_sc0[i] += gs0;
-      acc_sc1[i] += gs1;
-    } else {
-      bf16_pairs::store(gsc, i, pack(rounded(gs0), rounded(gs1)));
-    }
-  }
-  dot_out = dot;
-  sum_d_out = sum_d;
-}
-
-// Pass 3 of a row: grad_x (plus the gradient that reached x' directly: gxo),
-// the residual's grad_y and grad_gate (summed when per sample: acc_g*); and
-// pass 1 of the next row (xnext), whose sums it returns.
-template <NormKind K, bool kResidual, bool kHasGxo, bool kSumGate>
-void backward_pass3(int64_t n, const bf16_t* __restrict x, const float* __restrict d0, const float* __restrict d1,
-                    float mean, float rinv, float mean_d, float dot, const bf16_t* __restrict gxo,
-                    const bf16_t* __restrict y, const bf16_t* __restrict gate, bf16_t* __restrict grad_x,
-                    bf16_t* __restrict grad_y, bf16_t* __restrict ggate, float* __restrict acc_g0,
-                    float* __restrict acc_g1, const bf16_t* __restrict xnext, float& sum_out, float& sq_out) {
-  constexpr bool kNorm = K != NormKind::none, kRms = K == NormKind::rms;
-  float s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-  for (int64_t i = 0; i < n; ++i) {
-    float gx0 = 0, gx1 = 0;
-    if constexpr (kRms) {  // (mean and mean_d are 0)
-      const Word xw = bf16_pairs::load(x, i);
-      gx0 = rinv * (d0[i] - lo(xw) * rinv * dot);
-      gx1 = rinv * (d1[i] - hi(xw) * rinv * dot);
-    } else if constexpr (kNorm) {
-      const Word xw = bf16_pairs::load(x, i);
-      gx0 = rinv * (d0[i] - mean_d - (lo(xw) - mean) * rinv * dot);
-      gx1 = rinv * (d1[i] - mean_d - (hi(xw) - mean) * rinv * dot);
-    }
-    if constexpr (kHasGxo) {
-      const Word ow = bf16_pairs::load(gxo, i);
-      gx0 += lo(ow);
-      gx1 += hi(ow);
-    }
-    bf16_pairs::store(grad_x, i, pack(rounded(gx0), rounded(gx1)));
-    if constexpr (kResidual) {
-      const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
-      bf16_pairs::store(grad_y, i, pack(rounded(gx0 * lo(gw)), rounded(gx1 * hi(gw))));
-      const float gg0 = gx0 * lo(yw), gg1 = gx1 * hi(yw);
-      if constexpr (kSumGate) {
-        acc_g0[i] += gg0;
-        acc_g1[i] += gg1;
-      } else {
-        bf16_pairs::store(ggate, i, pack(rounded(gg0), rounded(gg1)));
-      }
-    }
-    if constexpr (kNorm) {
-      const Word nw = bf16_pairs::load(xnext, i);
-      if constexpr (kRms) q += lo(nw) * lo(nw) + hi(nw) * hi(nw);
-      else s += lo(nw) + hi(nw);
-    }
-  }
-  sum_out = s;
-  sq_out = q;
-}
-
-// Rows [r0, r1) of p by the calling thread: as backward_rows. d0/d1: C/2
-// scratch each; w0/w1: the weight's even and odd elements (ones without one).
-inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* d0,
-                          float* d1, const float* w0, const float* w1) {
-  const int64_t C = p.C, n = C / 2;
-  const bool norm = p.kind != NormKind::none;
-  const bool sum_shift = norm && !p.shift.per_token();
-  const bool sum_scale = norm && !p.scale.per_token();
-  const bool sum_gate = p.residual && !p.gate.per_token();
-  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<bf16_t>(p.scale, p.L, C) : RowPrefetch{};
-  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<bf16_t>(p.gate, p.L, C) : RowPrefetch{};
-  auto x_row = [&](int64_t r) { return row<bf16_t>(p.x, r / p.L, r % p.L); };
-  // Pass 1 sums of the current row; pass 1 of row r + 1 runs in pass 3 of row r.
-  float sum = 0, sq = 0;
-  if (norm && r0 < r1) {
-    const bf16_t* __restrict x = x_row(r0);
-#pragma omp simd reduction(+ : sum, sq)
-    for (int64_t i = 0; i < n; ++i) {
-      const Word xw = bf16_pairs::load(x, i);
-      sum += lo(xw) + hi(xw);
-      sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
-    }
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const BackwardRow<bf16_t, bf16_t> g(p, sums, r);
-    const bf16_t* xr = x_row(r);
-    const bf16_t* xnext = x_row(r + 1 < r1 ? r + 1 : r);  // (the last row re-reads itself: reads only)
-    scale_ahead(r + 1, r1);  // (see RowPrefetch)
-    gate_ahead(r + 1, r1);
-    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
-    if (norm) {
-      row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
-      float sum_d = 0;
-      with_flags(
-          [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-            constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (norm only)
-            backward_pass2<K, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-                n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
-                g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
-          },
-          p.kind == NormKind::layer, p.weight != nullptr, sum_shift, sum_scale);
-      dot /= float(C);
-      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
-    }
-    with_kind(
-        p.kind,
-        [&](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
-          backward_pass3<decltype(kind)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                         decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
-                                                 sum, sq);
-        },
-        p.residual, g.grad_x_out != nullptr, sum_gate);
-  }
-}
-
-template <class W>
-void backward(const NormModulateBackward& p) {
-  ThreadSums<float> sums(p, /*planes=*/true);
-#pragma omp parallel
-  {
-    const int64_t n = p.C / 2;
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> w0(n), w1(n), d(p.C);
-    bf16_pairs::split(w.data(), n, w0.data(), w1.data());
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows(p, r0, r1, sums.mine(), d.data(), d.data() + n, w0.data(), w1.data());
-  }
-  sums.template store<W, bf16_t>(p);
-}
-
-}  // namespace pairs
-
 }  // namespace
 
 // One instantiation per supported (x, weight, modulation) dtype triple.
@@ -861,26 +469,10 @@ void dispatch(const P& p, Fn&& fn) {
 }
 
 void norm_modulate_forward(const NormModulateForward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) {
-    using T = decltype(t);
-    if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
-      if (p.C % 2 == 0) pairs::forward<decltype(w)>(p);
-      else forward_impl<T, decltype(w), decltype(m)>(p);
-    } else {
-      forward_impl<T, decltype(w), decltype(m)>(p);
-    }
-  });
+  dispatch(p, [&](auto t, auto w, auto m) { forward_impl<decltype(t), decltype(w), decltype(m)>(p); });
 }
 void norm_modulate_backward(const NormModulateBackward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) {
-    using T = decltype(t);
-    if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
-      if (p.C % 2 == 0) pairs::backward<decltype(w)>(p);
-      else backward_impl<T, decltype(w), decltype(m)>(p);
-    } else {
-      backward_impl<T, decltype(w), decltype(m)>(p);
-    }
-  });
+  dispatch(p, [&](auto t, auto w, auto m) { backward_impl<decltype(t), decltype(w), decltype(m)>(p); });
 }
 
 }  // namespace cpu

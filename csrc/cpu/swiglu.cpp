@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 namespace ddt {
@@ -43,57 +42,6 @@ void backward_block(const T* __restrict a, const T* __restrict b, const T* __res
   }
 }
 
-// bfloat16 blocks (even length) as 32-bit words of two elements (see
-// bf16_pairs): no widening unpacks or narrowing packs, and roundings without
-// the NaN test (a and b are widened bfloat16 values; sigmoid's exp clamps its
-// argument, so s is never NaN). Same values as the element loops.
-namespace pairs {
-
-using bf16_pairs::hi;
-using bf16_pairs::lo;
-using bf16_pairs::pack;
-using bf16_pairs::rounded;
-
-// sigmoid of the even and odd elements of a's n words, into s0/s1 (a loop of
-// its own, as in forward_block).
-inline void sigmoids(const bf16_t* __restrict a, int64_t n, float* __restrict s0, float* __restrict s1) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i);
-    s0[i] = sg::sigmoid(lo(aw));
-    s1[i] = sg::sigmoid(hi(aw));
-  }
-}
-
-inline void forward_block(const bf16_t* __restrict a, const bf16_t* __restrict b, bf16_t* __restrict out, int64_t n,
-                          float* __restrict s0, float* __restrict s1) {
-  sigmoids(a, n, s0, s1);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i), bw = bf16_pairs::load(b, i);
-    bf16_pairs::store(out, i,
-                      pack(rounded(sg::forward_from_sigmoid(lo(aw), s0[i], lo(bw))),
-                           rounded(sg::forward_from_sigmoid(hi(aw), s1[i], hi(bw)))));
-  }
-}
-
-inline void backward_block(const bf16_t* __restrict a, const bf16_t* __restrict b, const bf16_t* __restrict g,
-                           bf16_t* __restrict ga, bf16_t* __restrict gb, int64_t n, float* __restrict s0,
-                           float* __restrict s1) {
-  sigmoids(a, n, s0, s1);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i), bw = bf16_pairs::load(b, i), gw = bf16_pairs::load(g, i);
-    float da0, db0, da1, db1;
-    sg::backward_from_sigmoid(lo(aw), s0[i], lo(bw), lo(gw), da0, db0);
-    sg::backward_from_sigmoid(hi(aw), s1[i], hi(bw), hi(gw), da1, db1);
-    bf16_pairs::store(ga, i, pack(rounded(da0), rounded(da1)));
-    bf16_pairs::store(gb, i, pack(rounded(db0), rounded(db1)));
-  }
-}
-
-}  // namespace pairs
-
 // block(r, i0, n, scratch): elements [i0, i0 + n) of row r; scratch holds
 // kBlock accumulator values of the calling thread.
 template <class T, class Block>
@@ -115,12 +63,7 @@ void forward_impl(const Swiglu& p) {
     const T* a = static_cast<const T*>(p.a) + r * p.a_stride + i0;
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride + i0;
     T* out = static_cast<T*>(p.out) + r * p.H + i0;
-    if constexpr (std::is_same_v<T, bf16_t>) {
-      if (n % 2 == 0) pairs::forward_block(a, b, out, n / 2, scratch, scratch + kBlock / 2);
-      else forward_block<A>(a, b, out, n, scratch);
-    } else {
-      forward_block<A>(a, b, out, n, scratch);
-    }
+    forward_block<A>(a, b, out, n, scratch);
   });
 }
 
@@ -133,12 +76,7 @@ void backward_impl(const Swiglu& p) {
     const T* g = static_cast<const T*>(p.grad_out) + r * p.H + i0;
     T* ga = static_cast<T*>(p.grad_a) + r * p.H + i0;
     T* gb = static_cast<T*>(p.grad_b) + r * p.H + i0;
-    if constexpr (std::is_same_v<T, bf16_t>) {
-      if (n % 2 == 0) pairs::backward_block(a, b, g, ga, gb, n / 2, scratch, scratch + kBlock / 2);
-      else backward_block<A>(a, b, g, ga, gb, n, scratch);
-    } else {
-      backward_block<A>(a, b, g, ga, gb, n, scratch);
-    }
+    backward_block<A>(a, b, g, ga, gb, n, scratch);
   });
 }
 

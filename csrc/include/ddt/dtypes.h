@@ -66,20 +66,6 @@ DDT_HD uint32_t bf16_rounded_bits(float f) {
 
 DDT_HD bf16_t to_bf16(float f) { return bf16_t(uint16_t(bf16_rounded_bits(f) >> 16)); }
 
-#if !defined(__CUDACC__)
-// bf16_rounded_bits without the NaN test (two fewer vector instructions per
-// rounding), for a CPU loop whose NaNs all have zero low 16 bits. That holds
-// when every float operand of the loop came from a bfloat16 (or was checked):
-// CPU arithmetic (x86, Arm) returns a quieted input NaN or the default NaN
-// (0xffc00000 / 0x7fc00000), so the rounding increment cannot carry into the
-// exponent and such a NaN maps to itself. Not for GPUs: their NaN result is
-// 0x7fffffff, which this would turn into -0.
-inline uint32_t bf16_rounded_bits_of_bf16_nans(float f) {
-  const uint32_t u = float_to_bits(f);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-}
-#endif
-
 DDT_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(uint16_t(v)) << 16); }
 
 DDT_HD float to_float(f16_t v) {
