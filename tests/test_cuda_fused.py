@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 
-from script_outputs import script_outputs
 from tolerances import close
 
 from ddt_fast import _extension, models, ops
@@ -133,78 +132,6 @@ def test_norm_backward_packed_and_scalar_paths_cuda(dtype, per_token, B, L, C, o
             if b.numel():
                 mag = max(b.float().abs().max().item(), 1.0)
                 close(a.cpu() / mag, b / mag, dtype, 2.0)
-
-
-def variant_cases(shapes):
-    """(dtype, per_token, B, L, C) for the kernel-switch scripts below."""
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for per_token in (False, True):
-            for B, L, C in shapes:
-                yield dtype, per_token, B, L, C
-
-
-# Scripts run in a fresh process (kernel switches are read once per process);
-# each saves a dict of CPU tensors to argv[1].
-_SCRIPT_HEAD = """
-import torch, sys
-sys.path.insert(0, "tests")
-import test_cuda_fused as t
-f = torch.ops.ddt_fast
-out = {}
-"""
-
-_ROWS_BACKWARD_SCRIPT = (
-    _SCRIPT_HEAD
-    + """
-for dtype, per_token, B, L, C in t.variant_cases(((2, 33, 1152), (3, 7, 72), (1, 4, 4096))):
-    for case in t.BACKWARD_CASES:
-        args = t._backward_args(dtype, "cuda", B, L, C, per_token, *case)
-        out[(str(dtype), per_token, B, L, C, case)] = [a.cpu() for a in f.norm_modulate_backward(*args)]
-torch.save(out, sys.argv[1])
-"""
-)
-
-
-@pytest.mark.slow
-def test_norm_backward_rows_switch_agrees(tmp_path):
-    """DDT_FAST_NORM_BACKWARD=rows selects the scalar backward (row kernel plus
-    a column pass) everywhere; it must give the packed backward's values up to
-    float32 summation order."""
-    packed = script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "packed.pt", {"DDT_FAST_NORM_BACKWARD": "packed"})
-    rows = script_outputs(_ROWS_BACKWARD_SCRIPT, tmp_path / "rows.pt", {"DDT_FAST_NORM_BACKWARD": "rows"})
-    assert packed.keys() == rows.keys()
-    for key in packed:
-        for a, b in zip(packed[key], rows[key]):
-            if b.numel():
-                mag = max(b.float().abs().max().item(), 1.0)
-                close(a / mag, b / mag, a.dtype, 2.0)
-
-
-_FORWARD_SCRIPT = (
-    _SCRIPT_HEAD
-    + """
-for dtype, per_token, B, L, C in t.variant_cases(((2, 33, 1152), (3, 7, 72), (2, 16, 768), (1, 4, 4096))):
-    _, _, x, gate, y, w, sh, sc, eps, _, _ = t._backward_args(dtype, "cuda", B, L, C, per_token, 1, True, True)
-    outs = [f.rms_norm_modulate(x, w, sh, sc, eps), f.layer_norm_modulate(x, sh, sc, eps),
-            f.gated_residual(x, gate, y), *f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, eps)]
-    out[(str(dtype), per_token, B, L, C)] = [a.cpu() for a in outs]
-torch.save(out, sys.argv[1])
-"""
-)
-
-
-@pytest.mark.slow
-def test_norm_forward_staged_switch_identical(tmp_path):
-    """DDT_FAST_NORM_FORWARD=staged (blocks of rows of one sample staging the
-    weight and per-sample shift/scale/gate in shared memory) must give the
-    default packed forward's results bit for bit, tails of L included."""
-    raw, staged = (
-        script_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v}) for v in ("raw", "staged")
-    )
-    assert raw.keys() == staged.keys()
-    for key in raw:
-        for i, (a, b) in enumerate(zip(raw[key], staged[key])):
-            assert torch.equal(a, b), (key, i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

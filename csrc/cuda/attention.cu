@@ -17,7 +17,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 #include "ddt/attention.h"
@@ -618,16 +617,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(FlashAttention p) {
 
 // ---------------------------------------------------------------- launch
 
-// 16-row query tiles per warp in the forward for D <= 72: 2, or what
-// DDT_FAST_ATTENTION_WARP_ROWS (16 or 32 rows) says (for benchmarking both).
-int forward_row_tiles_per_warp() {
-  static const int tiles = [] {
-    const char* env = std::getenv("DDT_FAST_ATTENTION_WARP_ROWS");
-    return env != nullptr && std::atoi(env) == 16 ? 1 : 2;
-  }();
-  return tiles;
-}
-
 template <class Kernel>
 int launch(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, const FlashAttention& p) {
   if (blocks <= 0) return 0;
@@ -654,9 +643,10 @@ int forward_m(const FlashAttention& p, cudaStream_t s) {
 template <class T, int D>
 int forward(const FlashAttention& p, cudaStream_t s) {
   if constexpr (D <= 72) {  // D = 128 with two row tiles per warp would spill
-    if (forward_row_tiles_per_warp() == 2) return forward_m<T, D, 2>(p, s);
+    return forward_m<T, D, 2>(p, s);
+  } else {
+    return forward_m<T, D, 1>(p, s);
   }
-  return forward_m<T, D, 1>(p, s);
 }
 
 template <class T, int D>

@@ -17,8 +17,6 @@
 // are deterministic.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "ddt/dtype_dispatch.h"
@@ -155,68 +153,28 @@ __device__ __forceinline__ void packed_row_stats(const RawPack<T, G> (&xr)[V], i
 // interleaved with stores); evict-first cache hints on the row's reads and
 // writes measured no better. (Capping registers for more resident warps
 // spills at 5 packs per lane.)
-//
-// kStaged (a variant being measured, DDT_FAST_NORM_FORWARD=staged): blocks of
-// kStagedRows rows of one sample stage the operands every row of the block
-// reads (the weight; per-sample shift/scale/gate) in shared memory once,
-// instead of every row reading the same few L2 lines. Same values.
-constexpr int kStagedRows = 8;
-
-template <class T, class W, class M, int V, bool kStaged>
-__global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWarp)
-    forward_raw_kernel(NormModulateForward p) {
+template <class T, class W, class M, int V>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormModulateForward p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
-  constexpr int kCols = V * kWarp * G;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   int64_t b, l;
-  bool active = true;
-  if constexpr (kStaged) {
-    b = blockIdx.y;
-    l = int64_t(blockIdx.x) * kStagedRows + warp;
-    active = l < p.L;  // inactive warps still take part in staging
-  } else {
-    const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + warp;
-    if (r >= p.B * p.L) return;
-    b = r / p.L;
-    l = r - b * p.L;
-  }
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + warp;
+  if (r >= p.B * p.L) return;
+  b = r / p.L;
+  l = r - b * p.L;
   const int64_t C = p.C;
   const bool norm = p.kind != NormKind::none;
   RawPack<T, G> xr[V], yr[V];
-  if (active) {
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
+  if (p.residual) {
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
-    if (p.residual) {
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
-    }
+      if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
   }
   const W* weight = static_cast<const W*>(p.weight);
-  extern __shared__ float4 forward_smem[];
-  float* weight_s = reinterpret_cast<float*>(forward_smem);  // [4][kCols]: weight, shift, scale, gate
-  float *shift_s = weight_s + kCols, *scale_s = weight_s + 2 * kCols, *gate_s = weight_s + 3 * kCols;
-  if constexpr (kStaged) {
-    const bool stage_shift = norm && !p.shift.per_token(), stage_scale = norm && !p.scale.per_token();
-    const bool stage_gate = p.residual && !p.gate.per_token();
-    for (int64_t c = threadIdx.x; c < C; c += kStagedRows * kWarp) {
-      if (norm && weight) weight_s[c] = float(load<A>(weight[c]));
-      if (stage_shift) shift_s[c] = float(load<A>(row_ptr<M>(p.shift, b, 0)[c]));
-      if (stage_scale) scale_s[c] = float(load<A>(row_ptr<M>(p.scale, b, 0)[c]));
-      if (stage_gate) gate_s[c] = float(load<A>(row_ptr<M>(p.gate, b, 0)[c]));
-    }
-    __syncthreads();
-    if (!active) return;
-  }
-  // A shift/scale/gate pack: staged when per sample (kStaged), else from memory.
-  auto modulation = [&](const Rows& rows, const float* staged, int64_t c, A(&out)[G]) {
-    if (kStaged && !rows.per_token())
-      load_columns<G>(staged + c, out);
-    else
-      load_pack<G>(row_ptr<M>(rows, b, l) + c, out);
-  };
   if (p.residual) {
 #pragma unroll
     for (int v = 0; v < V; ++v) {
@@ -225,7 +183,7 @@ __global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWar
       A xv[G], yv[G], g[G];
       unpack<G>(xr[v], xv);
       unpack<G>(yr[v], yv);
-      modulation(p.gate, gate_s, c, g);
+      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
 #pragma unroll
       for (int j = 0; j < G; ++j) xv[j] = nm::residual<A>(xv[j], g[j], yv[j]);
       pack<G>(xv, xr[v]);  // x' rounded to T, as stored and as normalised
@@ -244,13 +202,10 @@ __global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWar
     if (c >= C) continue;
     A xv[G], sh[G], sc[G], w[G];
     unpack<G>(xr[v], xv);
-    modulation(p.shift, shift_s, c, sh);
-    modulation(p.scale, scale_s, c, sc);
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
     if (weight) {
-      if constexpr (kStaged)
-        load_columns<G>(weight_s + c, w);
-      else
-        load_pack<G>(weight + c, w);
+      load_pack<G>(weight + c, w);
     } else {
 #pragma unroll
       for (int j = 0; j < G; ++j) w[j] = A(1);
@@ -658,41 +613,6 @@ __global__ void backward_weight_kernel(NormModulateBackward p, Workspace ws) {
   static_cast<W*>(p.grad_weight)[c] = store<W>(s);
 }
 
-// Packed forward variant: DDT_FAST_NORM_FORWARD=staged selects the kernel that
-// stages block-shared operands in shared memory (being measured; off by
-// default until it has been timed on a GPU), anything else the raw one.
-bool staged_forward_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("DDT_FAST_NORM_FORWARD");
-    return env != nullptr && std::string(env) == "staged";
-  }();
-  return on;
-}
-
-template <class T, class W, class M, int V>
-void launch_packed_forward(const NormModulateForward& p, cudaStream_t s) {
-  constexpr int G = 16 / int(sizeof(T));
-  if (staged_forward_enabled() && p.B <= 65535) {  // grid.y is the sample
-    const dim3 grid(unsigned((p.L + kStagedRows - 1) / kStagedRows), unsigned(p.B));
-    const size_t smem = 4 * size_t(V) * kWarp * G * sizeof(float);  // <= 32 KiB: no opt-in needed
-    forward_raw_kernel<T, W, M, V, true><<<grid, kStagedRows * kWarp, smem, s>>>(p);
-    return;
-  }
-  const unsigned blocks = unsigned((p.B * p.L + kRowsPerBlock - 1) / kRowsPerBlock);
-  forward_raw_kernel<T, W, M, V, false><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(p);
-}
-
-// Backward path: DDT_FAST_NORM_BACKWARD=packed (default; one pass, column
-// sums on chip) or rows (the scalar row kernel plus the column pass). A
-// tuning switch for benchmarks; both are deterministic.
-bool packed_backward_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("DDT_FAST_NORM_BACKWARD");
-    return env == nullptr || std::string(env) != "rows";
-  }();
-  return on;
-}
-
 // The column sums' last two stages (both backward paths).
 template <class W, class M>
 void launch_backward_finish(const NormModulateBackward& p, const Workspace& ws, cudaStream_t s) {
@@ -737,12 +657,12 @@ struct Launch {
     const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      if (packs == 2) launch_packed_forward<T, W, M, 2>(p, s);
-      if (packs == 3) launch_packed_forward<T, W, M, 3>(p, s);
-      if (packs == 5) launch_packed_forward<T, W, M, 5>(p, s);
-      if (packs == 8) launch_packed_forward<T, W, M, 8>(p, s);
+      if (packs == 2) forward_raw_kernel<T, W, M, 2><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 3) forward_raw_kernel<T, W, M, 3><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 5) forward_raw_kernel<T, W, M, 5><<<blocks, kThreads, 0, s>>>(p);
+      if (packs == 8) forward_raw_kernel<T, W, M, 8><<<blocks, kThreads, 0, s>>>(p);
       if constexpr (16 * G <= kMaxRegistersPerLane) {
-        if (packs == 16) launch_packed_forward<T, W, M, 16>(p, s);
+        if (packs == 16) forward_raw_kernel<T, W, M, 16><<<blocks, kThreads, 0, s>>>(p);
       }
       static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
     }
@@ -753,7 +673,7 @@ struct Launch {
     const Workspace ws = carve(p, workspace);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      const int packs = packed_backward_enabled() ? backward_packs_per_lane<T, W, M>(p) : 0;
+      const int packs = backward_packs_per_lane<T, W, M>(p);
       if (packs == 2) return launch_packed_backward<T, W, M, 2>(p, ws, s);
       if (packs == 3) return launch_packed_backward<T, W, M, 3>(p, ws, s);
       if (packs == 5) return launch_packed_backward<T, W, M, 5>(p, ws, s);
