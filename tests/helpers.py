@@ -101,3 +101,25 @@ def tiny_vae(seed: int = 0):
         norm_num_groups=4,
         sample_size=16,
     )
+
+
+def fresh_process_outputs(script, path, env):
+    """Run `script` (which saves a dict of CPU tensors to argv[1]) in a new
+    process with `env` added, from the repository root with tests/ importable,
+    and load what it saved: for the GPU benchmark switches inside the
+    GPU-verified CUDA code, which the extension reads once per process."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests')\n" + script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **env),
+        cwd=root,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(path)

@@ -296,3 +296,31 @@ print("ok")
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+_WARP_ROWS_SCRIPT = """
+import sys, torch
+f, out = torch.ops.ddt_fast, {}
+g = torch.Generator(device="cuda").manual_seed(0)
+for D in (64, 72):
+    for L in (17, 256, 1000):
+        q, k, v = (torch.randn(2, 3, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        o, lse = f.flash_attention(q, k, v, D ** -0.5)
+        out[(D, L)] = [o.cpu(), lse.cpu()]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_warp_rows_switch_agrees(device, tmp_path):
+    """DDT_FAST_ATTENTION_WARP_ROWS=16 (one 16-row query tile per warp for
+    D <= 72; the default is two), a GPU benchmark switch inside the
+    GPU-verified kernel, agrees with the default within float32-accumulation noise."""
+    from helpers import fresh_process_outputs
+
+    two = fresh_process_outputs(_WARP_ROWS_SCRIPT, tmp_path / "rows32.pt", {"DDT_FAST_ATTENTION_WARP_ROWS": "32"})
+    one = fresh_process_outputs(_WARP_ROWS_SCRIPT, tmp_path / "rows16.pt", {"DDT_FAST_ATTENTION_WARP_ROWS": "16"})
+    assert two.keys() == one.keys()
+    for key in two:
+        torch.testing.assert_close(one[key][0].float(), two[key][0].float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(one[key][1], two[key][1], atol=1e-4, rtol=1e-4)

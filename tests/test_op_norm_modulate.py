@@ -469,3 +469,70 @@ def test_forward_packed_and_scalar_paths(device, dtype, C):
             )
             for a, e in zip(got, expected):
                 close(a, e, dtype, 2.0)
+
+
+# The GPU benchmark switches inside the GPU-verified norm kernels (read once per
+# process, so each variant runs in a process of its own); see
+# docs/backends-and-kernels.md, "GPU-verified kernels".
+_SWITCH_CASES = [(dtype, per_token) for dtype in (torch.float32, torch.bfloat16, torch.float16) for per_token in (0, 1)]
+_SWITCH_SHAPES = ((2, 33, 1152), (3, 7, 72), (2, 16, 768), (1, 4, 4096))
+
+_FORWARD_SCRIPT = """
+import sys, torch
+import test_op_norm_modulate as t
+f, out = torch.ops.ddt_fast, {}
+for dtype, per_token in t._SWITCH_CASES:
+    for B, L, C in t._SWITCH_SHAPES:
+        _, _, x, gate, y, w, sh, sc, eps, _, _ = t._backward_args(dtype, "cuda", B, L, C, per_token, 1, True, True)
+        outs = [f.rms_norm_modulate(x, w, sh, sc, eps), f.layer_norm_modulate(x, sh, sc, eps),
+                f.gated_residual(x, gate, y), *f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, eps)]
+        out[(str(dtype), per_token, B, L, C)] = [a.cpu() for a in outs]
+torch.save(out, sys.argv[1])
+"""
+
+_BACKWARD_SCRIPT = """
+import sys, torch
+import test_op_norm_modulate as t
+f, out = torch.ops.ddt_fast, {}
+for dtype, per_token in t._SWITCH_CASES:
+    for B, L, C in t._SWITCH_SHAPES:
+        for case in t.BACKWARD_CASES:
+            args = t._backward_args(dtype, "cuda", B, L, C, per_token, *case)
+            out[(str(dtype), per_token, B, L, C, case)] = [a.cpu() for a in f.norm_modulate_backward(*args)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@on(CUDA)
+@pytest.mark.slow
+def test_forward_switch_variants_are_identical(device, tmp_path):
+    """DDT_FAST_NORM_FORWARD=raw (default), raw_stream and widened compute the
+    same values bit for bit."""
+    from helpers import fresh_process_outputs
+
+    runs = {
+        v: fresh_process_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v})
+        for v in ("raw", "raw_stream", "widened")
+    }
+    for v in ("raw_stream", "widened"):
+        assert runs[v].keys() == runs["raw"].keys()
+        for key in runs["raw"]:
+            for i, (a, b) in enumerate(zip(runs["raw"][key], runs[v][key])):
+                assert torch.equal(a, b), (v, key, i)
+
+
+@on(CUDA)
+@pytest.mark.slow
+def test_backward_rows_switch_agrees(device, tmp_path):
+    """DDT_FAST_NORM_BACKWARD=rows (the scalar row kernel plus a column pass
+    everywhere) gives the packed backward's values up to summation order."""
+    from helpers import fresh_process_outputs
+
+    packed = fresh_process_outputs(_BACKWARD_SCRIPT, tmp_path / "packed.pt", {"DDT_FAST_NORM_BACKWARD": "packed"})
+    rows = fresh_process_outputs(_BACKWARD_SCRIPT, tmp_path / "rows.pt", {"DDT_FAST_NORM_BACKWARD": "rows"})
+    assert packed.keys() == rows.keys()
+    for key in packed:
+        for a, b in zip(packed[key], rows[key]):
+            if b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a / mag, b / mag, a.dtype, 2.0)

@@ -47,10 +47,9 @@ int main() {
   CHECK(to_float(to_f16(65504.f)) == 65504.f, "f16 max");
   CHECK(round_to<bf16_t>(1.00390625f) == 1.0f, "round_to<bf16>");
   // Every float: the bf16 bits against a plain statement of round-to-nearest-
-  // even (NaN: quieted, sign and top payload kept), and round_to<bf16> (which
-  // masks instead of narrowing and widening) against to_bf16.
-  // round_to<f16> (float arithmetic, no conversion) against the compiler's
-  // float -> _Float16 -> float round trip: same bits, or both NaN.
+  // even (NaN: quieted, sign and top payload kept), round_to<bf16> against
+  // to_bf16, and round_to<f16> against the float -> _Float16 -> float round
+  // trip: same bits, or both NaN.
   uint64_t bad_bf16 = 0, bad_round = 0, bad_f16 = 0;
   for (uint64_t i = 0; i < (uint64_t(1) << 32); ++i) {
     const uint32_t u = uint32_t(i);
