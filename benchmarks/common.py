@@ -107,7 +107,7 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
         "numpy": np.__version__,
         "ddt_fast": ddt_fast.__version__,
         "extension": ddt_fast._extension.available(),
-        # backend choices and kernel tuning switches in force (docs/backends-and-kernels.md)
+        # the DDT_FAST_* settings in force (docs/backends-and-kernels.md, "Options")
         "ddt_fast_env": {
             k: v for k, v in sorted(os.environ.items()) if k.startswith("DDT_FAST_") and k != "DDT_FAST_GIT_COMMIT"
         },

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict
 
 import torch
@@ -52,7 +51,6 @@ def info() -> Dict[str, Any]:
     report["backend"] = {
         "ops": _dispatch_state(),
         "cpu_plan": plan(torch.device("cpu")),
-        "cpu_huge_pages": _cpu_huge_pages(),
     }
     if torch.cuda.is_available():
         report["backend"]["cuda_plan"] = plan(torch.device("cuda"))
@@ -76,17 +74,3 @@ def _dispatch_state() -> Dict[str, str]:
     from ddt_fast.ops import dispatch
 
     return dict(dispatch.current()._asdict())
-
-
-def _cpu_huge_pages() -> Dict[str, Any]:
-    """Whether the CPU ops advise huge pages for outputs of 32 MiB and more
-    (as the extension read DDT_FAST_CPU_HUGE_PAGES), and the system's
-    transparent huge page mode (`madvise` or `always` honour it)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = re.search(r"\[(\w+)\]", f.read())
-        system = mode.group(1) if mode else "unknown"
-    except OSError:
-        system = "unavailable"
-    enabled = _extension.available() and bool(_extension._C.cpu_huge_pages_enabled())
-    return {"enabled": enabled, "system": system}

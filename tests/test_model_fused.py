@@ -1,7 +1,11 @@
-"""Whole model: fused backend vs reference backend, same weights."""
+"""Whole model: fused backend vs reference backend, same weights; on CUDA
+also torch.compile and CUDA-graph capture with the fused ops."""
 
 import pytest
 import torch
+from helpers import CUDA, autocast_run, model_inputs, on
+
+from tolerances import close
 
 from ddt_fast import _extension, models, ops
 
@@ -9,6 +13,7 @@ pytestmark = pytest.mark.skipif(
     not all(_extension.has_kernel(op, "CPU") for op in ops.MODEL_OPS if op != "attention"),
     reason="ddt_fast._C with every fused model op is not built",
 )
+KERNEL = "rms_norm_modulate"  # the `device` fixture skips devices without it
 
 
 def _model(name, seed=0):
@@ -73,3 +78,46 @@ def test_torch_compile_fullgraph_with_fused_ops_cpu():
         eager = m(x, t, y)[0]
         compiled = torch.compile(m, fullgraph=True)(x, t, y)[0]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@on(CUDA)
+def test_fused_and_reference_agree_bf16_autocast_cuda(device):
+    m = _model("DDT-tiny-d72/2").to(device)
+    inputs = model_inputs(3, device)
+    (vf, gf), (vr, gr) = (autocast_run(m, inputs, device, backend=b) for b in ("fused", "reference"))
+    assert ((vf - vr).norm() / vr.norm()) < 2e-2
+    for n in gr:
+        assert ((gf[n] - gr[n]).norm() / (gr[n].norm() + 1e-12)) < 5e-2, n
+
+
+@on(CUDA)
+def test_torch_compile_fullgraph_with_fused_ops_cuda(device):
+    m = _model("DDT-tiny-d72/2").to(device)
+    x, t, y = model_inputs(2, device)
+    with torch.no_grad(), ops.use_backend("fused"):
+        eager = m(x, t, y)[0]
+        compiled = torch.compile(m, fullgraph=True)(x, t, y)[0]
+    close(compiled, eager, torch.float32, 10.0)
+
+
+@on(CUDA)
+def test_cuda_graph_capture_and_replay_forward(device):
+    m = _model("DDT-tiny-d72/2").to(device)
+    static_x = torch.randn(2, 4, 16, 16, device=device)
+    static_t, static_y = torch.rand(2, device=device), torch.tensor([1, 2], device=device)
+    with torch.no_grad(), ops.use_backend("fused"):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                m(static_x, static_t, static_y)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_v, _ = m(static_x, static_t, static_y)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        expected, _ = m(new_x, static_t, static_y)
+    torch.cuda.synchronize()
+    close(static_v, expected, torch.float32)

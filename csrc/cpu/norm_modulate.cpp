@@ -8,10 +8,7 @@
 #include "cpu_helpers.h"
 #include "ddt/dtype_dispatch.h"
 
-#include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -155,9 +152,8 @@ void with_kind(NormKind k, Fn&& fn, Flags... flags) {
 
 // The forward's two passes over a row, element by element, so that one loop
 // can run pass 2 of row r together with pass 1 of row r + 1.
-// T, W, M: the element types read and written; R: the type whose rounding
-// points apply (T itself, or float16 for float16 rows staged as float).
-template <class T, class W, class M, class R, bool kResidual>
+// T, W, M: the element types read and written.
+template <class T, class W, class M, bool kResidual>
 struct ForwardRow {
   using A = acc_t<T>;
   // Pass 1 operands: x (and y, gate, x_out for the residual form); buf
@@ -189,7 +185,7 @@ struct ForwardRow {
   // Pass 1 at c: the value the norm reads (x' as stored, or x widened).
   A first(int64_t c) const {
     if constexpr (kResidual) {
-      const T v = store_rounded<T, R>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
+      const T v = store<T>(nm::residual<A>(load<A>(widen.x[c]), load<A>(gate[c]), load<A>(y[c])));
       x_out[c] = v;
       widen.buf[c] = load<A>(v);
       return widen.buf[c];
@@ -203,7 +199,7 @@ struct ForwardRow {
   // LayerNorm the multiply by one (same values).
   template <NormKind K>
   void second(int64_t c, const A* __restrict w) const {
-    const A n = round_to<R>((K == NormKind::rms ? xrow[c] : xrow[c] - mean) * rinv);
+    const A n = round_to<T>((K == NormKind::rms ? xrow[c] : xrow[c] - mean) * rinv);
     out[c] = store<T>(nm::modulate<A>(n, K == NormKind::rms ? w[c] : A(1), load<A>(shift[c]), load<A>(scale[c])));
   }
 };
@@ -213,7 +209,7 @@ struct ForwardRow {
 // statistics): a pass over one row alone keeps too few memory streams in
 // flight to reach DRAM bandwidth on large inputs. xbuf: 2 * C scratch; w: the
 // weight row in the accumulation type (ones for the weight-free LayerNorm).
-template <class T, class W, class M, class R>
+template <class T, class W, class M>
 void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>* xbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
   const int64_t C = p.C;
@@ -224,7 +220,7 @@ void forward_rows(const NormModulateForward& p, int64_t r0, int64_t r1, acc_t<T>
   with_kind(
       p.kind,
       [&](auto kind, auto residual_c) {
-        using Row = ForwardRow<T, W, M, R, decltype(residual_c)::value>;
+        using Row = ForwardRow<T, W, M, decltype(residual_c)::value>;
         constexpr NormKind K = decltype(kind)::value;
         if (r0 >= r1) return;
         Row cur(p, r0, xbuf);
@@ -266,363 +262,9 @@ void forward_impl(const NormModulateForward& p) {
     const auto [r0, r1] = thread_rows(p.B * p.L);
     std::vector<A> xbuf(2 * p.C);
     const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
-    forward_rows<T, W, M, T>(p, r0, r1, xbuf.data(), w.data());
+    forward_rows<T, W, M>(p, r0, r1, xbuf.data(), w.data());
   }
 }
-
-// bfloat16 x and modulation (the bf16 model and autocast), even C: the same
-// two passes over rows of 32-bit words of two elements (see bf16_pairs), with
-// no float row buffer: pass 2 re-reads its row (x, or x' as just stored) from
-// L1. Every float operand is a widened bfloat16 or a weight split by
-// bf16_pairs::split, so the roundings skip their NaN test. Same values as
-// forward_impl up to the order of the row sums. 1.3-1.7x faster on a Zen 3.
-namespace pairs {
-
-using bf16_pairs::hi;
-using bf16_pairs::lo;
-using bf16_pairs::pack;
-using bf16_pairs::rounded;
-using Word = uint32_t;
-
-struct RowPtrs {
-  const bf16_t* x;
-  const bf16_t* y;
-  const bf16_t* gate;
-  bf16_t* x_out;
-  const bf16_t* shift;
-  const bf16_t* scale;
-  bf16_t* out;
-  const bf16_t* normed;  // what pass 2 normalises: x, or x' (x_out)
-
-  RowPtrs(const NormModulateForward& p, int64_t r) {
-    const int64_t b = r / p.L, l = r % p.L;
-    const bool norm = p.kind != NormKind::none;
-    x = row<bf16_t>(p.x, b, l);
-    y = p.residual ? row<bf16_t>(p.y, b, l) : nullptr;
-    gate = p.residual ? row<bf16_t>(p.gate, b, l) : nullptr;
-    x_out = p.residual ? row<bf16_t>(p.x_out, b, l) : nullptr;
-    shift = norm ? row<bf16_t>(p.shift, b, l) : nullptr;
-    scale = norm ? row<bf16_t>(p.scale, b, l) : nullptr;
-    out = norm ? row<bf16_t>(p.out, b, l) : nullptr;
-    normed = p.residual ? x_out : x;
-  }
-};
-
-// Mean (0 for RMSNorm) and 1/std of a row of C values from its pass 1 sums
-// (LayerNorm: a second pass for the variance about the mean, as finish_stats).
-inline void row_stats(NormKind kind, const bf16_t* __restrict x, int64_t C, double eps, float sum, float sq,
-                      float& mean, float& rinv) {
-  mean = 0;
-  if (kind == NormKind::layer) {
-    mean = sum / float(C);
-    float dev = 0;
-#pragma omp simd reduction(+ : dev)
-    for (int64_t i = 0; i < C / 2; ++i) {
-      const Word xw = bf16_pairs::load(x, i);
-      const float e0 = lo(xw) - mean, e1 = hi(xw) - mean;
-      dev += e0 * e0 + e1 * e1;
-    }
-    sq = dev;
-  }
-  rinv = nm::inv_std<float>(sq / float(C), eps);
-}
-
-// Pass 1 at word i: the two values the norm reads (x' stored first when kResidual).
-template <bool kResidual>
-inline void first(const bf16_t* __restrict x, const bf16_t* __restrict y, const bf16_t* __restrict gate,
-                  bf16_t* __restrict x_out, int64_t i, float& v0, float& v1) {
-  const Word xw = bf16_pairs::load(x, i);
-  if constexpr (kResidual) {
-    const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
-    const uint32_t r0 = rounded(nm::residual<float>(lo(xw), lo(gw), lo(yw)));
-    const uint32_t r1 = rounded(nm::residual<float>(hi(xw), hi(gw), hi(yw)));
-    bf16_pairs::store(x_out, i, pack(r0, r1));
-    v0 = bits_to_float(r0);
-    v1 = bits_to_float(r1);
-  } else {
-    v0 = lo(xw);
-    v1 = hi(xw);
-  }
-}
-
-// Pass 2 at word i: round the normalised values (the spec's rounding point),
-// modulate, pack. The kind is a template argument so that RMSNorm skips the
-// zero mean and the weight-free LayerNorm the multiply by one (same values).
-template <NormKind K>
-inline Word second(const bf16_t* __restrict normed, const bf16_t* __restrict shift, const bf16_t* __restrict scale,
-                   const float* __restrict w0, const float* __restrict w1, int64_t i, float mean, float rinv) {
-  const Word xw = bf16_pairs::load(normed, i), sh = bf16_pairs::load(shift, i), sc = bf16_pairs::load(scale, i);
-  constexpr bool kRms = K == NormKind::rms;
-  const auto normalised = [&](float v) { return bits_to_float(rounded((kRms ? v : v - mean) * rinv)); };
-  const float n0 = normalised(lo(xw)), n1 = normalised(hi(xw));
-  return pack(rounded(nm::modulate<float>(n0, kRms ? w0[i] : 1.f, lo(sh), lo(sc))),
-              rounded(nm::modulate<float>(n1, kRms ? w1[i] : 1.f, hi(sh), hi(sc))));
-}
-
-// x' alone (no norm): rows [r0, r1) of pass 1.
-inline void residual_rows(const NormModulateForward& p, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const RowPtrs row(p, r);
-#pragma omp simd
-    for (int64_t i = 0; i < p.C / 2; ++i) {
-      float v0, v1;
-      first<true>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
-    }
-  }
-}
-
-// Pass 1 at word i, with the one row sum kind K needs: the sum of squares for
-// RMSNorm, the sum for LayerNorm (whose variance row_stats takes about the mean).
-template <bool kResidual, NormKind K>
-inline void first_sums(const RowPtrs& row, int64_t i, float& sum, float& sq) {
-  float v0, v1;
-  first<kResidual>(row.x, row.y, row.gate, row.x_out, i, v0, v1);
-  if constexpr (K == NormKind::rms) sq += v0 * v0 + v1 * v1;
-  else sum += v0 + v1;
-}
-
-// Rows [r0, r1) of p by the calling thread, p.kind == K; w0/w1: the weight's
-// even and odd elements.
-template <bool kResidual, NormKind K>
-void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w0,
-          const float* __restrict w1) {
-  const int64_t n = p.C / 2;
-  if (r0 >= r1) return;
-  const RowPrefetch shift_ahead = RowPrefetch::of<bf16_t>(p.shift, p.L, p.C);
-  const RowPrefetch scale_ahead = RowPrefetch::of<bf16_t>(p.scale, p.L, p.C);
-  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<bf16_t>(p.gate, p.L, p.C) : RowPrefetch{};
-  RowPtrs cur(p, r0);
-  float sum = 0, sq = 0;
-#pragma omp simd reduction(+ : sum, sq)
-  for (int64_t i = 0; i < n; ++i) first_sums<kResidual, K>(cur, i, sum, sq);
-  // Pass 2 of row r in one loop with pass 1 of row r + 1 (as forward_rows).
-  for (int64_t r = r0; r + 1 < r1; ++r) {
-    const RowPtrs next(p, r + 1);
-    shift_ahead(r + 1, r1);
-    scale_ahead(r + 1, r1);
-    gate_ahead(r + 2, r1);
-    float mean, rinv;
-    row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
-    float s = 0, q = 0;
-    bf16_t* __restrict out = cur.out;
-#pragma omp simd reduction(+ : s, q)
-    for (int64_t i = 0; i < n; ++i) {
-      bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
-      first_sums<kResidual, K>(next, i, s, q);
-    }
-    sum = s;
-    sq = q;
-    cur = next;
-  }
-  float mean, rinv;
-  row_stats(K, cur.normed, p.C, p.eps, sum, sq, mean, rinv);
-  bf16_t* __restrict out = cur.out;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    bf16_pairs::store(out, i, second<K>(cur.normed, cur.shift, cur.scale, w0, w1, i, mean, rinv));
-}
-
-template <class W>
-void forward(const NormModulateForward& p) {
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> w0(p.C / 2), w1(p.C / 2);
-    bf16_pairs::split(w.data(), p.C / 2, w0.data(), w1.data());
-    with_kind(
-        p.kind,
-        [&](auto kind, auto residual_c) {
-          if constexpr (decltype(kind)::value != NormKind::none)
-            rows<decltype(residual_c)::value, decltype(kind)::value>(p, r0, r1, w0.data(), w1.data());
-          else if (p.residual)  // (no norm and no residual: nothing to write)
-            residual_rows(p, r0, r1);
-        },
-        p.residual);
-  }
-}
-
-}  // namespace pairs
-
-// Staging of float16 operands (see staged_v): blocks of rows of one sample,
-// [n, C] float rows per operand, sized to stay in the L2 cache.
-struct StagedBlocks {
-  int64_t C, max_rows;
-  std::vector<float> buf;
-  int64_t used = 0;
-
-  StagedBlocks(int64_t C, int operands) : C(C) {
-    constexpr int64_t kStageBytes = 256 * 1024;
-    max_rows = std::max<int64_t>(1, kStageBytes / (int64_t(operands) * C * int64_t(sizeof(float))));
-    buf.resize(size_t(operands) * size_t(max_rows) * size_t(C));
-  }
-  // fn(b, l0, n) for blocks of rows [r0, r1) of a [B, L] grid: rows l0 .. l0 + n
-  // of sample b, at most max_rows and never across samples; the buffer is
-  // free again for every block.
-  template <class Fn>
-  void for_each_block(int64_t r0, int64_t r1, int64_t L, Fn&& fn) {
-    for (int64_t r = r0; r < r1;) {
-      const int64_t b = r / L, l0 = r % L;
-      const int64_t n = std::min({r1 - r, L - l0, max_rows});
-      used = 0;
-      fn(b, l0, n);
-      r += n;
-    }
-  }
-  float* take(int64_t rows) {
-    float* p = buf.data() + used;
-    used += rows * C;
-    return p;
-  }
-  // Rows [l0, l0 + n) of sample b of operand r (stored as S), readable as
-  // float rows of a one-sample problem: the operand itself when it is float,
-  // else its rows widened into the buffer (one row when per sample).
-  template <class S>
-  Rows in(const Rows& r, int64_t b, int64_t l0, int64_t n) {
-    if (!r.ptr) return r;
-    const S* src = row<S>(r, b, l0);
-    if constexpr (std::is_same_v<S, float>) {
-      return {src, 0, r.stride_l};
-    } else {
-      const int64_t rows = r.per_token() ? n : 1;
-      float* dst = take(rows);
-      for (int64_t i = 0; i < rows; ++i) widen_to_float(src + i * r.stride_l, dst + i * C, C);
-      return {dst, 0, r.per_token() ? C : 0};
-    }
-  }
-  // Where a one-sample problem writes rows that end up in (b, l0 + i) of out.
-  template <class S>
-  MutRows out(const MutRows& o, int64_t b, int64_t l0, int64_t n) {
-    if (!o.ptr) return o;
-    if constexpr (std::is_same_v<S, float>) return {row<S>(o, b, l0), 0, o.stride_l};
-    return {take(n), 0, C};
-  }
-  // Narrows the staged rows of `staged` into out (no-op when out is float).
-  template <class S>
-  void narrow(const MutRows& staged, const MutRows& o, int64_t b, int64_t l0, int64_t n) const {
-    if constexpr (!std::is_same_v<S, float>) {
-      if (!o.ptr) return;
-      for (int64_t i = 0; i < n; ++i)
-        narrow_from_float(static_cast<const float*>(staged.ptr) + i * C, row<S>(o, b, l0 + i), C);
-    }
-  }
-};
-
-// float16 x: each thread stages blocks of its rows and runs the float loops
-// with float16 rounding points on them.
-template <class W, class M>
-void forward_staged(const NormModulateForward& p) {
-  using T = f16_t;
-  const int64_t C = p.C;
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    std::vector<float> xbuf(2 * C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, C);
-    StagedBlocks stage(C, 7);
-    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
-      NormModulateForward s = p;
-      s.B = 1;
-      s.L = n;
-      s.x = stage.in<T>(p.x, b, l0, n);
-      s.y = stage.in<T>(p.y, b, l0, n);
-      s.gate = stage.in<M>(p.gate, b, l0, n);
-      s.shift = stage.in<M>(p.shift, b, l0, n);
-      s.scale = stage.in<M>(p.scale, b, l0, n);
-      s.out = stage.out<T>(p.out, b, l0, n);
-      s.x_out = stage.out<T>(p.x_out, b, l0, n);
-      forward_rows<float, float, float, T>(s, 0, n, xbuf.data(), w.data());
-      stage.narrow<T>(s.out, p.out, b, l0, n);
-      stage.narrow<T>(s.x_out, p.x_out, b, l0, n);
-    });
-  }
-}
-
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 forward with the F16C conversions inside the row loops (f16x8 in
-// cpu_helpers.h) instead of staging blocks of rows through float (see
-// forward_staged): no extra passes through the staging rows. Rows of C % 8
-// left-over elements finish in scalar code with the same math.
-namespace f16c {
-
-using namespace f16x8;
-
-// Rows [r0, r1) of p by the calling thread (x float16, modulation M). Pass 1
-// (x' stored, the values the norm reads kept in xbuf as float, their sums),
-// then pass 2 (normalise, round to float16, modulate, store). w: the weight
-// row as float (ones without one); xbuf: C floats.
-template <class M, bool kResidual>
-void rows(const NormModulateForward& p, int64_t r0, int64_t r1, const float* __restrict w, float* __restrict xbuf) {
-  const int64_t C = p.C, C8 = C - C % 8;
-  const bool norm = p.kind != NormKind::none;
-  const RowPrefetch shift_ahead = RowPrefetch::of<M>(p.shift, p.L, C);
-  const RowPrefetch scale_ahead = RowPrefetch::of<M>(p.scale, p.L, C);
-  const RowPrefetch gate_ahead = kResidual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / p.L, l = r % p.L;
-    shift_ahead(r + 1, r1);
-    scale_ahead(r + 1, r1);
-    gate_ahead(r + 1, r1);
-    const f16_t* __restrict x = row<f16_t>(p.x, b, l);
-    const f16_t* __restrict y = kResidual ? row<f16_t>(p.y, b, l) : nullptr;
-    const M* __restrict gate = kResidual ? row<M>(p.gate, b, l) : nullptr;
-    f16_t* __restrict x_out = kResidual ? row<f16_t>(p.x_out, b, l) : nullptr;
-    __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C8; c += 8) {
-      __m256 v = load8(x + c);
-      if constexpr (kResidual) {
-        const __m128i h = halves(_mm256_fmadd_ps(load8(gate + c), load8(y + c), v));  // x + gate * y, rounded once
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(x_out + c), h);
-        v = _mm256_cvtph_ps(h);
-      }
-      _mm256_storeu_ps(xbuf + c, v);
-      s8 = _mm256_add_ps(s8, v);
-      q8 = _mm256_fmadd_ps(v, v, q8);
-    }
-    float sum = sum8(s8), sq = sum8(q8);
-    for (int64_t c = C8; c < C; ++c) {
-      float v = load<float>(x[c]);
-      if constexpr (kResidual) {
-        x_out[c] = store<f16_t>(nm::residual<float>(v, load<float>(gate[c]), load<float>(y[c])));
-        v = load<float>(x_out[c]);
-      }
-      xbuf[c] = v;
-      sum += v;
-      sq += v * v;
-    }
-    if (!norm) continue;
-    float mean, rinv;
-    finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
-    const M* __restrict shift = row<M>(p.shift, b, l);
-    const M* __restrict scale = row<M>(p.scale, b, l);
-    f16_t* __restrict out = row<f16_t>(p.out, b, l);
-    const __m256 mean8 = _mm256_set1_ps(mean), rinv8 = _mm256_set1_ps(rinv), one = _mm256_set1_ps(1.f);
-    for (int64_t c = 0; c < C8; c += 8) {
-      // the spec's rounding point: the normalised value as float16
-      const __m256 n = rounded(_mm256_mul_ps(_mm256_sub_ps(load8(xbuf + c), mean8), rinv8));
-      const __m256 nw = _mm256_mul_ps(n, load8(w + c));
-      store8(out + c, _mm256_fmadd_ps(nw, _mm256_add_ps(one, load8(scale + c)), load8(shift + c)));
-    }
-    for (int64_t c = C8; c < C; ++c)
-      out[c] = store<f16_t>(nm::modulate<float>(round_to<f16_t>((xbuf[c] - mean) * rinv), w[c], load<float>(shift[c]),
-                                                load<float>(scale[c])));
-  }
-}
-
-template <class W, class M>
-void forward(const NormModulateForward& p) {
-#pragma omp parallel
-  {
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> xbuf(p.C);
-    if (p.residual) rows<M, true>(p, r0, r1, w.data(), xbuf.data());
-    else rows<M, false>(p, r0, r1, w.data(), xbuf.data());
-  }
-}
-
-}  // namespace f16c
-#endif
 
 // Either adds v into a per-thread sum over rows (per-sample operand) or stores
 // it as this row's gradient (per-token operand).
@@ -643,43 +285,6 @@ struct RowSums {
   A* shift;
   A* scale;
   A* gate;
-  RowSums at_sample(int64_t b, int64_t C) const { return {w, shift + b * C, scale + b * C, gate + b * C}; }
-};
-
-// Row r's operands and outputs in the backward (the bfloat16 word loops and
-// the float16 F16C loops): per-token gradients at row r, per-sample ones
-// (summed) at the row's start, null where the op has none.
-template <class T, class M>
-struct BackwardRow {
-  const T* grad_out = nullptr;
-  const M* scale = nullptr;
-  M* grad_shift = nullptr;
-  M* grad_scale = nullptr;
-  const T* grad_x_out = nullptr;
-  const T* y = nullptr;
-  const M* gate = nullptr;
-  T* grad_x;
-  T* grad_y = nullptr;
-  M* grad_gate = nullptr;
-  RowSums<float> sums;  // this sample's rows of the per-thread sums
-
-  BackwardRow(const NormModulateBackward& p, RowSums<float> thread_sums, int64_t r)
-      : grad_x(static_cast<T*>(p.grad_x) + r * p.C), sums(thread_sums.at_sample(r / p.L, p.C)) {
-    const int64_t b = r / p.L, l = r % p.L, C = p.C;
-    if (p.kind != NormKind::none) {
-      grad_out = row<T>(p.grad_out, b, l);
-      scale = row<M>(p.scale, b, l);
-      grad_shift = static_cast<M*>(p.grad_shift) + (p.shift.per_token() ? r * C : 0);
-      grad_scale = static_cast<M*>(p.grad_scale) + (p.scale.per_token() ? r * C : 0);
-    }
-    if (p.residual) {
-      grad_x_out = p.grad_x_out.ptr ? row<T>(p.grad_x_out, b, l) : nullptr;
-      y = row<T>(p.y, b, l);
-      gate = row<M>(p.gate, b, l);
-      grad_y = static_cast<T*>(p.grad_y) + r * C;
-      grad_gate = static_cast<M*>(p.grad_gate) + (p.gate.per_token() ? r * C : 0);
-    }
-  }
 };
 
 // Pass 2 of a row of the backward: d out / d xhat (into d) with its two row
@@ -687,7 +292,7 @@ struct BackwardRow {
 // sample: acc_*; gsh/gsc are row r's when per token). kRms: RMSNorm (mean 0,
 // weight w), else the weight-free LayerNorm. A function of its own: with
 // every operand a parameter, GCC vectorises it for every flag combination.
-template <class T, class M, class R, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
+template <class T, class M, bool kRms, bool kHasW, bool kSumShift, bool kSumScale, class A = acc_t<T>>
 void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, const M* __restrict sc,
                     const A* __restrict w, A mean, A rinv, A* __restrict d, A* __restrict acc_w, A* __restrict acc_sh,
                     A* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc, A& dot_out, A& sum_d_out) {
@@ -697,7 +302,7 @@ void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, co
 #pragma omp simd reduction(+ : dot, sum_d)
   for (int64_t c = 0; c < C; ++c) {
     const A xh = (kRms ? x[c] : x[c] - mean) * rinv;
-    const A n = round_to<R>(xh);  // the forward's rounding point
+    const A n = round_to<T>(xh);  // the forward's rounding point
     const A g = load<A>(go[c]);
     const A ga = g * (A(1) + load<A>(sc[c]));
     const A dc = kRms ? ga * w[c] : ga;
@@ -715,7 +320,7 @@ void backward_pass2(int64_t C, const A* __restrict x, const T* __restrict go, co
 // Rows [r0, r1) of p, by the calling thread: gradients of per-token operands
 // stored, of the weight and per-sample operands added into sums. xbuf: 2 * C
 // and dbuf: C scratch; w: the weight row (ones without one).
-template <class T, class W, class M, class R>
+template <class T, class W, class M>
 void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<acc_t<T>> sums, acc_t<T>* xbuf,
                    acc_t<T>* dbuf, const acc_t<T>* __restrict w) {
   using A = acc_t<T>;
@@ -757,7 +362,7 @@ void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSum
       M* gsc = static_cast<M*>(p.grad_scale) + (sum_scale ? 0 : r * C);
       with_flags(
           [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-            backward_pass2<T, M, R, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
+            backward_pass2<T, M, !decltype(layer_c)::value, decltype(has_w)::value, decltype(sum_sh)::value,
                            decltype(sum_sc)::value>(C, xrow, go, sc, w, mean, rinv, d, acc_w, sums.shift + b * C,
                                                     sums.scale + b * C, gsh, gsc, dot, sum_d);
           },
@@ -811,12 +416,9 @@ struct ThreadSums {
   int threads;
   std::vector<A> acc;
 
-  // planes: each C-row of sums holds its even elements, then its odd ones (pairs::backward)
-  bool planes;
-
-  ThreadSums(const NormModulateBackward& p, bool planes = false)
+  ThreadSums(const NormModulateBackward& p)
       : C(p.C), B(p.B), stride(p.C * (1 + 3 * p.B)), threads(num_threads()),
-        acc(size_t(threads) * size_t(stride), A(0)), planes(planes) {}
+        acc(size_t(threads) * size_t(stride), A(0)) {}
   RowSums<A> mine() {
     A* m = acc.data() + size_t(thread_id()) * size_t(stride);
     return {m, m + C, m + C + B * C, m + C + 2 * B * C};
@@ -826,10 +428,8 @@ struct ThreadSums {
     auto reduce_into = [&](int64_t offset, int64_t n, auto* out) {
       using O = std::remove_pointer_t<decltype(out)>;
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t c = i % C;
-        const int64_t at = offset + (planes ? i - c + bf16_pairs::plane_index(c, C) : i);
         A s = 0;
-        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(at)];
+        for (int t = 0; t < threads; ++t) s += acc[size_t(t) * size_t(stride) + size_t(offset + i)];
         out[i] = ddt::store<O>(s);
       }
     };
@@ -851,392 +451,7 @@ void backward_impl(const NormModulateBackward& p) {
     std::vector<A> xbuf(2 * p.C), dbuf(p.C);
     const std::vector<A> w = widen_row<W, A>(p.weight, p.C);
     const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows<T, W, M, T>(p, r0, r1, sums.mine(), xbuf.data(), dbuf.data(), w.data());
-  }
-  sums.template store<W, M>(p);
-}
-
-// bfloat16 backward over 32-bit words (as pairs::forward), for the same
-// operands: no float row buffers for x (passes 2 and 3 re-read its words), d
-// out / d xhat kept as even and odd planes, and the per-thread sums (weight,
-// per-sample modulation) in the same plane order, put back in element order
-// when they are added up (ThreadSums with planes). The row loops are
-// functions of their own: every operand a parameter, so the word stores
-// (memcpy, which may alias anything) do not force them to be reloaded.
-namespace pairs {
-
-// Pass 2 of a row: d out / d xhat (into d0/d1) with its two row sums, and
-// the gradients of the weight, shift and scale (summed when per sample: acc_*).
-template <NormKind K, bool kHasW, bool kSumShift, bool kSumScale>
-void backward_pass2(int64_t n, const bf16_t* __restrict x, const bf16_t* __restrict go, const bf16_t* __restrict sc,
-                    const float* __restrict w0, const float* __restrict w1, float mean, float rinv,
-                    float* __restrict d0, float* __restrict d1, float* __restrict acc_w0, float* __restrict acc_w1,
-                    float* __restrict acc_sh0, float* __restrict acc_sh1, float* __restrict acc_sc0,
-                    float* __restrict acc_sc1, bf16_t* __restrict gsh, bf16_t* __restrict gsc, float& dot_out,
-                    float& sum_d_out) {
-  float dot = 0, sum_d = 0;
-#pragma omp simd reduction(+ : dot, sum_d)
-  for (int64_t i = 0; i < n; ++i) {
-    constexpr bool kRms = K == NormKind::rms;  // (else the weight-free LayerNorm)
-    const Word xw = bf16_pairs::load(x, i), gw = bf16_pairs::load(go, i), sw = bf16_pairs::load(sc, i);
-    const float xh0 = (kRms ? lo(xw) : lo(xw) - mean) * rinv, xh1 = (kRms ? hi(xw) : hi(xw) - mean) * rinv;
-    const float n0 = bits_to_float(rounded(xh0)), n1 = bits_to_float(rounded(xh1));  // the forward's rounding point
-    const float ga0 = lo(gw) * (1.f + lo(sw)), ga1 = hi(gw) * (1.f + hi(sw));
-    const float dc0 = kRms ? ga0 * w0[i] : ga0, dc1 = kRms ? ga1 * w1[i] : ga1;
-    d0[i] = dc0;
-    d1[i] = dc1;
-    dot += dc0 * xh0 + dc1 * xh1;
-    if constexpr (!kRms) sum_d += dc0 + dc1;
-    if constexpr (kHasW) {
-      acc_w0[i] += ga0 * n0;
-      acc_w1[i] += ga1 * n1;
-    }
-    if constexpr (kSumShift) {
-      acc_sh0[i] += lo(gw);
-      acc_sh1[i] += hi(gw);
-    } else {
-      bf16_pairs::store(gsh, i, gw);  // d out / d shift = grad_out
-    }
-    const float gs0 = kRms ? lo(gw) * n0 * w0[i] : lo(gw) * n0, gs1 = kRms ? hi(gw) * n1 * w1[i] : hi(gw) * n1;
-    if constexpr (kSumScale) {
-      acc_sc0[i] += gs0;
-      acc_sc1[i] += gs1;
-    } else {
-      bf16_pairs::store(gsc, i, pack(rounded(gs0), rounded(gs1)));
-    }
-  }
-  dot_out = dot;
-  sum_d_out = sum_d;
-}
-
-// Pass 3 of a row: grad_x (plus the gradient that reached x' directly: gxo),
-// the residual's grad_y and grad_gate (summed when per sample: acc_g*); and
-// pass 1 of the next row (xnext), whose sums it returns.
-template <NormKind K, bool kResidual, bool kHasGxo, bool kSumGate>
-void backward_pass3(int64_t n, const bf16_t* __restrict x, const float* __restrict d0, const float* __restrict d1,
-                    float mean, float rinv, float mean_d, float dot, const bf16_t* __restrict gxo,
-                    const bf16_t* __restrict y, const bf16_t* __restrict gate, bf16_t* __restrict grad_x,
-                    bf16_t* __restrict grad_y, bf16_t* __restrict ggate, float* __restrict acc_g0,
-                    float* __restrict acc_g1, const bf16_t* __restrict xnext, float& sum_out, float& sq_out) {
-  constexpr bool kNorm = K != NormKind::none, kRms = K == NormKind::rms;
-  float s = 0, q = 0;
-#pragma omp simd reduction(+ : s, q)
-  for (int64_t i = 0; i < n; ++i) {
-    float gx0 = 0, gx1 = 0;
-    if constexpr (kRms) {  // (mean and mean_d are 0)
-      const Word xw = bf16_pairs::load(x, i);
-      gx0 = rinv * (d0[i] - lo(xw) * rinv * dot);
-      gx1 = rinv * (d1[i] - hi(xw) * rinv * dot);
-    } else if constexpr (kNorm) {
-      const Word xw = bf16_pairs::load(x, i);
-      gx0 = rinv * (d0[i] - mean_d - (lo(xw) - mean) * rinv * dot);
-      gx1 = rinv * (d1[i] - mean_d - (hi(xw) - mean) * rinv * dot);
-    }
-    if constexpr (kHasGxo) {
-      const Word ow = bf16_pairs::load(gxo, i);
-      gx0 += lo(ow);
-      gx1 += hi(ow);
-    }
-    bf16_pairs::store(grad_x, i, pack(rounded(gx0), rounded(gx1)));
-    if constexpr (kResidual) {
-      const Word gw = bf16_pairs::load(gate, i), yw = bf16_pairs::load(y, i);
-      bf16_pairs::store(grad_y, i, pack(rounded(gx0 * lo(gw)), rounded(gx1 * hi(gw))));
-      const float gg0 = gx0 * lo(yw), gg1 = gx1 * hi(yw);
-      if constexpr (kSumGate) {
-        acc_g0[i] += gg0;
-        acc_g1[i] += gg1;
-      } else {
-        bf16_pairs::store(ggate, i, pack(rounded(gg0), rounded(gg1)));
-      }
-    }
-    if constexpr (kNorm) {
-      const Word nw = bf16_pairs::load(xnext, i);
-      if constexpr (kRms) q += lo(nw) * lo(nw) + hi(nw) * hi(nw);
-      else s += lo(nw) + hi(nw);
-    }
-  }
-  sum_out = s;
-  sq_out = q;
-}
-
-// Rows [r0, r1) of p by the calling thread: as backward_rows. d0/d1: C/2
-// scratch each; w0/w1: the weight's even and odd elements (ones without one).
-inline void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* d0,
-                          float* d1, const float* w0, const float* w1) {
-  const int64_t C = p.C, n = C / 2;
-  const bool norm = p.kind != NormKind::none;
-  const bool sum_shift = norm && !p.shift.per_token();
-  const bool sum_scale = norm && !p.scale.per_token();
-  const bool sum_gate = p.residual && !p.gate.per_token();
-  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<bf16_t>(p.scale, p.L, C) : RowPrefetch{};
-  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<bf16_t>(p.gate, p.L, C) : RowPrefetch{};
-  auto x_row = [&](int64_t r) { return row<bf16_t>(p.x, r / p.L, r % p.L); };
-  // Pass 1 sums of the current row; pass 1 of row r + 1 runs in pass 3 of row r.
-  float sum = 0, sq = 0;
-  if (norm && r0 < r1) {
-    const bf16_t* __restrict x = x_row(r0);
-#pragma omp simd reduction(+ : sum, sq)
-    for (int64_t i = 0; i < n; ++i) {
-      const Word xw = bf16_pairs::load(x, i);
-      sum += lo(xw) + hi(xw);
-      sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
-    }
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const BackwardRow<bf16_t, bf16_t> g(p, sums, r);
-    const bf16_t* xr = x_row(r);
-    const bf16_t* xnext = x_row(r + 1 < r1 ? r + 1 : r);  // (the last row re-reads itself: reads only)
-    scale_ahead(r + 1, r1);  // (see RowPrefetch)
-    gate_ahead(r + 1, r1);
-    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
-    if (norm) {
-      row_stats(p.kind, xr, C, p.eps, sum, sq, mean, rinv);
-      float sum_d = 0;
-      with_flags(
-          [&](auto layer_c, auto has_w, auto sum_sh, auto sum_sc) {
-            constexpr NormKind K = decltype(layer_c)::value ? NormKind::layer : NormKind::rms;  // (norm only)
-            backward_pass2<K, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-                n, xr, g.grad_out, g.scale, w0, w1, mean, rinv, d0, d1, sums.w, sums.w + n, g.sums.shift,
-                g.sums.shift + n, g.sums.scale, g.sums.scale + n, g.grad_shift, g.grad_scale, dot, sum_d);
-          },
-          p.kind == NormKind::layer, p.weight != nullptr, sum_shift, sum_scale);
-      dot /= float(C);
-      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
-    }
-    with_kind(
-        p.kind,
-        [&](auto kind, auto residual_c, auto has_gxo, auto sum_g) {
-          backward_pass3<decltype(kind)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                         decltype(sum_g)::value>(n, xr, d0, d1, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate, g.sums.gate + n, xnext,
-                                                 sum, sq);
-        },
-        p.residual, g.grad_x_out != nullptr, sum_gate);
-  }
-}
-
-template <class W>
-void backward(const NormModulateBackward& p) {
-  ThreadSums<float> sums(p, /*planes=*/true);
-#pragma omp parallel
-  {
-    const int64_t n = p.C / 2;
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    std::vector<float> w0(n), w1(n), d(p.C);
-    bf16_pairs::split(w.data(), n, w0.data(), w1.data());
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows(p, r0, r1, sums.mine(), d.data(), d.data() + n, w0.data(), w1.data());
-  }
-  sums.template store<W, bf16_t>(p);
-}
-
-}  // namespace pairs
-
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 backward with F16C conversions inside the row loops (as
-// f16c::forward; DDT_FAST_CPU_F16_BACKWARD=staged selects backward_staged).
-// The vector code uses GCC's vector operators on __m256 so that it reads as
-// the scalar tails (and backward_rows) do.
-namespace f16c {
-
-using namespace f16x8;
-
-inline void add8(float* p, __m256 v) { _mm256_storeu_ps(p, _mm256_loadu_ps(p) + v); }
-
-// Pass 2 of a row (as in backward_rows): d out / d xhat into d, its two row
-// sums, the gradients of the weight, shift and scale (summed when per sample).
-template <class M, bool kHasW, bool kSumShift, bool kSumScale>
-void backward_pass2(int64_t C, const float* __restrict x, const f16_t* __restrict go, const M* __restrict sc,
-                    const float* __restrict w, float mean, float rinv, float* __restrict d, float* __restrict acc_w,
-                    float* __restrict acc_sh, float* __restrict acc_sc, M* __restrict gsh, M* __restrict gsc,
-                    float& dot_out, float& sum_d_out) {
-  const int64_t C8 = C - C % 8;
-  __m256 dot8 = _mm256_setzero_ps(), sum_d8 = _mm256_setzero_ps();
-  for (int64_t c = 0; c < C8; c += 8) {
-    const __m256 xh = (load8(x + c) - mean) * rinv;
-    const __m256 n = rounded(xh);  // the forward's rounding point
-    const __m256 g = load8(go + c), wc = load8(w + c);
-    const __m256 ga = g * (1.f + load8(sc + c));
-    const __m256 dc = ga * wc;
-    store8(d + c, dc);
-    dot8 = _mm256_fmadd_ps(dc, xh, dot8);
-    sum_d8 = sum_d8 + dc;
-    if constexpr (kHasW) add8(acc_w + c, ga * n);
-    if constexpr (kSumShift) add8(acc_sh + c, g);
-    else store8(gsh + c, g);
-    if constexpr (kSumScale) add8(acc_sc + c, g * n * wc);
-    else store8(gsc + c, g * n * wc);
-  }
-  float dot = sum8(dot8), sum_d = sum8(sum_d8);
-  for (int64_t c = C8; c < C; ++c) {
-    const float xh = (x[c] - mean) * rinv;
-    const float n = round_to<f16_t>(xh);
-    const float g = load<float>(go[c]);
-    const float ga = g * (1.f + load<float>(sc[c]));
-    const float dc = ga * w[c];
-    d[c] = dc;
-    dot += dc * xh;
-    sum_d += dc;
-    if constexpr (kHasW) acc_w[c] += ga * n;
-    if constexpr (kSumShift) acc_sh[c] += g;
-    else gsh[c] = store<M>(g);
-    if constexpr (kSumScale) acc_sc[c] += g * n * w[c];
-    else gsc[c] = store<M>(g * n * w[c]);
-  }
-  dot_out = dot;
-  sum_d_out = sum_d;
-}
-
-// Pass 3 of a row: grad_x (plus gxo, the gradient that reached x' directly),
-// the residual's grad_y and grad_gate (summed when per sample).
-template <class M, bool kNorm, bool kResidual, bool kHasGxo, bool kSumGate>
-void backward_pass3(int64_t C, const float* __restrict x, const float* __restrict d, float mean, float rinv,
-                    float mean_d, float dot, const f16_t* __restrict gxo, const f16_t* __restrict y,
-                    const M* __restrict gate, f16_t* __restrict grad_x, f16_t* __restrict grad_y, M* __restrict ggate,
-                    float* __restrict acc_g) {
-  const int64_t C8 = C - C % 8;
-  for (int64_t c = 0; c < C8; c += 8) {
-    __m256 gx = _mm256_setzero_ps();
-    if constexpr (kNorm) gx = rinv * (load8(d + c) - mean_d - (load8(x + c) - mean) * rinv * dot);
-    if constexpr (kHasGxo) gx = gx + load8(gxo + c);
-    store8(grad_x + c, gx);
-    if constexpr (kResidual) {
-      store8(grad_y + c, gx * load8(gate + c));
-      if constexpr (kSumGate) add8(acc_g + c, gx * load8(y + c));
-      else store8(ggate + c, gx * load8(y + c));
-    }
-  }
-  for (int64_t c = C8; c < C; ++c) {
-    float gx = 0;
-    if constexpr (kNorm) gx = rinv * (d[c] - mean_d - (x[c] - mean) * rinv * dot);
-    if constexpr (kHasGxo) gx += load<float>(gxo[c]);
-    grad_x[c] = store<f16_t>(gx);
-    if constexpr (kResidual) {
-      grad_y[c] = store<f16_t>(gx * load<float>(gate[c]));
-      if constexpr (kSumGate) acc_g[c] += gx * load<float>(y[c]);
-      else ggate[c] = store<M>(gx * load<float>(y[c]));
-    }
-  }
-}
-
-// Rows [r0, r1) of p by the calling thread. xbuf, d: C floats each; w: the
-// weight row as float (ones without one).
-template <class M>
-void backward_rows(const NormModulateBackward& p, int64_t r0, int64_t r1, RowSums<float> sums, float* xbuf, float* d,
-                   const float* w) {
-  const int64_t C = p.C, C8 = C - C % 8;
-  const bool norm = p.kind != NormKind::none;
-  const bool sum_shift = norm && !p.shift.per_token();
-  const bool sum_scale = norm && !p.scale.per_token();
-  const bool sum_gate = p.residual && !p.gate.per_token();
-  const RowPrefetch scale_ahead = norm ? RowPrefetch::of<M>(p.scale, p.L, C) : RowPrefetch{};
-  const RowPrefetch gate_ahead = p.residual ? RowPrefetch::of<M>(p.gate, p.L, C) : RowPrefetch{};
-  for (int64_t r = r0; r < r1; ++r) {
-    const BackwardRow<f16_t, M> g(p, sums, r);
-    scale_ahead(r + 1, r1);  // (see RowPrefetch)
-    gate_ahead(r + 1, r1);
-    float mean = 0, rinv = 0, dot = 0, mean_d = 0;
-    if (norm) {
-      // Pass 1: the row widened into xbuf, its sums.
-      const f16_t* __restrict x = row<f16_t>(p.x, r / p.L, r % p.L);
-      __m256 s8 = _mm256_setzero_ps(), q8 = _mm256_setzero_ps();
-      for (int64_t c = 0; c < C8; c += 8) {
-        const __m256 v = load8(x + c);
-        store8(xbuf + c, v);
-        s8 = s8 + v;
-        q8 = _mm256_fmadd_ps(v, v, q8);
-      }
-      float sum = sum8(s8), sq = sum8(q8);
-      for (int64_t c = C8; c < C; ++c) {
-        xbuf[c] = load<float>(x[c]);
-        sum += xbuf[c];
-        sq += xbuf[c] * xbuf[c];
-      }
-      finish_stats<float>(p.kind, xbuf, C, sum, sq, p.eps, mean, rinv);
-      float sum_d = 0;
-      with_flags(
-          [&](auto has_w, auto sum_sh, auto sum_sc) {
-            backward_pass2<M, decltype(has_w)::value, decltype(sum_sh)::value, decltype(sum_sc)::value>(
-                C, xbuf, g.grad_out, g.scale, w, mean, rinv, d, sums.w, g.sums.shift, g.sums.scale, g.grad_shift,
-                g.grad_scale, dot, sum_d);
-          },
-          p.weight != nullptr, sum_shift, sum_scale);
-      dot /= float(C);
-      mean_d = p.kind == NormKind::layer ? sum_d / float(C) : 0.f;
-    }
-    with_flags(
-        [&](auto norm_c, auto residual_c, auto has_gxo, auto sum_g) {
-          backward_pass3<M, decltype(norm_c)::value, decltype(residual_c)::value, decltype(has_gxo)::value,
-                         decltype(sum_g)::value>(C, xbuf, d, mean, rinv, mean_d, dot, g.grad_x_out, g.y, g.gate,
-                                                 g.grad_x, g.grad_y, g.grad_gate, g.sums.gate);
-        },
-        norm, p.residual, g.grad_x_out != nullptr, sum_gate);
-  }
-}
-
-template <class W, class M>
-void backward(const NormModulateBackward& p) {
-  ThreadSums<float> sums(p);
-#pragma omp parallel
-  {
-    std::vector<float> xbuf(p.C), d(p.C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, p.C);
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    backward_rows<M>(p, r0, r1, sums.mine(), xbuf.data(), d.data(), w.data());
-  }
-  sums.template store<W, M>(p);
-}
-
-}  // namespace f16c
-#endif
-
-// float16 x (see forward_staged). Gradients of per-token operands are
-// computed in float and narrowed once; the sums stay float until the end.
-template <class W, class M>
-void backward_staged(const NormModulateBackward& p) {
-  using T = f16_t;
-  const int64_t C = p.C;
-  ThreadSums<float> sums(p);
-#pragma omp parallel
-  {
-    std::vector<float> xbuf(2 * C), dbuf(C);
-    const std::vector<float> w = widen_row<W, float>(p.weight, C);
-    const auto [r0, r1] = thread_rows(p.B * p.L);
-    const RowSums<float> mine = sums.mine();
-    StagedBlocks stage(C, 11);
-    // the [B*L, C] gradient outputs as rows of a [B, L, C] operand
-    auto rows_of = [&](void* ptr) { return MutRows{ptr, p.L * C, C}; };
-    auto per_token = [&](bool summed, void* ptr) { return summed ? MutRows{} : rows_of(ptr); };
-    const bool norm = p.kind != NormKind::none;
-    const MutRows grad_x = rows_of(p.grad_x), grad_y = p.residual ? rows_of(p.grad_y) : MutRows{};
-    const MutRows grad_gate = per_token(!p.residual || !p.gate.per_token(), p.grad_gate);
-    const MutRows grad_shift = per_token(!norm || !p.shift.per_token(), p.grad_shift);
-    const MutRows grad_scale = per_token(!norm || !p.scale.per_token(), p.grad_scale);
-    stage.for_each_block(r0, r1, p.L, [&](int64_t b, int64_t l0, int64_t n) {
-      NormModulateBackward s = p;
-      s.B = 1;
-      s.L = n;
-      s.grad_out = stage.in<T>(p.grad_out, b, l0, n);
-      s.grad_x_out = stage.in<T>(p.grad_x_out, b, l0, n);
-      s.x = stage.in<T>(p.x, b, l0, n);
-      s.y = stage.in<T>(p.y, b, l0, n);
-      s.gate = stage.in<M>(p.gate, b, l0, n);
-      s.scale = stage.in<M>(p.scale, b, l0, n);
-      const MutRows gx = stage.out<T>(grad_x, b, l0, n), gy = stage.out<T>(grad_y, b, l0, n);
-      const MutRows gg = stage.out<M>(grad_gate, b, l0, n), gsh = stage.out<M>(grad_shift, b, l0, n);
-      const MutRows gsc = stage.out<M>(grad_scale, b, l0, n);
-      s.grad_x = gx.ptr;
-      s.grad_y = gy.ptr;
-      s.grad_gate = gg.ptr;
-      s.grad_shift = gsh.ptr;
-      s.grad_scale = gsc.ptr;
-      backward_rows<float, float, float, T>(s, 0, n, mine.at_sample(b, C), xbuf.data(), dbuf.data(), w.data());
-      stage.narrow<T>(gx, grad_x, b, l0, n);
-      stage.narrow<T>(gy, grad_y, b, l0, n);
-      stage.narrow<M>(gg, grad_gate, b, l0, n);
-      stage.narrow<M>(gsh, grad_shift, b, l0, n);
-      stage.narrow<M>(gsc, grad_scale, b, l0, n);
-    });
+    backward_rows<T, W, M>(p, r0, r1, sums.mine(), xbuf.data(), dbuf.data(), w.data());
   }
   sums.template store<W, M>(p);
 }
@@ -1254,42 +469,10 @@ void dispatch(const P& p, Fn&& fn) {
 }
 
 void norm_modulate_forward(const NormModulateForward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) {
-    using T = decltype(t);
-    if constexpr (staged_v<T>) {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (!use_staged_f16_forward()) {
-        f16c::forward<decltype(w), decltype(m)>(p);
-        return;
-      }
-#endif
-      forward_staged<decltype(w), decltype(m)>(p);
-    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
-      if (p.C % 2 == 0) pairs::forward<decltype(w)>(p);
-      else forward_impl<T, decltype(w), decltype(m)>(p);
-    } else {
-      forward_impl<T, decltype(w), decltype(m)>(p);
-    }
-  });
+  dispatch(p, [&](auto t, auto w, auto m) { forward_impl<decltype(t), decltype(w), decltype(m)>(p); });
 }
 void norm_modulate_backward(const NormModulateBackward& p) {
-  dispatch(p, [&](auto t, auto w, auto m) {
-    using T = decltype(t);
-    if constexpr (staged_v<T>) {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (!use_staged_f16_backward()) {
-        f16c::backward<decltype(w), decltype(m)>(p);
-        return;
-      }
-#endif
-      backward_staged<decltype(w), decltype(m)>(p);
-    } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<decltype(m), bf16_t>) {
-      if (p.C % 2 == 0) pairs::backward<decltype(w)>(p);
-      else backward_impl<T, decltype(w), decltype(m)>(p);
-    } else {
-      backward_impl<T, decltype(w), decltype(m)>(p);
-    }
-  });
+  dispatch(p, [&](auto t, auto w, auto m) { backward_impl<decltype(t), decltype(w), decltype(m)>(p); });
 }
 
 }  // namespace cpu

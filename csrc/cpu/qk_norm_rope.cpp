@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 namespace ddt {
@@ -43,29 +42,28 @@ std::vector<A> widen_weights(const QkNormRope& p) {
   return wv;
 }
 
-// One token's q and k: RMSNorm, weight, rotation. token: its packed [3, H, D]
-// row, of element type S (T, or float when staged); R: the type whose rounding
-// point applies; out_row(part, h) -> where head h of q (part 0) or k goes.
-template <class S, class R, class A, class OutRow>
-void forward_token(const QkNormRope& p, const S* token, int64_t l, const A* wv, A* xv, A* rinv, OutRow&& out_row) {
+// Token (b, l)'s q and k: RMSNorm, weight, rotation. token: its packed
+// [3, H, D] row; outs: the q and k outputs.
+template <class T, class A>
+void forward_token(const QkNormRope& p, const T* token, int64_t b, int64_t l, const A* wv, A* xv, A* rinv,
+                   T* const* outs) {
   const int64_t D = p.D, half = D / 2;
   const float* __restrict rope = p.rope + l * half * 2;
   for (int part = 0; part < 2; ++part) {
-    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, xv, rinv);
+    widen_heads<T, A>(token + part * p.H * D, p.H, D, p.eps, xv, rinv);
     const A* __restrict w = wv + part * D;
     for (int64_t h = 0; h < p.H; ++h) {
       const A* __restrict xa = xv + h * D;
       const A r = rinv[h];
-      using O = std::remove_pointer_t<std::invoke_result_t<OutRow&, int, int64_t>>;
-      O* __restrict out = out_row(part, h);
+      T* __restrict out = outs[part] + qk::split(p, b, h, l);
 #pragma omp simd
       for (int64_t m = 0; m < half; ++m) {
-        const A u0 = round_to<R>(xa[2 * m] * r) * w[2 * m];
-        const A u1 = round_to<R>(xa[2 * m + 1] * r) * w[2 * m + 1];
+        const A u0 = round_to<T>(xa[2 * m] * r) * w[2 * m];
+        const A u1 = round_to<T>(xa[2 * m + 1] * r) * w[2 * m + 1];
         A r0, r1;
         qk::rotate<A>(u0, u1, A(rope[2 * m]), A(rope[2 * m + 1]), r0, r1);
-        out[2 * m] = store<O>(r0);
-        out[2 * m + 1] = store<O>(r1);
+        out[2 * m] = store<T>(r0);
+        out[2 * m + 1] = store<T>(r1);
       }
     }
   }
@@ -84,180 +82,20 @@ template <class T, class W>
 void forward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  T* outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
-  const int64_t D = p.D, HD = p.H * D;
+  T* const outs[2] = {static_cast<T*>(p.q), static_cast<T*>(p.k)};
 #pragma omp parallel
   {
     // Per thread: the weights, and one token's q (or k) heads with their 1/RMS.
     const std::vector<A> wv = widen_weights<W, A>(p);
-    std::vector<A> xv(HD), rinv(p.H);
-    // float16 (see staged_v): the token's q and k, and the results, as float
-    std::vector<float> staged(staged_v<T> ? 4 * HD : 0);
+    std::vector<A> xv(p.H * p.D), rinv(p.H);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
-      const T* token = qkv + qk::packed(p, b, l, 0, 0);
-      if constexpr (staged_v<T>) {
-        float* in = staged.data();
-        float* res = in + 2 * HD;
-        widen_to_float(token, in, 2 * HD);
-        forward_token<float, T>(p, in, l, wv.data(), xv.data(), rinv.data(),
-                                [&](int part, int64_t h) { return res + (part * p.H + h) * D; });
-        for (int part = 0; part < 2; ++part)
-          for (int64_t h = 0; h < p.H; ++h)
-            narrow_from_float(res + (part * p.H + h) * D, outs[part] + qk::split(p, b, h, l), D);
-      } else {
-        forward_token<T, T>(p, token, l, wv.data(), xv.data(), rinv.data(),
-                            [&](int part, int64_t h) { return outs[part] + qk::split(p, b, h, l); });
-      }
+      forward_token<T, A>(p, qkv + qk::packed(p, b, l, 0, 0), b, l, wv.data(), xv.data(), rinv.data(), outs);
       copy_v(p, qkv, static_cast<T*>(p.v), b, l);
     }
   }
 }
-
-// bfloat16 (the bf16 model and autocast): each rotary pair (v[2m], v[2m+1])
-// is one 32-bit word (see bf16_pairs), so the rotation reads and writes words
-// with no interleaving shuffles, and no widened copy of the token is kept:
-// the statistics pass and the rotation both read the row from L1. The
-// weights and this token's (cos, sin) are split into even and odd planes
-// (NaNs made canonical), so the roundings skip their NaN test. Same values
-// as forward_impl up to the order of the sums of squares.
-namespace pairs {
-
-using bf16_pairs::hi;
-using bf16_pairs::lo;
-using bf16_pairs::rounded;
-
-// 1/RMS of each of a token's H heads (D values each, as words) into rinv.
-inline void heads_rinv(const QkNormRope& p, const bf16_t* heads, float* rinv) {
-  for (int64_t h = 0; h < p.H; ++h) {
-    const bf16_t* __restrict x = heads + h * p.D;
-    float sq = 0;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < p.D / 2; ++i) {
-      const uint32_t xw = bf16_pairs::load(x, i);
-      sq += lo(xw) * lo(xw) + hi(xw) * hi(xw);
-    }
-    rinv[h] = nm::inv_std<float>(sq / float(p.D), p.eps);
-  }
-}
-
-template <class W>
-void forward(const QkNormRope& p) {
-  const bf16_t* qkv = static_cast<const bf16_t*>(p.qkv);
-  bf16_t* outs[2] = {static_cast<bf16_t*>(p.q), static_cast<bf16_t*>(p.k)};
-  const int64_t D = p.D, half = D / 2;
-#pragma omp parallel
-  {
-    // [q | k] weights' even and odd elements; this token's cos and sin; 1/RMS per head
-    const std::vector<float> wv = widen_weights<W, float>(p);
-    std::vector<float> w0(D), w1(D), cos_l(half), sin_l(half), rinv(p.H);
-    for (int part = 0; part < 2; ++part)
-      bf16_pairs::split(wv.data() + part * D, half, w0.data() + part * half, w1.data() + part * half);
-#pragma omp for schedule(static)
-    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
-      const int64_t b = bl / p.L, l = bl % p.L;
-      bf16_pairs::split(p.rope + l * half * 2, half, cos_l.data(), sin_l.data());
-      for (int part = 0; part < 2; ++part) {
-        const bf16_t* heads = qkv + qk::packed(p, b, l, part, 0);
-        heads_rinv(p, heads, rinv.data());  // every head's statistics before any rotation (as widen_heads)
-        const float* __restrict wa = w0.data() + part * half;
-        const float* __restrict wb = w1.data() + part * half;
-        const float* __restrict c = cos_l.data();
-        const float* __restrict s = sin_l.data();
-        for (int64_t h = 0; h < p.H; ++h) {
-          const bf16_t* __restrict x = heads + h * D;
-          bf16_t* __restrict out = outs[part] + qk::split(p, b, h, l);
-          const float r = rinv[h];
-#pragma omp simd
-          for (int64_t i = 0; i < half; ++i) {
-            const uint32_t xw = bf16_pairs::load(x, i);
-            // the spec's rounding point, then weight and rotation in float
-            const float u0 = bits_to_float(rounded(lo(xw) * r)) * wa[i];
-            const float u1 = bits_to_float(rounded(hi(xw) * r)) * wb[i];
-            float r0, r1;
-            qk::rotate<float>(u0, u1, c[i], s[i], r0, r1);
-            bf16_pairs::store(out, i, bf16_pairs::pack(rounded(r0), rounded(r1)));
-          }
-        }
-      }
-      copy_v(p, qkv, static_cast<bf16_t*>(p.v), b, l);
-    }
-  }
-}
-
-}  // namespace pairs
-
-#if defined(DDT_CPU_F16C_LOOPS)
-// float16 with the F16C conversions inside the loops (f16x8 in cpu_helpers.h)
-// instead of staging each token through float (forward_impl's staged_v
-// path; DDT_FAST_CPU_F16_FORWARD=staged still selects it). A vector of 8
-// values holds 4 rotary pairs side by side, so the rotation is
-// u * (c, c) + swap(u) * (-s, s) with one in-lane shuffle, no
-// de-interleaving. A head's D % 8 left-over values (D is a multiple of 4)
-// finish in scalar code with the same math.
-namespace f16c {
-
-using namespace f16x8;
-
-template <class W>
-void forward(const QkNormRope& p) {
-  const f16_t* qkv = static_cast<const f16_t*>(p.qkv);
-  f16_t* outs[2] = {static_cast<f16_t*>(p.q), static_cast<f16_t*>(p.k)};
-  const int64_t D = p.D, D8 = D - D % 8, half = D / 2;
-#pragma omp parallel
-  {
-    const std::vector<float> wv = widen_weights<W, float>(p);  // [q_weight | k_weight]
-    // this token's (cos, cos) and (-sin, sin) per rotary pair; 1/RMS per head
-    std::vector<float> cos2(D), sin2(D), rinv(p.H);
-#pragma omp for schedule(static)
-    for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
-      const int64_t b = bl / p.L, l = bl % p.L;
-      const float* rope = p.rope + l * half * 2;
-      for (int64_t m = 0; m < half; ++m) {
-        cos2[2 * m] = cos2[2 * m + 1] = rope[2 * m];
-        sin2[2 * m] = -rope[2 * m + 1];
-        sin2[2 * m + 1] = rope[2 * m + 1];
-      }
-      for (int part = 0; part < 2; ++part) {
-        const f16_t* heads = qkv + qk::packed(p, b, l, part, 0);
-        // every head's statistics before any rotation (as widen_heads)
-        for (int64_t h = 0; h < p.H; ++h) {
-          const f16_t* x = heads + h * D;
-          __m256 q8 = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D8; d += 8) q8 = _mm256_fmadd_ps(load8(x + d), load8(x + d), q8);
-          float sq = sum8(q8);
-          for (int64_t d = D8; d < D; ++d) sq += load<float>(x[d]) * load<float>(x[d]);
-          rinv[h] = nm::inv_std<float>(sq / float(D), p.eps);
-        }
-        const float* w = wv.data() + part * D;
-        for (int64_t h = 0; h < p.H; ++h) {
-          const f16_t* x = heads + h * D;
-          f16_t* out = outs[part] + qk::split(p, b, h, l);
-          const __m256 r8 = _mm256_set1_ps(rinv[h]);
-          for (int64_t d = 0; d < D8; d += 8) {
-            // the spec's rounding point, then weight and rotation in float
-            const __m256 u = _mm256_mul_ps(rounded(_mm256_mul_ps(load8(x + d), r8)), load8(w + d));
-            const __m256 swapped = _mm256_permute_ps(u, 0xb1);  // (u1, u0) of each pair
-            store8(out + d, _mm256_fmadd_ps(u, load8(cos2.data() + d), _mm256_mul_ps(swapped, load8(sin2.data() + d))));
-          }
-          for (int64_t d = D8; d < D; d += 2) {
-            const float u0 = round_to<f16_t>(load<float>(x[d]) * rinv[h]) * w[d];
-            const float u1 = round_to<f16_t>(load<float>(x[d + 1]) * rinv[h]) * w[d + 1];
-            float r0, r1;
-            qk::rotate<float>(u0, u1, cos2[d], sin2[d + 1], r0, r1);
-            out[d] = store<f16_t>(r0);
-            out[d + 1] = store<f16_t>(r1);
-          }
-        }
-      }
-      copy_v(p, qkv, static_cast<f16_t*>(p.v), b, l);
-    }
-  }
-}
-
-}  // namespace f16c
-#endif
 
 // Software prefetch of token l's incoming q and k gradients, read in the
 // [B, H, L, D] layout: one short row (D elements) per head, 2H streams that
@@ -277,29 +115,27 @@ void prefetch_next_token(const QkNormRope& p, const T* const* grads, int64_t b, 
 template <class A>
 struct TokenScratch {
   std::vector<A> xv, rinv, xhat, gn;
-  TokenScratch() = default;
   TokenScratch(const QkNormRope& p) : xv(p.H * p.D), rinv(p.H), xhat(p.D), gn(p.D) {}
 };
 
-// The gradient of one token's packed q and k rows (gx: [2, H, D], element type
-// O) from the incoming gradients grad_row(part, h) (element type S, D values;
-// unused for a part whose gradient is missing: zero). acc: the weight
-// gradients' sums [2, D]. S, R as in forward_token.
-template <class S, class O, class R, class A, class GradRow>
-void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* has_grad, GradRow&& grad_row,
-                    const A* wv, A* acc, TokenScratch<A>& t, O* gx_token) {
+// The gradient of token (b, l)'s packed q and k rows (gx_token: [2, H, D])
+// from the incoming gradients grads[part] ([B, H, L, D]; null for a part
+// whose gradient is missing: zero). acc: the weight gradients' sums [2, D].
+template <class T, class A>
+void backward_token(const QkNormRope& p, const T* token, int64_t b, int64_t l, const T* const* grads, const A* wv,
+                    A* acc, TokenScratch<A>& t, T* gx_token) {
   const int64_t D = p.D, half = D / 2;
   const float* rope = p.rope + l * half * 2;
   for (int part = 0; part < 2; ++part) {
-    if (!has_grad[part]) {
-      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<O>(A(0)));
+    if (grads[part] == nullptr) {
+      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<T>(A(0)));
       continue;
     }
-    widen_heads<S, A>(token + part * p.H * D, p.H, D, p.eps, t.xv.data(), t.rinv.data());
+    widen_heads<T, A>(token + part * p.H * D, p.H, D, p.eps, t.xv.data(), t.rinv.data());
     for (int64_t h = 0; h < p.H; ++h) {
       const A* __restrict x = t.xv.data() + h * D;
-      O* __restrict gx = gx_token + (part * p.H + h) * D;
-      const S* __restrict g = grad_row(part, h);
+      T* __restrict gx = gx_token + (part * p.H + h) * D;
+      const T* __restrict g = grads[part] + qk::split(p, b, h, l);
       const A r = t.rinv[h];
       const A* __restrict w = wv + part * D;
       A* __restrict acc_w = acc + part * D;
@@ -312,8 +148,8 @@ void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* 
         A gu0, gu1;
         qk::rotate<A>(load<A>(g[2 * m]), load<A>(g[2 * m + 1]), A(rope[2 * m]), -A(rope[2 * m + 1]), gu0, gu1);
         const A xh0 = x[2 * m] * r, xh1 = x[2 * m + 1] * r;
-        acc_w[2 * m] += gu0 * round_to<R>(xh0);
-        acc_w[2 * m + 1] += gu1 * round_to<R>(xh1);
+        acc_w[2 * m] += gu0 * round_to<T>(xh0);
+        acc_w[2 * m + 1] += gu1 * round_to<T>(xh1);
         const A gn0 = gu0 * w[2 * m], gn1 = gu1 * w[2 * m + 1];
         xh[2 * m] = xh0;
         xh[2 * m + 1] = xh1;
@@ -323,132 +159,33 @@ void backward_token(const QkNormRope& p, const S* token, int64_t l, const bool* 
       }
       dot /= A(D);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) gx[d] = store<O>(r * (gnv[d] - xh[d] * dot));
+      for (int64_t d = 0; d < D; ++d) gx[d] = store<T>(r * (gnv[d] - xh[d] * dot));
     }
   }
 }
-
-// bfloat16 backward of a token over words (as pairs::forward): the same math
-// as backward_token, with the weight gradient's sums kept as even and odd
-// planes per part (backward_impl puts them back in element order).
-namespace pairs {
-
-// One head: acc0/acc1 the weight gradient's even/odd sums; xh0..gn1: half
-// floats of scratch each. (A function of its own, every operand a parameter,
-// so the word stores do not force reloads.)
-inline void backward_head(int64_t half, const bf16_t* __restrict x, const bf16_t* __restrict g, float r,
-                          const float* __restrict w0, const float* __restrict w1, const float* __restrict c,
-                          const float* __restrict s, float* __restrict acc0, float* __restrict acc1,
-                          float* __restrict xh0, float* __restrict xh1, float* __restrict gn0, float* __restrict gn1,
-                          bf16_t* __restrict gx) {
-  float dot = 0;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t i = 0; i < half; ++i) {
-    const uint32_t gw = bf16_pairs::load(g, i), xw = bf16_pairs::load(x, i);
-    // d/du of a rotation is the inverse rotation of the incoming gradient.
-    float gu0, gu1;
-    qk::rotate<float>(lo(gw), hi(gw), c[i], -s[i], gu0, gu1);
-    const float a0 = lo(xw) * r, a1 = hi(xw) * r;
-    acc0[i] += gu0 * bits_to_float(rounded(a0));
-    acc1[i] += gu1 * bits_to_float(rounded(a1));
-    xh0[i] = a0;
-    xh1[i] = a1;
-    gn0[i] = gu0 * w0[i];
-    gn1[i] = gu1 * w1[i];
-    dot += gn0[i] * a0 + gn1[i] * a1;
-  }
-  dot /= float(2 * half);
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i)
-    bf16_pairs::store(gx, i,
-                      bf16_pairs::pack(rounded(r * (gn0[i] - xh0[i] * dot)), rounded(r * (gn1[i] - xh1[i] * dot))));
-}
-
-// Scratch and weights of one thread.
-struct BackwardScratch {
-  std::vector<float> w0, w1, cos_l, sin_l, rinv, xh0, xh1, gn0, gn1;
-  template <class W>
-  static BackwardScratch of(const QkNormRope& p) {
-    const int64_t D = p.D, half = D / 2;
-    BackwardScratch t{std::vector<float>(D),    std::vector<float>(D),    std::vector<float>(half),
-                      std::vector<float>(half), std::vector<float>(p.H),  std::vector<float>(half),
-                      std::vector<float>(half), std::vector<float>(half), std::vector<float>(half)};
-    const std::vector<float> wv = widen_weights<W, float>(p);
-    for (int part = 0; part < 2; ++part)
-      bf16_pairs::split(wv.data() + part * D, half, t.w0.data() + part * half, t.w1.data() + part * half);
-    return t;
-  }
-};
-
-// One token (b, l): its packed q and k rows' gradients into gx_token; acc:
-// this thread's weight-gradient sums [2][even half | odd half].
-inline void backward_token(const QkNormRope& p, const bf16_t* token, int64_t b, int64_t l, const bf16_t* const* grads,
-                           float* acc, BackwardScratch& t, bf16_t* gx_token) {
-  const int64_t D = p.D, half = D / 2;
-  bf16_pairs::split(p.rope + l * half * 2, half, t.cos_l.data(), t.sin_l.data());
-  for (int part = 0; part < 2; ++part) {
-    const bf16_t* heads = token + part * p.H * D;
-    if (grads[part] == nullptr) {
-      std::fill(gx_token + part * p.H * D, gx_token + (part + 1) * p.H * D, store<bf16_t>(0.f));
-      continue;
-    }
-    heads_rinv(p, heads, t.rinv.data());
-    for (int64_t h = 0; h < p.H; ++h)
-      backward_head(half, heads + h * D, grads[part] + qk::split(p, b, h, l), t.rinv[h], t.w0.data() + part * half,
-                    t.w1.data() + part * half, t.cos_l.data(), t.sin_l.data(), acc + part * D, acc + part * D + half,
-                    t.xh0.data(), t.xh1.data(), t.gn0.data(), t.gn1.data(), gx_token + (part * p.H + h) * D);
-  }
-}
-
-}  // namespace pairs
 
 template <class T, class W>
 void backward_impl(const QkNormRope& p) {
   using A = acc_t<T>;
   const T* qkv = static_cast<const T*>(p.qkv);
-  const T* grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
-  const bool has_grad[2] = {grads[0] != nullptr, grads[1] != nullptr};
+  const T* const grads[2] = {static_cast<const T*>(p.grad_q), static_cast<const T*>(p.grad_k)};
   const T* grad_v = static_cast<const T*>(p.grad_v);
   T* grad_qkv = static_cast<T*>(p.grad_qkv);
-  const int64_t D = p.D, HD = p.H * D;
+  const int64_t D = p.D;
   const int threads = num_threads();
   std::vector<A> acc(size_t(threads) * 2 * D, A(0));
 #pragma omp parallel
   {
     A* mine = acc.data() + size_t(thread_id()) * 2 * D;
-    // bfloat16 (see pairs): weights and scratch of its own, the sums in plane order
-    constexpr bool kWords = std::is_same_v<T, bf16_t>;
-    const std::vector<A> wv = kWords ? std::vector<A>{} : widen_weights<W, A>(p);
-    TokenScratch<A> scratch = kWords ? TokenScratch<A>{} : TokenScratch<A>(p);
-    auto pairs_scratch = kWords ? pairs::BackwardScratch::of<W>(p) : pairs::BackwardScratch{};
-    // float16 (see staged_v): the token's q and k, their incoming gradients
-    // and their gradients, as float
-    std::vector<float> staged(staged_v<T> ? 6 * HD : 0);
+    const std::vector<A> wv = widen_weights<W, A>(p);
+    TokenScratch<A> scratch(p);
 #pragma omp for schedule(static)
     for (int64_t bl = 0; bl < p.B * p.L; ++bl) {
       const int64_t b = bl / p.L, l = bl % p.L;
       if (l + 1 < p.L) prefetch_next_token(p, grads, b, l + 1);
       const T* token = qkv + qk::packed(p, b, l, 0, 0);
       T* gx_token = grad_qkv + qk::packed(p, b, l, 0, 0);
-      if constexpr (staged_v<T>) {
-        float* in = staged.data();
-        float* g = in + 2 * HD;
-        float* gx = g + 2 * HD;
-        widen_to_float(token, in, 2 * HD);
-        for (int part = 0; part < 2; ++part)
-          for (int64_t h = 0; h < p.H && has_grad[part]; ++h)
-            widen_to_float(grads[part] + qk::split(p, b, h, l), g + (part * p.H + h) * D, D);
-        backward_token<float, float, T>(
-            p, in, l, has_grad, [&](int part, int64_t h) { return g + (part * p.H + h) * D; }, wv.data(), mine, scratch,
-            gx);
-        narrow_from_float(gx, gx_token, 2 * HD);
-      } else if constexpr (kWords) {
-        pairs::backward_token(p, token, b, l, grads, mine, pairs_scratch, gx_token);
-      } else {
-        backward_token<T, T, T>(
-            p, token, l, has_grad, [&](int part, int64_t h) { return grads[part] + qk::split(p, b, h, l); }, wv.data(),
-            mine, scratch, gx_token);
-      }
+      backward_token<T, A>(p, token, b, l, grads, wv.data(), mine, scratch, gx_token);
       for (int64_t h = 0; h < p.H; ++h) {
         T* gv = grad_qkv + qk::packed(p, b, l, 2, h);
         if (grad_v) {
@@ -461,13 +198,10 @@ void backward_impl(const QkNormRope& p) {
     }
   }
   W* outs[2] = {static_cast<W*>(p.grad_q_weight), static_cast<W*>(p.grad_k_weight)};
-  // (bfloat16: each part's sums hold its even elements, then its odd ones)
-  constexpr bool kPlanes = std::is_same_v<T, bf16_t>;
   for (int part = 0; part < 2; ++part)
     for (int64_t d = 0; d < D; ++d) {
-      const int64_t at = part * D + (kPlanes ? bf16_pairs::plane_index(d, D) : d);
       A s = 0;
-      for (int t = 0; t < threads; ++t) s += acc[size_t(t) * 2 * D + at];
+      for (int t = 0; t < threads; ++t) s += acc[size_t(t) * 2 * D + part * D + d];
       outs[part][d] = store<W>(s);
     }
 }
@@ -484,19 +218,7 @@ void dispatch(const QkNormRope& p, Fn&& fn) {
 }  // namespace
 
 void qk_norm_rope_forward(const QkNormRope& p) {
-  dispatch(p, [&](auto t, auto w) {
-    if constexpr (std::is_same_v<decltype(t), bf16_t>) {
-      pairs::forward<decltype(w)>(p);
-    } else {
-#if defined(DDT_CPU_F16C_LOOPS)
-      if (std::is_same_v<decltype(t), f16_t> && !use_staged_f16_forward()) {
-        f16c::forward<decltype(w)>(p);
-        return;
-      }
-#endif
-      forward_impl<decltype(t), decltype(w)>(p);
-    }
-  });
+  dispatch(p, [&](auto t, auto w) { forward_impl<decltype(t), decltype(w)>(p); });
 }
 
 void qk_norm_rope_backward(const QkNormRope& p) {

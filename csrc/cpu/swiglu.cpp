@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 namespace ddt {
@@ -20,89 +19,50 @@ namespace {
 // the chains (split, the loop runs about twice as fast on an AVX2 core).
 constexpr int64_t kBlock = 256;
 
-// One block of n elements. S is the element type read (T, or float for staged
-// float16 blocks), O the type written; s receives sigmoid(a).
-template <class A, class S, class O>
-void forward_block(const S* __restrict a, const S* __restrict b, O* __restrict out, int64_t n, A* __restrict s) {
+// sg::forward and sg::backward (ddt/swiglu.h) from s = sigmoid(a), computed
+// in the loop before: the same operations in the same order, so the same values.
+template <class A>
+A forward_from_sigmoid(A a, A s, A b) {
+  return a * s * b;
+}
+
+template <class A>
+void backward_from_sigmoid(A a, A s, A b, A g, A& ga, A& gb) {
+  ga = g * b * (s * (A(1) + a * (A(1) - s)));
+  gb = g * a * s;
+}
+
+// One block of n elements; s receives sigmoid(a).
+template <class A, class T>
+void forward_block(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n, A* __restrict s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] = sg::sigmoid(load<A>(a[i]));
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = store<O>(sg::forward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = store<T>(forward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i])));
 }
 
-template <class A, class S, class O>
-void backward_block(const S* __restrict a, const S* __restrict b, const S* __restrict g, O* __restrict ga,
-                    O* __restrict gb, int64_t n, A* __restrict s) {
+template <class A, class T>
+void backward_block(const T* __restrict a, const T* __restrict b, const T* __restrict g, T* __restrict ga,
+                    T* __restrict gb, int64_t n, A* __restrict s) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] = sg::sigmoid(load<A>(a[i]));
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     A da, db;
-    sg::backward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i]), load<A>(g[i]), da, db);
-    ga[i] = store<O>(da);
-    gb[i] = store<O>(db);
+    backward_from_sigmoid<A>(load<A>(a[i]), s[i], load<A>(b[i]), load<A>(g[i]), da, db);
+    ga[i] = store<T>(da);
+    gb[i] = store<T>(db);
   }
 }
-
-// bfloat16 blocks (even length) as 32-bit words of two elements (see
-// bf16_pairs): no widening unpacks or narrowing packs, and roundings without
-// the NaN test (a and b are widened bfloat16 values; sigmoid's exp clamps its
-// argument, so s is never NaN). Same values as the element loops.
-namespace pairs {
-
-using bf16_pairs::hi;
-using bf16_pairs::lo;
-using bf16_pairs::pack;
-using bf16_pairs::rounded;
-
-// sigmoid of the even and odd elements of a's n words, into s0/s1 (a loop of
-// its own, as in forward_block).
-inline void sigmoids(const bf16_t* __restrict a, int64_t n, float* __restrict s0, float* __restrict s1) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i);
-    s0[i] = sg::sigmoid(lo(aw));
-    s1[i] = sg::sigmoid(hi(aw));
-  }
-}
-
-inline void forward_block(const bf16_t* __restrict a, const bf16_t* __restrict b, bf16_t* __restrict out, int64_t n,
-                          float* __restrict s0, float* __restrict s1) {
-  sigmoids(a, n, s0, s1);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i), bw = bf16_pairs::load(b, i);
-    bf16_pairs::store(out, i,
-                      pack(rounded(sg::forward_from_sigmoid(lo(aw), s0[i], lo(bw))),
-                           rounded(sg::forward_from_sigmoid(hi(aw), s1[i], hi(bw)))));
-  }
-}
-
-inline void backward_block(const bf16_t* __restrict a, const bf16_t* __restrict b, const bf16_t* __restrict g,
-                           bf16_t* __restrict ga, bf16_t* __restrict gb, int64_t n, float* __restrict s0,
-                           float* __restrict s1) {
-  sigmoids(a, n, s0, s1);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t aw = bf16_pairs::load(a, i), bw = bf16_pairs::load(b, i), gw = bf16_pairs::load(g, i);
-    float da0, db0, da1, db1;
-    sg::backward_from_sigmoid(lo(aw), s0[i], lo(bw), lo(gw), da0, db0);
-    sg::backward_from_sigmoid(hi(aw), s1[i], hi(bw), hi(gw), da1, db1);
-    bf16_pairs::store(ga, i, pack(rounded(da0), rounded(da1)));
-    bf16_pairs::store(gb, i, pack(rounded(db0), rounded(db1)));
-  }
-}
-
-}  // namespace pairs
 
 // block(r, i0, n, scratch): elements [i0, i0 + n) of row r; scratch holds
-// 6 * kBlock accumulator values of the calling thread.
+// kBlock accumulator values of the calling thread.
 template <class T, class Block>
 void for_each_block(const Swiglu& p, Block&& block) {
   using A = acc_t<T>;
 #pragma omp parallel
   {
-    std::vector<A> scratch(6 * kBlock);
+    std::vector<A> scratch(kBlock);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.R; ++r)
       for (int64_t i0 = 0; i0 < p.H; i0 += kBlock) block(r, i0, std::min(kBlock, p.H - i0), scratch.data());
@@ -116,18 +76,7 @@ void forward_impl(const Swiglu& p) {
     const T* a = static_cast<const T*>(p.a) + r * p.a_stride + i0;
     const T* b = static_cast<const T*>(p.b) + r * p.b_stride + i0;
     T* out = static_cast<T*>(p.out) + r * p.H + i0;
-    if constexpr (staged_v<T>) {  // (see staged_v)
-      float *sa = scratch + kBlock, *sb = sa + kBlock, *so = sb + kBlock;
-      widen_to_float(a, sa, n);
-      widen_to_float(b, sb, n);
-      forward_block<A>(sa, sb, so, n, scratch);
-      narrow_from_float(so, out, n);
-    } else if constexpr (std::is_same_v<T, bf16_t>) {
-      if (n % 2 == 0) pairs::forward_block(a, b, out, n / 2, scratch, scratch + kBlock / 2);
-      else forward_block<A>(a, b, out, n, scratch);
-    } else {
-      forward_block<A>(a, b, out, n, scratch);
-    }
+    forward_block<A>(a, b, out, n, scratch);
   });
 }
 
@@ -140,20 +89,7 @@ void backward_impl(const Swiglu& p) {
     const T* g = static_cast<const T*>(p.grad_out) + r * p.H + i0;
     T* ga = static_cast<T*>(p.grad_a) + r * p.H + i0;
     T* gb = static_cast<T*>(p.grad_b) + r * p.H + i0;
-    if constexpr (staged_v<T>) {
-      float *sa = scratch + kBlock, *sb = sa + kBlock, *sgo = sb + kBlock, *sga = sgo + kBlock, *sgb = sga + kBlock;
-      widen_to_float(a, sa, n);
-      widen_to_float(b, sb, n);
-      widen_to_float(g, sgo, n);
-      backward_block<A>(sa, sb, sgo, sga, sgb, n, scratch);
-      narrow_from_float(sga, ga, n);
-      narrow_from_float(sgb, gb, n);
-    } else if constexpr (std::is_same_v<T, bf16_t>) {
-      if (n % 2 == 0) pairs::backward_block(a, b, g, ga, gb, n / 2, scratch, scratch + kBlock / 2);
-      else backward_block<A>(a, b, g, ga, gb, n, scratch);
-    } else {
-      backward_block<A>(a, b, g, ga, gb, n, scratch);
-    }
+    backward_block<A>(a, b, g, ga, gb, n, scratch);
   });
 }
 

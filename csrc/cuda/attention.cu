@@ -82,34 +82,51 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* 
 template <class T>
 struct Mma;
 
-// One specialisation per 16-bit type; only the PTX type name and the pack
-// intrinsic differ (PTX strings must be literals, hence the macro).
-#define DDT_MMA_SPECIALIZATION(T, PTX, V2, PACK2)                                                               \
-  template <>                                                                                                  \
-  struct Mma<T> {                                                                                              \
-    static __device__ __forceinline__ void k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { \
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0, %1, %2, %3}, "                 \
-                   "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                                              \
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                               \
-    }                                                                                                          \
-    static __device__ __forceinline__ void k8(float (&c)[4], const uint32_t (&a)[2], uint32_t b0) {             \
-      asm volatile("mma.sync.aligned.m16n8k8.row.col.f32." PTX "." PTX ".f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, " \
-                   "{%0, %1, %2, %3};\n"                                                                          \
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
-                   : "r"(a[0]), "r"(a[1]), "r"(b0));                                                             \
-    }                                                                                                          \
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                                      \
-      const V2 v = PACK2(lo, hi);                                                                              \
-      uint32_t u;                                                                                              \
-      memcpy(&u, &v, 4);                                                                                       \
-      return u;                                                                                                \
-    }                                                                                                          \
-  };
+template <>
+struct Mma<bf16_t> {
+  static __device__ __forceinline__ void k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void k8(float (&c)[4], const uint32_t (&a)[2], uint32_t b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+};
 
-DDT_MMA_SPECIALIZATION(bf16_t, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
-DDT_MMA_SPECIALIZATION(f16_t, "f16", __half2, __floats2half2_rn)
-#undef DDT_MMA_SPECIALIZATION
+template <>
+struct Mma<f16_t> {
+  static __device__ __forceinline__ void k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void k8(float (&c)[4], const uint32_t (&a)[2], uint32_t b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+};
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));

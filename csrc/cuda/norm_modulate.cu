@@ -105,119 +105,30 @@ __device__ __forceinline__ int64_t pack_column(int v, int lane) {
   return (int64_t(v) * kWarp + lane) * G;
 }
 
-// G shared-memory floats (16-byte aligned) widened to A.
-template <int G, class A>
-__device__ __forceinline__ void load_columns(const float* src, A (&out)[G]) {
-#pragma unroll
-  for (int j = 0; j < G; j += 4) {
-    const float4 d = *reinterpret_cast<const float4*>(src + j);
-    out[j] = A(d.x);
-    out[j + 1] = A(d.y);
-    out[j + 2] = A(d.z);
-    out[j + 3] = A(d.w);
-  }
-}
-
-// f(x) for every element of a row held as V raw packs per lane (widened to A).
-template <class A, class T, int V, int G, class F>
-__device__ __forceinline__ void for_each_packed(const RawPack<T, G> (&xr)[V], int lane, int64_t C, F&& f) {
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    if (pack_column<G>(v, lane) >= C) continue;
-    A xv[G];
-    unpack<G>(xr[v], xv);
-#pragma unroll
-    for (int j = 0; j < G; ++j) f(xv[j]);
-  }
-}
-
-// Row statistics (mean, 0 for RMS; 1/std) of a row held as V raw packs per lane.
-template <class T, class A, int V, int G>
-__device__ __forceinline__ void packed_row_stats(const RawPack<T, G> (&xr)[V], int lane, int64_t C, bool layer,
-                                                 double eps, A& mean, A& rinv) {
-  mean = A(0);
-  if (layer) {
-    A s = 0;
-    for_each_packed<A>(xr, lane, C, [&](A x) { s += x; });
-    mean = warp_sum(s) / A(C);
-  }
-  A sq = 0;
-  for_each_packed<A>(xr, lane, C, [&](A x) { sq += (x - mean) * (x - mean); });
-  rinv = nm::inv_std<A>(warp_sum(sq) / A(C), eps);
-}
-
 // forward_raw_kernel keeps the row packed as loaded (two 16-bit values per
 // register, half the registers of widened floats, so more warps fit on an SM)
 // and is ordered load-all / compute / store-all: no load waits behind a store
 // to memory the compiler cannot prove distinct, so every pack's latency
-// overlaps. On an H200 this took the XL forward from 62-71% to 69-83% of HBM
-// peak over the previous packed kernel (row widened to floats, loads
-// interleaved with stores); evict-first cache hints on the row's reads and
-// writes measured no better. (Capping registers for more resident warps
-// spills at 5 packs per lane.)
-//
-// kStaged (a variant being measured, DDT_FAST_NORM_FORWARD=staged): blocks of
-// kStagedRows rows of one sample stage the operands every row of the block
-// reads (the weight; per-sample shift/scale/gate) in shared memory once,
-// instead of every row reading the same few L2 lines. Same values.
-constexpr int kStagedRows = 8;
-
-template <class T, class W, class M, int V, bool kStaged>
-__global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWarp)
-    forward_raw_kernel(NormModulateForward p) {
+// overlaps. kStream: evict-first hints on x/y reads and out/x_out writes
+// (read or written once), leaving L2 to shift/scale/weight, which rows share.
+// (Capping registers for more resident warps spills at 5 packs per lane.)
+template <class T, class W, class M, int V, bool kStream>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_raw_kernel(NormModulateForward p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
-  constexpr int kCols = V * kWarp * G;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  int64_t b, l;
-  bool active = true;
-  if constexpr (kStaged) {
-    b = blockIdx.y;
-    l = int64_t(blockIdx.x) * kStagedRows + warp;
-    active = l < p.L;  // inactive warps still take part in staging
-  } else {
-    const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + warp;
-    if (r >= p.B * p.L) return;
-    b = r / p.L;
-    l = r - b * p.L;
-  }
-  const int64_t C = p.C;
-  const bool norm = p.kind != NormKind::none;
-  RawPack<T, G> xr[V], yr[V];
-  if (active) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= p.B * p.L) return;
+  const int64_t b = r / p.L, l = r - b * p.L, C = p.C;
+  RawPack<T, G> xr[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
+  if (p.residual) {
+    RawPack<T, G> yr[V];
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.x, b, l) + pack_column<G>(v, lane), xr[v]);
-    if (p.residual) {
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        if (pack_column<G>(v, lane) < C) load_raw<G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
-    }
-  }
-  const W* weight = static_cast<const W*>(p.weight);
-  extern __shared__ float4 forward_smem[];
-  float* weight_s = reinterpret_cast<float*>(forward_smem);  // [4][kCols]: weight, shift, scale, gate
-  float *shift_s = weight_s + kCols, *scale_s = weight_s + 2 * kCols, *gate_s = weight_s + 3 * kCols;
-  if constexpr (kStaged) {
-    const bool stage_shift = norm && !p.shift.per_token(), stage_scale = norm && !p.scale.per_token();
-    const bool stage_gate = p.residual && !p.gate.per_token();
-    for (int64_t c = threadIdx.x; c < C; c += kStagedRows * kWarp) {
-      if (norm && weight) weight_s[c] = float(load<A>(weight[c]));
-      if (stage_shift) shift_s[c] = float(load<A>(row_ptr<M>(p.shift, b, 0)[c]));
-      if (stage_scale) scale_s[c] = float(load<A>(row_ptr<M>(p.scale, b, 0)[c]));
-      if (stage_gate) gate_s[c] = float(load<A>(row_ptr<M>(p.gate, b, 0)[c]));
-    }
-    __syncthreads();
-    if (!active) return;
-  }
-  // A shift/scale/gate pack: staged when per sample (kStaged), else from memory.
-  auto modulation = [&](const Rows& rows, const float* staged, int64_t c, A(&out)[G]) {
-    if (kStaged && !rows.per_token())
-      load_columns<G>(staged + c, out);
-    else
-      load_pack<G>(row_ptr<M>(rows, b, l) + c, out);
-  };
-  if (p.residual) {
+      if (pack_column<G>(v, lane) < C) load_raw_hinted<kStream, G>(row_ptr<T>(p.y, b, l) + pack_column<G>(v, lane), yr[v]);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int64_t c = pack_column<G>(v, lane);
@@ -225,7 +136,7 @@ __global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWar
       A xv[G], yv[G], g[G];
       unpack<G>(xr[v], xv);
       unpack<G>(yr[v], yv);
-      modulation(p.gate, gate_s, c, g);
+      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
 #pragma unroll
       for (int j = 0; j < G; ++j) xv[j] = nm::residual<A>(xv[j], g[j], yv[j]);
       pack<G>(xv, xr[v]);  // x' rounded to T, as stored and as normalised
@@ -233,24 +144,46 @@ __global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWar
     T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (pack_column<G>(v, lane) < C) store_raw(xo + pack_column<G>(v, lane), xr[v]);
+      if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(xo + pack_column<G>(v, lane), xr[v]);
   }
-  if (!norm) return;
-  A mean, rinv;
-  packed_row_stats<T, A, V, G>(xr, lane, C, p.kind == NormKind::layer, p.eps, mean, rinv);
+  if (p.kind == NormKind::none) return;
+  A mean = 0;
+  if (p.kind == NormKind::layer) {
+    A s = 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (pack_column<G>(v, lane) >= C) continue;
+      A xv[G];
+      unpack<G>(xr[v], xv);
+#pragma unroll
+      for (int j = 0; j < G; ++j) s += xv[j];
+    }
+    mean = warp_sum(s) / A(C);
+  }
+  A sq = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if (pack_column<G>(v, lane) >= C) continue;
+    A xv[G];
+    unpack<G>(xr[v], xv);
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const A d = xv[j] - mean;
+      sq += d * d;
+    }
+  }
+  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
+  const W* weight = static_cast<const W*>(p.weight);
 #pragma unroll
   for (int v = 0; v < V; ++v) {  // loads only: the compiler may issue them all at once
     const int64_t c = pack_column<G>(v, lane);
     if (c >= C) continue;
     A xv[G], sh[G], sc[G], w[G];
     unpack<G>(xr[v], xv);
-    modulation(p.shift, shift_s, c, sh);
-    modulation(p.scale, scale_s, c, sc);
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
     if (weight) {
-      if constexpr (kStaged)
-        load_columns<G>(weight_s + c, w);
-      else
-        load_pack<G>(weight + c, w);
+      load_pack<G>(weight + c, w);
     } else {
 #pragma unroll
       for (int j = 0; j < G; ++j) w[j] = A(1);
@@ -262,7 +195,80 @@ __global__ void __launch_bounds__((kStaged ? kStagedRows : kRowsPerBlock) * kWar
   T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
 #pragma unroll
   for (int v = 0; v < V; ++v)
-    if (pack_column<G>(v, lane) < C) store_raw(out + pack_column<G>(v, lane), xr[v]);
+    if (pack_column<G>(v, lane) < C) store_raw_hinted<kStream>(out + pack_column<G>(v, lane), xr[v]);
+}
+
+// forward_widened_kernel: the previous packed forward (row widened to floats
+// in registers, loads interleaved with stores), kept while the two are compared.
+template <class T, class W, class M, int V>
+__global__ void __launch_bounds__(kRowsPerBlock* kWarp) forward_widened_kernel(NormModulateForward p) {
+  using A = acc_t<T>;
+  constexpr int G = 16 / int(sizeof(T));
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= p.B * p.L) return;
+  const int64_t b = r / p.L, l = r % p.L, C = p.C;
+  A xr[V][G];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = pack_column<G>(v, lane);
+    if (c < C) load_pack<G>(row_ptr<T>(p.x, b, l) + c, xr[v]);
+  }
+  if (p.residual) {
+    T* xo = static_cast<T*>(p.x_out.ptr) + b * p.x_out.stride_b + l * p.x_out.stride_l;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = pack_column<G>(v, lane);
+      if (c >= C) continue;
+      A y[G], g[G];
+      load_pack<G>(row_ptr<T>(p.y, b, l) + c, y);
+      load_pack<G>(row_ptr<M>(p.gate, b, l) + c, g);
+#pragma unroll
+      for (int j = 0; j < G; ++j) xr[v][j] = round_to<T>(nm::residual<A>(xr[v][j], g[j], y[j]));
+      store_pack<G>(xo + c, xr[v]);  // exact: xr is already rounded to T
+    }
+  }
+  if (p.kind == NormKind::none) return;
+  A mean = 0;
+  if (p.kind == NormKind::layer) {
+    A s = 0;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (pack_column<G>(v, lane) < C)
+#pragma unroll
+        for (int j = 0; j < G; ++j) s += xr[v][j];
+    mean = warp_sum(s) / A(C);
+  }
+  A sq = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (pack_column<G>(v, lane) < C)
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const A d = xr[v][j] - mean;
+        sq += d * d;
+      }
+  const A rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
+  const W* weight = static_cast<const W*>(p.weight);
+  T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + l * p.out.stride_l;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = pack_column<G>(v, lane);
+    if (c >= C) continue;
+    A sh[G], sc[G], w[G];
+    load_pack<G>(row_ptr<M>(p.shift, b, l) + c, sh);
+    load_pack<G>(row_ptr<M>(p.scale, b, l) + c, sc);
+    if (weight) {
+      load_pack<G>(weight + c, w);
+    } else {
+#pragma unroll
+      for (int j = 0; j < G; ++j) w[j] = A(1);
+    }
+    A o[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) o[j] = nm::modulate<A>(round_to<T>((xr[v][j] - mean) * rinv), w[j], sh[j], sc[j]);
+    store_pack<G>(out + c, o);
+  }
 }
 
 template <class T, int N, class R>
@@ -278,15 +284,6 @@ constexpr int kMaxRegistersPerLane = 64;
 // widths (768 and 1152 in 16-bit: 3 and 5), rounded up otherwise.
 constexpr int kPackCounts[] = {2, 3, 5, 8, 16};
 
-// The smallest of kPackCounts that holds `packs` packs of G elements over a
-// warp within max_elements per lane (0: none does).
-inline int smallest_pack_count(int64_t packs, int G, int max_elements) {
-  const int64_t per_lane = (packs + kWarp - 1) / kWarp;
-  for (int v : kPackCounts)
-    if (per_lane <= v && v * G <= max_elements) return v;
-  return 0;
-}
-
 // Packs per lane the packed forward needs for p (0: use the scalar kernel).
 template <class T, class W, class M>
 int forward_packs_per_lane(const NormModulateForward& p) {
@@ -296,7 +293,11 @@ int forward_packs_per_lane(const NormModulateForward& p) {
                        rows_packable<M, G>(p.shift) && rows_packable<M, G>(p.scale) &&
                        rows_packable<T, G>(p.out) && rows_packable<T, G>(p.x_out) &&
                        (p.weight == nullptr || pack_aligned<W, G>(p.weight));
-  return aligned ? smallest_pack_count(p.C / G, G, kMaxRegistersPerLane) : 0;
+  if (!aligned) return 0;
+  const int64_t per_lane = (p.C / G + kWarp - 1) / kWarp;
+  for (int v : kPackCounts)
+    if (per_lane <= v && v * G <= kMaxRegistersPerLane) return v;
+  return 0;
 }
 
 // The packed backward holds several operands of a row per lane (x, grad_out,
@@ -316,7 +317,11 @@ int backward_packs_per_lane(const NormModulateBackward& p) {
                        (p.grad_gate == nullptr || pack_aligned<M, G>(p.grad_gate)) &&
                        (p.grad_shift == nullptr || pack_aligned<M, G>(p.grad_shift)) &&
                        (p.grad_scale == nullptr || pack_aligned<M, G>(p.grad_scale));
-  return aligned ? smallest_pack_count(p.C / G, G, kMaxBackwardElementsPerLane) : 0;
+  if (!aligned) return 0;
+  const int64_t per_lane = (p.C / G + kWarp - 1) / kWarp;
+  for (int v : kPackCounts)
+    if (per_lane <= v && v * G <= kMaxBackwardElementsPerLane) return v;
+  return 0;
 }
 
 struct Workspace {
@@ -437,6 +442,19 @@ __device__ __forceinline__ void add_columns(float* dst, const A (&v)[G]) {
   }
 }
 
+// G shared-memory floats (16-byte aligned) widened to A.
+template <int G, class A>
+__device__ __forceinline__ void load_columns(const float* src, A (&out)[G]) {
+#pragma unroll
+  for (int j = 0; j < G; j += 4) {
+    const float4 d = *reinterpret_cast<const float4*>(src + j);
+    out[j] = A(d.x);
+    out[j + 1] = A(d.y);
+    out[j + 2] = A(d.z);
+    out[j + 3] = A(d.w);
+  }
+}
+
 // Shared memory of the packed backward, in floats: the warps' column-sum
 // slices, then the block's staged weight, per-sample scale and per-sample gate.
 template <int V, int G>
@@ -498,25 +516,45 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp, kResidual ? 2 : 4)
         if (token_gate) load_raw<G>(row_ptr<M>(p.gate, b, l) + c, gater[v]);
       }
     }
-    // pack v of x, grad_out, scale and weight, widened
-    auto norm_operands = [&](int v, int64_t c, A(&xv)[G], A(&go)[G], A(&sc)[G], A(&w)[G]) {
-      unpack<G>(xr[v], xv);
-      unpack<G>(gor[v], go);
+    auto scale_of = [&](int v, int64_t c, A(&sc)[G]) {
       if (token_scale)
         unpack<G>(scr[v], sc);
       else
         load_columns<G>(scale_s + c, sc);
-      load_columns<G>(weight_s + c, w);
     };
     A mean = 0, rinv = 1, dot = 0, mean_gn = 0;
     if (norm) {
-      packed_row_stats<T, A, V, G>(xr, lane, C, layer, p.eps, mean, rinv);
+      if (layer) {
+        A s = 0;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (pack_column<G>(v, lane) >= C) continue;
+          A xv[G];
+          unpack<G>(xr[v], xv);
+#pragma unroll
+          for (int j = 0; j < G; ++j) s += xv[j];
+        }
+        mean = warp_sum(s) / A(C);
+      }
+      A sq = 0;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if (pack_column<G>(v, lane) >= C) continue;
+        A xv[G];
+        unpack<G>(xr[v], xv);
+#pragma unroll
+        for (int j = 0; j < G; ++j) sq += (xv[j] - mean) * (xv[j] - mean);
+      }
+      rinv = nm::inv_std<A>(warp_sum(sq) / A(C), p.eps);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const int64_t c = pack_column<G>(v, lane);
         if (c >= C) continue;
         A xv[G], go[G], sc[G], w[G];
-        norm_operands(v, c, xv, go, sc, w);
+        unpack<G>(xr[v], xv);
+        unpack<G>(gor[v], go);
+        scale_of(v, c, sc);
+        load_columns<G>(weight_s + c, w);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           const A gn = go[j] * (A(1) + sc[j]) * w[j];
@@ -540,7 +578,10 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp, kResidual ? 2 : 4)
       }
       if (norm) {
         A xv[G], go[G], sc[G], w[G], gsc[G], sum_w[G];
-        norm_operands(v, c, xv, go, sc, w);
+        unpack<G>(xr[v], xv);
+        unpack<G>(gor[v], go);
+        scale_of(v, c, sc);
+        load_columns<G>(weight_s + c, w);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           const A xhat = (xv[j] - mean) * rinv;
@@ -658,28 +699,28 @@ __global__ void backward_weight_kernel(NormModulateBackward p, Workspace ws) {
   static_cast<W*>(p.grad_weight)[c] = store<W>(s);
 }
 
-// Packed forward variant: DDT_FAST_NORM_FORWARD=staged selects the kernel that
-// stages block-shared operands in shared memory (being measured; off by
-// default until it has been timed on a GPU), anything else the raw one.
-bool staged_forward_enabled() {
-  static const bool on = [] {
+// Which packed forward runs: DDT_FAST_NORM_FORWARD=raw (default),
+// raw_stream (raw with evict-first hints) or widened (the previous kernel).
+// A tuning switch for benchmarks; all three compute identical values.
+enum class PackedForward { raw, raw_stream, widened };
+PackedForward packed_forward_variant() {
+  static const PackedForward v = [] {
     const char* env = std::getenv("DDT_FAST_NORM_FORWARD");
-    return env != nullptr && std::string(env) == "staged";
+    const std::string s = env ? env : "";
+    if (s == "raw_stream") return PackedForward::raw_stream;
+    if (s == "widened") return PackedForward::widened;
+    return PackedForward::raw;
   }();
-  return on;
+  return v;
 }
 
 template <class T, class W, class M, int V>
-void launch_packed_forward(const NormModulateForward& p, cudaStream_t s) {
-  constexpr int G = 16 / int(sizeof(T));
-  if (staged_forward_enabled() && p.B <= 65535) {  // grid.y is the sample
-    const dim3 grid(unsigned((p.L + kStagedRows - 1) / kStagedRows), unsigned(p.B));
-    const size_t smem = 4 * size_t(V) * kWarp * G * sizeof(float);  // <= 32 KiB: no opt-in needed
-    forward_raw_kernel<T, W, M, V, true><<<grid, kStagedRows * kWarp, smem, s>>>(p);
-    return;
+void launch_packed_forward(const NormModulateForward& p, unsigned blocks, unsigned threads, cudaStream_t s) {
+  switch (packed_forward_variant()) {
+    case PackedForward::raw: forward_raw_kernel<T, W, M, V, false><<<blocks, threads, 0, s>>>(p); break;
+    case PackedForward::raw_stream: forward_raw_kernel<T, W, M, V, true><<<blocks, threads, 0, s>>>(p); break;
+    case PackedForward::widened: forward_widened_kernel<T, W, M, V><<<blocks, threads, 0, s>>>(p); break;
   }
-  const unsigned blocks = unsigned((p.B * p.L + kRowsPerBlock - 1) / kRowsPerBlock);
-  forward_raw_kernel<T, W, M, V, false><<<blocks, kRowsPerBlock * kWarp, 0, s>>>(p);
 }
 
 // Backward path: DDT_FAST_NORM_BACKWARD=packed (default; one pass, column
@@ -737,12 +778,12 @@ struct Launch {
     const int packs = std::is_same_v<T, double> ? 0 : forward_packs_per_lane<T, W, M>(p);
     if constexpr (!std::is_same_v<T, double>) {
       constexpr int G = 16 / int(sizeof(T));
-      if (packs == 2) launch_packed_forward<T, W, M, 2>(p, s);
-      if (packs == 3) launch_packed_forward<T, W, M, 3>(p, s);
-      if (packs == 5) launch_packed_forward<T, W, M, 5>(p, s);
-      if (packs == 8) launch_packed_forward<T, W, M, 8>(p, s);
+      if (packs == 2) launch_packed_forward<T, W, M, 2>(p, blocks, kThreads, s);
+      if (packs == 3) launch_packed_forward<T, W, M, 3>(p, blocks, kThreads, s);
+      if (packs == 5) launch_packed_forward<T, W, M, 5>(p, blocks, kThreads, s);
+      if (packs == 8) launch_packed_forward<T, W, M, 8>(p, blocks, kThreads, s);
       if constexpr (16 * G <= kMaxRegistersPerLane) {
-        if (packs == 16) launch_packed_forward<T, W, M, 16>(p, s);
+        if (packs == 16) launch_packed_forward<T, W, M, 16>(p, blocks, kThreads, s);
       }
       static_assert(sizeof(kPackCounts) / sizeof(int) == 5, "launch every pack count above");
     }

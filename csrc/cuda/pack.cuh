@@ -55,26 +55,39 @@ __device__ __forceinline__ void load_raw(const T* ptr, RawPack<T, N>& p) {
   for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) p.chunk[i] = reinterpret_cast<const Raw*>(ptr)[i];
 }
 
-template <int N, class T>
-__device__ __forceinline__ void store_raw(T* ptr, const RawPack<T, N>& p) {
-  using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
+// kStream: the evict-first ("streaming") cache hint, for data read once.
+template <bool kStream, int N, class T>
+__device__ __forceinline__ void load_raw_hinted(const T* ptr, RawPack<T, N>& p) {
+  if constexpr (kStream) {
+    using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
 #pragma unroll
-  for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) reinterpret_cast<Raw*>(ptr)[i] = p.chunk[i];
+    for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) p.chunk[i] = __ldcs(reinterpret_cast<const Raw*>(ptr) + i);
+  } else {
+    load_raw<N>(ptr, p);
+  }
 }
 
-// One transaction's bytes seen as its kPer elements.
-template <class T, int N>
-union ChunkView {
-  typename RawChunk<RawPack<T, N>::kBytes>::type raw;
-  T v[RawPack<T, N>::kPer];
-};
+template <bool kStream, int N, class T>
+__device__ __forceinline__ void store_raw_hinted(T* ptr, const RawPack<T, N>& p) {
+  using Raw = typename RawChunk<RawPack<T, N>::kBytes>::type;
+#pragma unroll
+  for (int i = 0; i < N / RawPack<T, N>::kPer; ++i) {
+    if constexpr (kStream)
+      __stcs(reinterpret_cast<Raw*>(ptr) + i, p.chunk[i]);
+    else
+      reinterpret_cast<Raw*>(ptr)[i] = p.chunk[i];
+  }
+}
 
 template <int N, class A, class T>
 __device__ __forceinline__ void unpack(const RawPack<T, N>& p, A (&out)[N]) {
   constexpr int kPer = RawPack<T, N>::kPer;
 #pragma unroll
   for (int i = 0; i < N / kPer; ++i) {
-    ChunkView<T, N> u;
+    union {
+      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
+      T v[kPer];
+    } u;
     u.raw = p.chunk[i];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) out[i * kPer + j] = load<A>(u.v[j]);
@@ -94,7 +107,10 @@ __device__ __forceinline__ void pack(const A (&in)[N], RawPack<T, N>& p) {
   constexpr int kPer = RawPack<T, N>::kPer;
 #pragma unroll
   for (int i = 0; i < N / kPer; ++i) {
-    ChunkView<T, N> u;
+    union {
+      typename RawChunk<RawPack<T, N>::kBytes>::type raw;
+      T v[kPer];
+    } u;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) u.v[j] = store<T>(in[i * kPer + j]);
     p.chunk[i] = u.raw;
@@ -105,7 +121,7 @@ template <int N, class T, class A>
 __device__ __forceinline__ void store_pack(T* ptr, const A (&in)[N]) {
   RawPack<T, N> p;
   pack<N>(in, p);
-  store_raw(ptr, p);
+  store_raw_hinted<false>(ptr, p);
 }
 
 // Host side: can `elements`-wide packs of T start at ptr + k * stride for

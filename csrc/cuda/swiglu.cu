@@ -51,47 +51,39 @@ __global__ void backward_kernel(Swiglu p) {
 // over all R * H / G packs (a row of the model's H = 3072 bf16 is only 384
 // packs: one block per row would leave threads idle). I: the index type
 // (32-bit division when the pack count fits).
-// The flat grid-stride loop of both packed kernels: fn(r, i, av, bv) for the
-// pack of row r starting at element i, with that pack of a and b loaded.
-template <class T, class I, class Fn>
-__device__ __forceinline__ void for_each_pack(const Swiglu& p, Fn&& fn) {
+template <class T, class I>
+__global__ void packed_forward_kernel(Swiglu p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
   const I per_row = I(p.H / G), total = I(p.R) * per_row;
   for (I idx = I(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += I(gridDim.x) * kThreads) {
     const I r = idx / per_row, i = (idx - r * per_row) * G;
-    A av[G], bv[G];
+    A av[G], bv[G], o[G];
     load_pack<G>(static_cast<const T*>(p.a) + int64_t(r) * p.a_stride + i, av);
     load_pack<G>(static_cast<const T*>(p.b) + int64_t(r) * p.b_stride + i, bv);
-    fn(r, i, av, bv);
-  }
-}
-
-template <class T, class I>
-__global__ void packed_forward_kernel(Swiglu p) {
-  using A = acc_t<T>;
-  constexpr int G = 16 / int(sizeof(T));
-  for_each_pack<T, I>(p, [&](I r, I i, const A(&av)[G], const A(&bv)[G]) {
-    A o[G];
 #pragma unroll
     for (int j = 0; j < G; ++j) o[j] = sg::forward<A>(av[j], bv[j]);
     store_pack<G>(static_cast<T*>(p.out) + int64_t(r) * p.H + i, o);
-  });
+  }
 }
 
 template <class T, class I>
 __global__ void packed_backward_kernel(Swiglu p) {
   using A = acc_t<T>;
   constexpr int G = 16 / int(sizeof(T));
-  for_each_pack<T, I>(p, [&](I r, I i, const A(&av)[G], const A(&bv)[G]) {
+  const I per_row = I(p.H / G), total = I(p.R) * per_row;
+  for (I idx = I(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += I(gridDim.x) * kThreads) {
+    const I r = idx / per_row, i = (idx - r * per_row) * G;
     const int64_t row = int64_t(r) * p.H + i;
-    A gv[G], da[G], db[G];
+    A av[G], bv[G], gv[G], da[G], db[G];
+    load_pack<G>(static_cast<const T*>(p.a) + int64_t(r) * p.a_stride + i, av);
+    load_pack<G>(static_cast<const T*>(p.b) + int64_t(r) * p.b_stride + i, bv);
     load_pack<G>(static_cast<const T*>(p.grad_out) + row, gv);
 #pragma unroll
     for (int j = 0; j < G; ++j) sg::backward<A>(av[j], bv[j], gv[j], da[j], db[j]);
     store_pack<G>(static_cast<T*>(p.grad_a) + row, da);
     store_pack<G>(static_cast<T*>(p.grad_b) + row, db);
-  });
+  }
 }
 
 // Blocks of the flat packed grid (grid-stride past the cap).

@@ -3,8 +3,6 @@
 // TORCH_LIBRARY_FRAGMENT per op family); this file owns the library itself.
 #include <torch/extension.h>
 
-#include "cpu_output.h"
-
 #if defined(DDT_FAST_WITH_CUDA)
 #include <cuda_runtime_api.h>
 
@@ -25,8 +23,6 @@ int64_t build_marker() { return 1; }
 TORCH_LIBRARY_IMPL(ddt_fast, CompositeExplicitAutograd, m) { m.impl("build_marker", &build_marker); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_huge_pages_enabled", &ddt_fast::cpu_huge_pages_enabled,
-        "whether the CPU ops advise huge pages for outputs of 32 MiB and more (DDT_FAST_CPU_HUGE_PAGES)");
   m.def("build_info", []() {
     pybind11::dict d;
     d["torch_version"] =

@@ -11,7 +11,6 @@
 
 #include "ddt/norm_modulate.h"
 #include "checks.h"
-#include "cpu_output.h"
 #include "dtype.h"
 
 namespace {
@@ -86,7 +85,7 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     p.y = dense_rows(f.y);
     p.gate = take_mod(*gate, "gate");
     if (allocate_outputs) {
-      f.x_out = ddt_fast::with_huge_pages(at::empty_like(f.x));
+      f.x_out = at::empty_like(f.x);
       p.x_out = {f.x_out.data_ptr(), p.L * p.C, p.C};
     }
   }
@@ -97,7 +96,7 @@ Forward prepare_forward(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     p.shift = take_mod(*shift, "shift");
     p.scale = take_mod(*scale, "scale");
     if (allocate_outputs) {
-      f.out = ddt_fast::with_huge_pages(at::empty_like(f.x));
+      f.out = at::empty_like(f.x);
       p.out = {f.out.data_ptr(), p.L * p.C, p.C};
     }
   }
@@ -202,13 +201,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.grad_x_out = dense_rows(grad_x_out);
   }
   auto mod_grad = [&](const at::Tensor& like) {
-    return ddt_fast::with_huge_pages(at::empty({p.B, like.size(1), p.C}, x.options().dtype(like.scalar_type())));
+    return at::empty({p.B, like.size(1), p.C}, x.options().dtype(like.scalar_type()));
   };
-  at::Tensor grad_x = ddt_fast::with_huge_pages(at::empty_like(x)), grad_y, grad_gate, grad_weight, grad_shift,
-             grad_scale;
+  at::Tensor grad_x = at::empty_like(x), grad_y, grad_gate, grad_weight, grad_shift, grad_scale;
   p.grad_x = grad_x.data_ptr();
   if (residual) {
-    grad_y = ddt_fast::with_huge_pages(at::empty_like(x));
+    grad_y = at::empty_like(x);
     grad_gate = mod_grad(*gate);
     p.grad_y = grad_y.data_ptr();
     p.grad_gate = grad_gate.data_ptr();

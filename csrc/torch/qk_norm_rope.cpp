@@ -11,7 +11,6 @@
 
 #include "ddt/qk_norm_rope.h"
 #include "checks.h"
-#include "cpu_output.h"
 #include "dtype.h"
 
 namespace {
@@ -61,9 +60,7 @@ Prepared prepare(const at::Tensor& qkv_in, const at::Tensor& q_weight, const at:
   return r;
 }
 
-at::Tensor split_like(const Prepared& r) {
-  return ddt_fast::with_huge_pages(at::empty({r.p.B, r.p.H, r.p.L, r.p.D}, r.qkv.options()));
-}
+at::Tensor split_like(const Prepared& r) { return at::empty({r.p.B, r.p.H, r.p.L, r.p.D}, r.qkv.options()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
                                                             const at::Tensor& k_weight, int64_t num_heads,
@@ -106,8 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(const c10::
     g[i] = gi.to(r.qkv.scalar_type()).contiguous();
     *slots[i] = g[i].data_ptr();
   }
-  at::Tensor grad_qkv = ddt_fast::with_huge_pages(at::empty_like(r.qkv)), gqw = at::empty_like(r.q_weight),
-             gkw = at::empty_like(r.k_weight);
+  at::Tensor grad_qkv = at::empty_like(r.qkv), gqw = at::empty_like(r.q_weight), gkw = at::empty_like(r.k_weight);
   r.p.grad_qkv = grad_qkv.data_ptr(), r.p.grad_q_weight = gqw.data_ptr(), r.p.grad_k_weight = gkw.data_ptr();
   if (r.qkv.numel() == 0) {
     gqw.zero_(), gkw.zero_();

@@ -10,7 +10,6 @@
 
 #include "ddt/swiglu.h"
 #include "checks.h"
-#include "cpu_output.h"
 #include "dtype.h"
 
 namespace {
@@ -43,8 +42,7 @@ ddt::Swiglu prepare(const at::Tensor& a, const at::Tensor& b, at::Tensor& ar, at
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor ar, br;
   auto p = prepare(a, b, ar, br);
-  at::Tensor out =
-      ddt_fast::with_huge_pages(at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous)));
+  at::Tensor out = at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = out.data_ptr();
   if (out.numel() == 0) return out;
 #if defined(DDT_FAST_WITH_CUDA)
@@ -66,8 +64,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_out, c
   ddt_fast::check_grad(grad_out, "grad_out", a, "a");
   TORCH_CHECK(grad_out.sizes() == a.sizes(), "ddt_fast: grad_out must be ", a.sizes(), ", got ", grad_out.sizes());
   at::Tensor g = grad_out.to(a.scalar_type()).contiguous();
-  at::Tensor ga = ddt_fast::with_huge_pages(at::empty(a.sizes(), g.options())),
-             gb = ddt_fast::with_huge_pages(at::empty(a.sizes(), g.options()));
+  at::Tensor ga = at::empty(a.sizes(), g.options()), gb = at::empty(a.sizes(), g.options());
   p.grad_out = g.data_ptr(), p.grad_a = ga.data_ptr(), p.grad_b = gb.data_ptr();
   if (g.numel() == 0) return {ga, gb};
 #if defined(DDT_FAST_WITH_CUDA)

@@ -5,7 +5,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "ddt/common.h"
 
@@ -56,29 +55,12 @@ DDT_HD uint32_t float_to_bits(float f) {
 
 // Round-to-nearest-even, as PyTorch's float -> bfloat16 cast.
 // Branch-free so that CPU loops over it vectorise.
-// The float bits of the nearest bfloat16 (low 16 bits zero); NaN stays NaN,
-// quieted. `f != f` rather than an integer test: one compare on the CPU.
-DDT_HD uint32_t bf16_rounded_bits(float f) {
+DDT_HD bf16_t to_bf16(float f) {
   const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
-  return (f != f ? (u | 0x400000u) : rounded) & 0xffff0000u;
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16_t(uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded));
 }
-
-DDT_HD bf16_t to_bf16(float f) { return bf16_t(uint16_t(bf16_rounded_bits(f) >> 16)); }
-
-#if !defined(__CUDACC__)
-// bf16_rounded_bits without the NaN test (two fewer vector instructions per
-// rounding), for a CPU loop whose NaNs all have zero low 16 bits. That holds
-// when every float operand of the loop came from a bfloat16 (or was checked):
-// CPU arithmetic (x86, Arm) returns a quieted input NaN or the default NaN
-// (0xffc00000 / 0x7fc00000), so the rounding increment cannot carry into the
-// exponent and such a NaN maps to itself. Not for GPUs: their NaN result is
-// 0x7fffffff, which this would turn into -0.
-inline uint32_t bf16_rounded_bits_of_bf16_nans(float f) {
-  const uint32_t u = float_to_bits(f);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-}
-#endif
 
 DDT_HD float to_float(bf16_t v) { return bits_to_float(uint32_t(uint16_t(v)) << 16); }
 
@@ -101,23 +83,6 @@ DDT_HD f16_t to_f16(float f) {
   std::memcpy(&bits, &h, 2);
   return f16_t(bits);
 #endif
-}
-
-// The float value of the nearest float16 to f (round to nearest even, +-inf
-// past the largest half, NaN stays NaN), in float arithmetic: (f + c) - c
-// with c = 1.5 * 2^(e + 13), e the exponent of f clamped to [-14, 16], rounds
-// f to a multiple of 2^(e - 10), the float16 spacing at that exponent (fixed
-// below 2^-14: the subnormal halves). Unlike a conversion through _Float16,
-// CPU loops vectorise it (GCC 12 does not vectorise _Float16 conversions).
-DDT_HD float f16_rounded(float f) {
-  const uint32_t u = float_to_bits(f);
-  uint32_t e = u & 0x7f800000u;
-  e = e < ((127u - 14u) << 23) ? ((127u - 14u) << 23) : e;
-  e = e > ((127u + 16u) << 23) ? ((127u + 16u) << 23) : e;
-  const float c = bits_to_float(e + (13u << 23) + 0x400000u);
-  uint32_t a = float_to_bits((f + c) - c) & 0x7fffffffu;
-  a = (a >= 0x47800000u && a <= 0x7f800000u) ? 0x7f800000u : a;  // >= 65536 (ties above 65504): inf
-  return bits_to_float(a | (u & 0x80000000u));  // the sign of f, also for a zero result
 }
 
 DDT_HD float to_float(float v) { return v; }
@@ -161,15 +126,7 @@ DDT_HD T store(A v) {
 // the input dtype" rounding points).
 template <class T, class A>
 DDT_HD A round_to(A v) {
-  if constexpr (sizeof(A) == 4 && std::is_same_v<T, bf16_t>) {
-    return bits_to_float(bf16_rounded_bits(v));  // no narrowing and widening
-#if !defined(__CUDA_ARCH__)
-  } else if constexpr (sizeof(A) == 4 && std::is_same_v<T, f16_t>) {
-    return f16_rounded(v);  // vectorises on the CPU
-#endif
-  } else {
-    return load<A>(store<T>(v));
-  }
+  return load<A>(store<T>(v));
 }
 
 }  // namespace ddt

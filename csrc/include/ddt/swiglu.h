@@ -64,28 +64,17 @@ DDT_HD float sigmoid(float x) {
 }
 DDT_HD double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// The forward and backward from s = sigmoid(a), which the CPU kernels compute
-// in a loop of their own.
 template <class A>
-DDT_HD A forward_from_sigmoid(A a, A s, A b) {
-  return a * s * b;
+DDT_HD A forward(A a, A b) {
+  return a * sigmoid(a) * b;
 }
 
 // d out / d a and d out / d b for incoming gradient g.
 template <class A>
-DDT_HD void backward_from_sigmoid(A a, A s, A b, A g, A& ga, A& gb) {
+DDT_HD void backward(A a, A b, A g, A& ga, A& gb) {
+  const A s = sigmoid(a);
   ga = g * b * (s * (A(1) + a * (A(1) - s)));
   gb = g * a * s;
-}
-
-template <class A>
-DDT_HD A forward(A a, A b) {
-  return forward_from_sigmoid(a, sigmoid(a), b);
-}
-
-template <class A>
-DDT_HD void backward(A a, A b, A g, A& ga, A& gb) {
-  backward_from_sigmoid(a, sigmoid(a), b, g, ga, gb);
 }
 
 }  // namespace sg

@@ -1,19 +1,18 @@
-"""q/k norm + rotary + head split, and SwiGLU, against the reference."""
+"""q/k RMSNorm + 2D rotary + head split against the reference, on the CPU
+and CUDA (`device`: tests/conftest.py)."""
 
 import itertools
 
 import pytest
 import torch
+from helpers import CPU, CUDA, loss_grads, on
 
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
 
-pytestmark = pytest.mark.skipif(
-    not _extension.has_kernel("qk_norm_rope", "CPU"),
-    reason="ddt_fast._C with the qk_norm_rope/swiglu kernels is not built",
-)
+KERNEL = "qk_norm_rope"  # the `device` fixture skips devices without it
 ops = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -34,7 +33,8 @@ GRID = list(
 @pytest.mark.parametrize(
     "dtype,B,grid,heads_dim", GRID, ids=[f"{str(d)[6:]}-B{b}-L{g[0] * g[1]}-H{h[0]}xD{h[1]}" for d, b, g, h in GRID]
 )
-def test_qk_norm_rope_forward_grid(dtype, B, grid, heads_dim):
+@on(CPU)
+def test_qk_norm_rope_forward_grid(device, dtype, B, grid, heads_dim):
     H, D = heads_dim
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype) * 2
@@ -48,8 +48,9 @@ def test_qk_norm_rope_forward_grid(dtype, B, grid, heads_dim):
     assert torch.equal(v, v_ref)
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_qk_norm_rope_fp32_weights(dtype):
+def test_qk_norm_rope_fp32_weights(device, dtype):
     qkv = torch.randn(2, 12, 3 * 2 * 72, dtype=dtype)
     qw, kw = 1 + 0.2 * torch.randn(72), 1 + 0.2 * torch.randn(72)
     freqs = rope_table(3, 4, 72)
@@ -59,18 +60,19 @@ def test_qk_norm_rope_fp32_weights(dtype):
     close(q, q_ref, dtype)
     close(k, k_ref, dtype)
     rope = torch.view_as_real(freqs)
-    _, grads = _loss_grads(lambda x, a, b: ops.qk_norm_rope(x, a, b, 2, rope, 1e-6), (qkv, qw, kw))
-    _, grads_ref = _loss_grads(lambda x, a, b: reference.qk_norm_rope(x, a, b, 2, freqs, 1e-6), (qkv, qw, kw))
+    _, grads = loss_grads(lambda x, a, b: ops.qk_norm_rope(x, a, b, 2, rope, 1e-6), (qkv, qw, kw))
+    _, grads_ref = loss_grads(lambda x, a, b: reference.qk_norm_rope(x, a, b, 2, freqs, 1e-6), (qkv, qw, kw))
     for a, b in zip(grads, grads_ref):
         assert a.dtype == b.dtype
         close_relative(a, b, dtype, 4.0)
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_qk_norm_rope_16bit_rounding_points(dtype):
+def test_qk_norm_rope_16bit_rounding_points(device, dtype):
     """The normalised q/k rounded to the input dtype before the weight, the
     weight and rotation in float32, one rounding at the store (emulated in
-    float32; see test_fused_norm.test_16bit_rounding_points)."""
+    float32; see test_op_norm_modulate.test_16bit_rounding_points)."""
     B, H, D, grid = 2, 4, 72, (8, 8)
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype) * 2
@@ -88,8 +90,9 @@ def test_qk_norm_rope_16bit_rounding_points(dtype):
         close(got, expect, dtype)
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_qk_norm_rope_nan_and_inf_propagate_like_the_reference(dtype):
+def test_qk_norm_rope_nan_and_inf_propagate_like_the_reference(device, dtype):
     """NaN and inf in q and k, and a float32 weight holding a NaN with low
     mantissa bits set (0x7fffffff, which bfloat16 rounding without a NaN test
     would turn into -0): NaN and inf exactly where the reference has them."""
@@ -114,74 +117,29 @@ def test_qk_norm_rope_nan_and_inf_propagate_like_the_reference(dtype):
         assert outs[0][..., 8:10].isnan().all()  # the NaN weight's rotary pair, every token
 
 
-_F16_SCRIPT = """
-import sys, torch
-import ddt_fast
-from ddt_fast.ops import reference
-torch.manual_seed(0)
-out = {}
-for H, D in ((2, 8), (3, 36), (12, 64), (16, 72)):  # D % 8 == 4 leaves a scalar tail
-    qkv = torch.randn(3, 35, 3 * H * D).half() * 2
-    rope = torch.view_as_real(reference.rope_frequencies(5, 7, D))
-    for wdtype in (torch.float16, torch.float32):
-        qw, kw = (1 + 0.2 * torch.randn(D)).to(wdtype), (1 + 0.2 * torch.randn(D)).to(wdtype)
-        out[(D, str(wdtype))] = torch.ops.ddt_fast.qk_norm_rope(qkv, qw, kw, H, rope, 1e-6)
-torch.save(out, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_qk_norm_rope_float16_in_loop_conversion_matches_staged(tmp_path):
-    """The float16 forward converts with F16C inside its loops where the build
-    has F16C; DDT_FAST_CPU_F16_FORWARD=staged selects the staging of each
-    token through float (the path of builds without it). Same rounding
-    points: v bit for bit, q and k almost all equal (the rotation's two
-    products may fuse differently) and within float16's tolerance."""
-    from script_outputs import script_outputs
-
-    outs = {
-        mode: script_outputs(_F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode})
-        for mode in ("default", "staged")
-    }
-    assert outs["default"].keys() == outs["staged"].keys()
-    for key, (q, k, v) in outs["default"].items():
-        q_s, k_s, v_s = outs["staged"][key]
-        assert torch.equal(v, v_s), key
-        for a, b in ((q, q_s), (k, k_s)):
-            assert (a == b).float().mean().item() > 0.99, key
-            close(a, b, torch.float16)
-
-
-def _loss_grads(fn, inputs, seed=1):
-    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    g = torch.Generator().manual_seed(seed)
-    sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
-    return [o.detach() for o in outs], [t.grad for t in inputs if t.is_floating_point()]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "B,grid,H,D", [(1, (1, 1), 1, 8), (2, (3, 5), 4, 72), (2, (16, 16), 2, 64), (1, (2, 3), 3, 36)]
 )
-def test_qk_norm_rope_backward_matches_reference(dtype, B, grid, H, D):
+@on(CPU)
+def test_qk_norm_rope_backward_matches_reference(device, dtype, B, grid, H, D):
     L = grid[0] * grid[1]
     qkv = torch.randn(B, L, 3 * H * D, dtype=dtype)
     qw, kw = (1 + 0.2 * torch.randn(D)).to(dtype), (1 + 0.2 * torch.randn(D)).to(dtype)
     freqs = rope_table(*grid, D)
     fused = lambda x, a, b: ops.qk_norm_rope(x, a, b, H, torch.view_as_real(freqs), 1e-6)
     ref = lambda x, a, b: reference.qk_norm_rope(x, a, b, H, freqs, 1e-6)
-    outs, grads = _loss_grads(fused, (qkv, qw, kw))
-    outs_ref, grads_ref = _loss_grads(ref, (qkv, qw, kw))
+    outs, grads = loss_grads(fused, (qkv, qw, kw))
+    outs_ref, grads_ref = loss_grads(ref, (qkv, qw, kw))
     for a, b in zip(outs, outs_ref):
         close(a, b, dtype)
     for a, b in zip(grads, grads_ref):
         close_relative(a, b, dtype, 2.0 if dtype == torch.bfloat16 else 4.0)
 
 
+@on(CPU)
 @pytest.mark.slow
-def test_qk_norm_rope_gradcheck_float64():
+def test_qk_norm_rope_gradcheck_float64(device):
     B, L, H, D = 2, 6, 2, 8
     freqs = rope_table(2, 3, D)
     rope = torch.view_as_real(freqs).contiguous()
@@ -193,12 +151,21 @@ def test_qk_norm_rope_gradcheck_float64():
     )
 
 
-def test_qk_norm_rope_opcheck_and_errors():
+def test_qk_norm_rope_opcheck(device):
+    B, L, H, D = 2, 6, 2, 8
+    rope = torch.view_as_real(reference.rope_frequencies(2, 3, D, device)).contiguous()
+    qkv = torch.randn(B, L, 3 * H * D, device=device, requires_grad=True)
+    qw = torch.randn(D, device=device, requires_grad=True)
+    kw = torch.randn(D, device=device, requires_grad=True)
+    torch.library.opcheck(ops.qk_norm_rope, (qkv, qw, kw, H, rope, 1e-6))
+
+
+@on(CPU)
+def test_qk_norm_rope_errors(device):
     B, L, H, D = 2, 6, 2, 8
     rope = torch.view_as_real(rope_table(2, 3, D)).contiguous()
-    qkv = torch.randn(B, L, 3 * H * D, requires_grad=True)
-    qw, kw = torch.randn(D, requires_grad=True), torch.randn(D, requires_grad=True)
-    torch.library.opcheck(ops.qk_norm_rope, (qkv, qw, kw, H, rope, 1e-6))
+    qkv = torch.randn(B, L, 3 * H * D)
+    qw, kw = torch.randn(D), torch.randn(D)
     with pytest.raises(RuntimeError, match="not 3 \\* num_heads"):
         ops.qk_norm_rope(torch.randn(B, L, 50), qw, kw, H, rope, 1e-6)
     with pytest.raises(RuntimeError, match="multiple of 4"):
@@ -209,59 +176,27 @@ def test_qk_norm_rope_opcheck_and_errors():
         ops.qk_norm_rope(qkv, torch.randn(D + 1), kw, H, rope, 1e-6)
 
 
-SWIGLU_GRID = list(
-    itertools.product(
-        [torch.float32, torch.bfloat16, torch.float16], [(1, 1, 8), (3, 7, 72), (2, 3, 301), (2, 256, 3072)]
-    )
+@on(CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B,grid,H,D", [(1, (1, 1), 1, 8), (3, (1, 7), 2, 36), (2, (16, 16), 12, 64), (2, (16, 16), 16, 72)]
 )
-
-
-@pytest.mark.parametrize("dtype,shape", SWIGLU_GRID, ids=[f"{str(d)[6:]}-{s}" for d, s in SWIGLU_GRID])
-def test_swiglu_forward_backward(dtype, shape):
-    a, b = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
-    close(ops.swiglu(a, b), reference.swiglu(a, b), dtype)
-    outs, grads = _loss_grads(lambda x, y: ops.swiglu(x, y), (a, b))
-    outs_ref, grads_ref = _loss_grads(reference.swiglu, (a, b))
-    for x, y in zip(grads, grads_ref):
-        close(x, y, dtype, 2.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width,start", [(299, 0), (300, 0), (300, 1)])
-def test_swiglu_packed_halves_are_views_not_copies(dtype, width, start):
-    """a and b as the two halves of one packed GEMM output; odd widths, and
-    halves starting at an odd element (bfloat16's 32-bit words straddling
-    4-byte boundaries)."""
-    h = torch.randn(2, 5, 2 * width + start, dtype=dtype) * 3
-    a, b = h[..., start : start + width], h[..., start + width :]
-    assert not a.is_contiguous()
-    close(ops.swiglu(a, b), reference.swiglu(a, b), dtype)
-    _, grads = _loss_grads(lambda x, y: ops.swiglu(x, y), (a, b))
-    _, grads_ref = _loss_grads(reference.swiglu, (a, b))
-    for x, y in zip(grads, grads_ref):
-        close(x, y, dtype, 2.0)
-    t = torch.randn(4, 3, 10).transpose(0, 1)  # leading dims that do not collapse: copied
-    close(ops.swiglu(t, t), reference.swiglu(t, t), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H", [64, 65])
-def test_swiglu_nan_and_inf_propagate_like_the_reference(dtype, H):
-    a, b = torch.randn(3, H, dtype=dtype) * 3, torch.randn(3, H, dtype=dtype)
-    a[0, 3], b[1, 6], a[2, 9], b[2, 12] = float("nan"), float("nan"), float("inf"), float("inf")
-    out, ref = ops.swiglu(a, b).float(), reference.swiglu(a, b).float()
-    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == 2
-    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()], ref[ref.isinf()])
-    finite = out.isfinite()
-    close(out[finite], ref[finite], dtype)
-
-
-def test_swiglu_gradcheck_opcheck_errors():
-    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y: ops.swiglu(x, y), (a, b))
-    torch.library.opcheck(ops.swiglu, (a.float().detach().requires_grad_(), b.float().detach().requires_grad_()))
-    with pytest.raises(RuntimeError, match="one shape"):
-        ops.swiglu(torch.randn(3, 4), torch.randn(3, 5))
-    with pytest.raises(RuntimeError, match="one dtype"):
-        ops.swiglu(torch.randn(3, 4), torch.randn(3, 4).double())
+def test_qk_norm_rope_matches_reference_and_cpu_kernels(device, dtype, B, grid, H, D):
+    """Forward against the reference on the GPU; backward against the CPU kernels."""
+    L = grid[0] * grid[1]
+    qkv = torch.randn(B, L, 3 * H * D, dtype=dtype, device=device)
+    qw = (1 + 0.2 * torch.randn(D, device=device)).to(dtype)
+    kw = (1 + 0.2 * torch.randn(D, device=device)).to(dtype)
+    freqs = reference.rope_frequencies(*grid, D, device)
+    q, k, v = ops.qk_norm_rope(qkv, qw, kw, H, torch.view_as_real(freqs), 1e-6)
+    qr, kr, vr = reference.qk_norm_rope(qkv, qw, kw, H, freqs, 1e-6)
+    close(q, qr, dtype)
+    close(k, kr, dtype)
+    assert torch.equal(v, vr)
+    gq, gk, gv = (torch.randn_like(q) for _ in range(3))
+    rope = torch.view_as_real(freqs).contiguous()
+    got = ops.qk_norm_rope_backward(gq, gk, gv, qkv, qw, kw, H, rope, 1e-6)
+    cpu = ops.qk_norm_rope_backward(gq.cpu(), gk.cpu(), gv.cpu(), qkv.cpu(), qw.cpu(), kw.cpu(), H, rope.cpu(), 1e-6)
+    for a, b in zip(got, cpu):
+        mag = max(b.float().abs().max().item(), 1.0)
+        close(a.cpu() / mag, b / mag, dtype, 2.0)

@@ -1,19 +1,19 @@
-"""Fused norm + modulate family against the pure-PyTorch reference."""
+"""The fused norm + modulate family (RMSNorm / LayerNorm + modulate, gated
+residual, gated residual + RMSNorm + modulate) against the pure-PyTorch
+reference, on the CPU and CUDA (`device`: tests/conftest.py)."""
 
 import itertools
 
 import pytest
 import torch
+from helpers import CPU, CUDA, loss_grads, offset_view, on
 
-from script_outputs import script_outputs
 from tolerances import close, close_relative
 
 from ddt_fast import _extension
 from ddt_fast.ops import reference
 
-pytestmark = pytest.mark.skipif(
-    not _extension.has_kernel("rms_norm_modulate", "CPU"), reason="ddt_fast._C with the norm kernels is not built"
-)
+KERNEL = "rms_norm_modulate"  # the `device` fixture skips devices without it
 ops = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -49,11 +49,11 @@ FAST_FORWARD = {(1, 1, 8, False), (3, 7, 72, True), (1, 256, 768, True), (3, 7, 
 @pytest.mark.parametrize(
     "dtype,B,L,C,per_token", _grid(GRID, [_id(p) for p in GRID], lambda dtype, *shape: shape in FAST_FORWARD)
 )
-def test_forward_grid(dtype, B, L, C, per_token):
-    x = torch.randn(B, L, C, dtype=dtype) * 2
-    y = torch.randn(B, L, C, dtype=dtype)
-    weight = (1 + 0.1 * torch.randn(C)).to(dtype)
-    shift, scale, gate, *_ = mods(B, L, C, dtype, per_token)
+def test_forward_grid(device, dtype, B, L, C, per_token):
+    x = torch.randn(B, L, C, dtype=dtype, device=device) * 2
+    y = torch.randn(B, L, C, dtype=dtype, device=device)
+    weight = (1 + 0.1 * torch.randn(C, device=device)).to(dtype)
+    shift, scale, gate, *_ = mods(B, L, C, dtype, per_token, device=device)
     close(
         ops.rms_norm_modulate(x, weight, shift, scale, 1e-6),
         reference.rms_norm_modulate(x, weight, shift, scale, 1e-6),
@@ -65,11 +65,18 @@ def test_forward_grid(dtype, B, L, C, per_token):
     xo_ref, out_ref = reference.gated_residual_rms_norm_modulate(x, gate, y, weight, shift, scale, 1e-6)
     close(xo, xo_ref, dtype)
     close(out, out_ref, dtype, scale=2.0)
+    if device != CPU:  # the GPU kernels agree with the CPU kernels on the same inputs
+        close(
+            ops.rms_norm_modulate(x, weight, shift, scale, 1e-6).cpu(),
+            ops.rms_norm_modulate(x.cpu(), weight.cpu(), shift.cpu(), scale.cpu(), 1e-6),
+            dtype,
+        )
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_autocast_dtypes_fp32_weight(dtype, per_token):
+def test_autocast_dtypes_fp32_weight(device, dtype, per_token):
     """Under autocast x/mods are 16-bit and the norm weight is a float32 parameter."""
     B, L, C = 2, 9, 72
     x = torch.randn(B, L, C, dtype=dtype)
@@ -82,8 +89,8 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
     close(
         ops.rms_norm_modulate(x, weight, s32, c32, 1e-6), reference.rms_norm_modulate(x, weight, s32, c32, 1e-6), dtype
     )
-    # backward, float32 weight with 16-bit modulation (autocast; the bfloat16
-    # word loops) and with float32 modulation (read in place by the float16 staging)
+    # backward, float32 weight with 16-bit modulation (autocast) and with
+    # float32 modulation
     y, g32 = torch.randn(B, L, C, dtype=dtype), gate.float()
     rms = (lambda *a: ops.rms_norm_modulate(*a, 1e-6), lambda *a: reference.rms_norm_modulate(*a, 1e-6))
     grn = (
@@ -96,15 +103,16 @@ def test_autocast_dtypes_fp32_weight(dtype, per_token):
         (rms, (x, weight, s32, c32)),
         (grn, (x, g32, y, weight, s32, c32)),
     ]:
-        _, grads = _grads(fused, inputs)
-        _, grads_ref = _grads(ref, inputs)
+        _, grads = loss_grads(fused, inputs)
+        _, grads_ref = loss_grads(ref, inputs)
         for a, b in zip(grads, grads_ref):
             assert a.dtype == b.dtype
             close_relative(a, b, dtype, 2.0)
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_rounding_points(dtype):
+def test_16bit_rounding_points(device, dtype):
     """The spec's rounding points, element for element: x' stored in x's dtype
     before its statistics, the normalised value rounded to it before the weight,
     everything after in float32 and rounded once. Emulated in float32 here; only
@@ -128,12 +136,12 @@ def test_16bit_rounding_points(dtype):
         close(out, expect, dtype)
 
 
+@on(CPU)
 @pytest.mark.parametrize("C", [73, 1155, 1152])
-def test_bfloat16_odd_widths_and_misaligned_rows(C):
-    """bfloat16 rows of even width run as 32-bit words of two elements; odd
-    widths take the element loop. Both against the reference, with every
+def test_bfloat16_odd_widths_and_misaligned_rows(device, C):
+    """bfloat16 rows of odd and even widths against the reference, with every
     modulation row starting at an odd element (views of a [B, L, 6C + 1]
-    tensor past its first column), so words straddle 4-byte boundaries."""
+    tensor past its first column), so no row is 4-byte aligned."""
     B, L, dtype = 2, 9, torch.bfloat16
     x, y = torch.randn(B, L, C, dtype=dtype) * 2, torch.randn(B, L, C, dtype=dtype)
     w = (1 + 0.1 * torch.randn(C)).to(dtype)
@@ -151,14 +159,14 @@ def test_bfloat16_odd_widths_and_misaligned_rows(C):
             close(a, b, dtype, scale=2.0)
 
 
+@on(CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [72, 73])
-def test_nan_and_inf_propagate_like_the_reference(dtype, C):
+def test_nan_and_inf_propagate_like_the_reference(device, dtype, C):
     """NaN and inf in x, y, gate and shift, and a float32 weight holding a NaN
     whose low mantissa bits are set (0x7fffffff): every output is NaN (or inf)
     exactly where the reference's is. Rounding that NaN to bfloat16 without a
-    NaN test would carry into the sign and give -0 (the bfloat16 word loop
-    relies on NaNs having zero low bits and makes such weights canonical)."""
+    NaN test would carry into the sign and give -0."""
     B, L = 2, 6
     x, y = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
     sh, sc, gate = (t.contiguous() for t in mods(B, L, C, dtype, True, k=3))
@@ -191,68 +199,6 @@ def test_nan_and_inf_propagate_like_the_reference(dtype, C):
             finite = a.isfinite()
             close(a[finite], b[finite], dtype, scale=2.0)
         assert outs[0][..., 13].isnan().all() and outs[4][..., 13].isnan().all()
-
-
-_F16_SCRIPT = """
-import sys, torch
-from ddt_fast import _extension
-assert _extension.available()
-f = torch.ops.ddt_fast
-torch.manual_seed(0)
-out = {}
-for C in (8, 73, 768, 1155):
-    for mod_dtype in (torch.float16, torch.float32):
-        for per_token in (False, True):
-            B, L = 2, 9
-            x, y = torch.randn(B, L, C, dtype=torch.float16) * 2, torch.randn(B, L, C, dtype=torch.float16)
-            w = (1 + 0.1 * torch.randn(C)).to(mod_dtype)
-            m = (torch.randn(B, L if per_token else 1, 3 * C) * 0.5).to(mod_dtype)
-            leaves = [t.requires_grad_() for t in (x, y, w, m)]
-            sh, sc, g = m.chunk(3, -1)
-            outs = [f.rms_norm_modulate(x, w, sh, sc, 1e-6), f.layer_norm_modulate(x, sh, sc, 1e-6),
-                    f.gated_residual(x, g, y), *f.gated_residual_rms_norm_modulate(x, g, y, w, sh, sc, 1e-6)]
-            loss = sum((o.float() * torch.randn(o.shape)).sum() for o in outs)
-            loss.backward()
-            out[(C, str(mod_dtype), per_token)] = [o.detach() for o in outs] + [t.grad for t in leaves]
-torch.save(out, sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_float16_in_loop_conversion_matches_staged(tmp_path):
-    """The float16 forward and backward convert with F16C inside their row
-    loops where the build has F16C; DDT_FAST_CPU_F16_FORWARD=staged and
-    DDT_FAST_CPU_F16_BACKWARD=staged select the staging through float rows
-    (the paths of builds without it). Both must agree: x' bit for bit, the
-    normalised outputs up to the order of the row sums (almost all elements
-    equal), the gradients within float16's tolerance; widths with and
-    without a tail of C % 8, float16 and float32 modulation and weight."""
-    outs = {
-        mode: script_outputs(
-            _F16_SCRIPT, tmp_path / f"{mode}.pt", {"DDT_FAST_CPU_F16_FORWARD": mode, "DDT_FAST_CPU_F16_BACKWARD": mode}
-        )
-        for mode in ("default", "staged")
-    }
-    assert outs["default"].keys() == outs["staged"].keys()
-    for key, results in outs["default"].items():
-        for i, (a, b) in enumerate(zip(results, outs["staged"][key])):
-            if i in (2, 3):  # x' of gated_residual and of the fused form: no sums involved
-                assert torch.equal(a, b), (key, i)
-            if i < 5:  # forward outputs
-                assert (a == b).float().mean().item() > 0.98, (key, i)
-                close(a, b, torch.float16)
-            else:  # gradients of x, y, the weight and the modulation (sums over rows and ops)
-                close_relative(a, b, torch.float16, 2.0)
-
-
-def _grads(fn, inputs):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    g = torch.Generator().manual_seed(1)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
-    loss.backward()
-    return [o.detach() for o in outs], [t.grad for t in inputs]
 
 
 CASES = {
@@ -294,6 +240,7 @@ def _fast_backward(case, dtype, per_token, B, L, C):
     return C <= 72 or (C == 1155 and per_token)
 
 
+@on(CPU)
 @pytest.mark.parametrize(
     "case,dtype,per_token,B,L,C",
     _grid(
@@ -302,15 +249,15 @@ def _fast_backward(case, dtype, per_token, B, L, C):
         _fast_backward,
     ),
 )
-def test_backward_matches_reference(case, dtype, per_token, B, L, C):
+def test_backward_matches_reference(device, case, dtype, per_token, B, L, C):
     pick, fused, ref = CASES[case]
     x = torch.randn(B, L, C, dtype=dtype)
     y = torch.randn(B, L, C, dtype=dtype)
     w = (1 + 0.1 * torch.randn(C)).to(dtype)
     sh, sc, g = (t.contiguous() for t in mods(B, L, C, dtype, per_token, k=3))
     inputs = pick(x, y, w, sh, sc, g)
-    outs, grads = _grads(fused, inputs)
-    outs_ref, grads_ref = _grads(ref, inputs)
+    outs, grads = loss_grads(fused, inputs)
+    outs_ref, grads_ref = loss_grads(ref, inputs)
     # 16-bit gradients summed over many rows (weight, per-sample modulation) carry
     # the rounding of each addend: compare them relative to their size.
     scale = 1.0 if dtype == torch.float32 else 2.0
@@ -321,9 +268,10 @@ def test_backward_matches_reference(case, dtype, per_token, B, L, C):
         close_relative(a, b, dtype, scale * (4.0 if dtype == torch.float32 and L * B > 100 else 1.0))
 
 
+@on(CPU)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("per_token", [False, True])
-def test_gradcheck_float64(case, per_token):
+def test_gradcheck_float64(device, case, per_token):
     pick, fused, _ = CASES[case]
     B, L, C = 2, 3, 8
     x = torch.randn(B, L, C, dtype=torch.float64)
@@ -335,11 +283,11 @@ def test_gradcheck_float64(case, per_token):
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-def test_opcheck(per_token):
+def test_opcheck(device, per_token):
     B, L, C = 2, 5, 16
-    x, y = torch.randn(B, L, C), torch.randn(B, L, C)
-    w = torch.randn(C)
-    sh, sc, g = mods(B, L, C, torch.float32, per_token, k=3)
+    x, y = torch.randn(B, L, C, device=device), torch.randn(B, L, C, device=device)
+    w = torch.randn(C, device=device)
+    sh, sc, g = mods(B, L, C, torch.float32, per_token, k=3, device=device)
     sh, sc, g = (t.contiguous().requires_grad_(True) for t in (sh, sc, g))
     x.requires_grad_(True), y.requires_grad_(True), w.requires_grad_(True)
     for op, args in [
@@ -351,7 +299,8 @@ def test_opcheck(per_token):
         torch.library.opcheck(op, args)
 
 
-def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
+@on(CPU)
+def test_noncontiguous_x_is_handled_and_bad_mods_rejected(device):
     B, L, C = 2, 4, 8
     x = torch.randn(B, C, L).transpose(1, 2)  # non-contiguous
     w = torch.randn(C)
@@ -371,11 +320,12 @@ def test_noncontiguous_x_is_handled_and_bad_mods_rejected():
         ops.gated_residual(x, sh, torch.randn(B, L, C + 1))
 
 
+@on(CPU)
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_thread_counts(threads, case, per_token, dtype):
+def test_thread_counts(device, threads, case, per_token, dtype):
     """Each CPU thread takes one contiguous range of rows and runs each row's
     last pass together with the next row's first: uneven ranges, ranges of
     one row and empty ranges (4 rows over 5 threads) must not change a
@@ -394,13 +344,195 @@ def test_thread_counts(threads, case, per_token, dtype):
         torch.set_num_threads(threads)
         with torch.no_grad():
             many = fused(*inputs)
-        outs, grads = _grads(fused, inputs)
+        outs, grads = loss_grads(fused, inputs)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(single if isinstance(single, tuple) else (single,), many if isinstance(many, tuple) else (many,)):
         assert torch.equal(a, b)
-    outs_ref, grads_ref = _grads(ref, inputs)
+    outs_ref, grads_ref = loss_grads(ref, inputs)
     for a, b in zip(outs, outs_ref):
         close(a, b, dtype)
     for a, b in zip(grads, grads_ref):
         close(a, b, dtype, 4.0)
+
+
+@on(CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("B,L,C", [(1, 1, 8), (3, 7, 72), (2, 256, 1152)])
+def test_backward_matches_the_cpu_kernels(device, dtype, per_token, B, L, C):
+    x, y = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C)).to(dtype)
+    sh, sc, g = (torch.randn(B, L if per_token else 1, C, dtype=dtype) for _ in range(3))
+    grad_out, grad_xo = torch.randn(B, L, C, dtype=dtype), torch.randn(B, L, C, dtype=dtype)
+    for kind, residual in [(1, False), (2, False), (0, True), (1, True)]:
+        args = lambda d: [
+            t.to(d) if t is not None else None
+            for t in (
+                grad_out if kind else None,
+                grad_xo if residual else None,
+                x,
+                g if residual else None,
+                y if residual else None,
+                w if kind == 1 else None,
+                sh if kind else None,
+                sc if kind else None,
+            )
+        ]
+        cpu = ops.norm_modulate_backward(*args("cpu"), 1e-6, kind, residual)
+        got = ops.norm_modulate_backward(*args(device), 1e-6, kind, residual)
+        for a, b in zip(got, cpu):
+            assert a.shape == b.shape
+            if b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a.cpu() / mag, b / mag, dtype, 2.0)
+
+
+def _backward_args(dtype, device, B, L, C, per_token, kind, residual, with_grad_xo, offset=0):
+    """norm_modulate_backward's arguments with shift/scale/gate as chunk views of
+    one [B, L or 1, 6C] modulation tensor (the model's layout), on `device`."""
+    g = torch.Generator().manual_seed(B * 1000 + L * 10 + C)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    x, y, grad_out, grad_xo = (rnd(B, L, C) for _ in range(4))
+    w = (1 + 0.1 * torch.randn(C, generator=g)).to(dtype)
+    mod = rnd(B, L if per_token else 1, 6 * C) * 0.5
+    x, y, grad_out, grad_xo, w, mod = (t.to(device) for t in (x, y, grad_out, grad_xo, w, mod))
+    sh, sc, gate, *_ = mod.chunk(6, -1)
+    x, y, grad_out = (offset_view(t, offset) for t in (x, y, grad_out))
+    return (
+        grad_out if kind else None,
+        grad_xo if residual and with_grad_xo else None,
+        x,
+        gate if residual else None,
+        y if residual else None,
+        w if kind == 1 else None,
+        sh if kind else None,
+        sc if kind else None,
+        1e-6,
+        kind,
+        residual,
+    )
+
+
+BACKWARD_CASES = [
+    (kind, residual, with_grad_xo)
+    for kind, residual in [(1, False), (2, False), (0, True), (1, True)]
+    for with_grad_xo in ([True, False] if residual else [True])
+]
+
+
+@on(CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize(
+    "B,L,C,offset", [(2, 33, 768, 0), (2, 70, 1152, 0), (2, 33, 1152, 1), (1, 5, 1280, 0), (2, 9, 2048, 0)]
+)
+def test_backward_packed_and_scalar_paths(device, dtype, per_token, B, L, C, offset):
+    """The packed CUDA backward (aligned rows of up to 40 elements per lane:
+    16-bit C <= 1280, float32 C <= 1024; column sums on chip) and the scalar
+    one (misaligned rows, longer rows) agree with the CPU kernels, with the
+    modulation as strided chunk views and with and without grad_x_out."""
+    for case in BACKWARD_CASES:
+        cpu = ops.norm_modulate_backward(*_backward_args(dtype, "cpu", B, L, C, per_token, *case))
+        got = ops.norm_modulate_backward(*_backward_args(dtype, device, B, L, C, per_token, *case, offset=offset))
+        for a, b in zip(got, cpu):
+            assert a.shape == b.shape, case
+            if b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a.cpu() / mag, b / mag, dtype, 2.0)
+
+
+@on(CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [12, 1152, 2056, 4096])
+def test_forward_packed_and_scalar_paths(device, dtype, C):
+    """The packed CUDA forward (aligned rows that fit in registers) and the
+    scalar one (misaligned rows, C not a multiple of the pack, rows too long)
+    both match the reference, per token and per sample, with and without the
+    residual."""
+    B, L = 2, 33
+    x, y = torch.randn(B, L, C, dtype=dtype, device=device) * 2, torch.randn(B, L, C, dtype=dtype, device=device)
+    w = (1 + 0.1 * torch.randn(C, device=device)).to(dtype)
+    for per_token in (False, True):
+        sh, sc, gate = (torch.randn(B, L if per_token else 1, 3 * C, dtype=dtype, device=device) * 0.5).chunk(3, -1)
+        expected = (
+            reference.rms_norm_modulate(x, w, sh, sc, 1e-6),
+            reference.layer_norm_modulate(x, sh, sc, 1e-6),
+            *reference.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, 1e-6),
+        )
+        for offset in (0, 1):
+            xs, ys = offset_view(x, offset), offset_view(y, offset)
+            got = (
+                ops.rms_norm_modulate(xs, w, sh, sc, 1e-6),
+                ops.layer_norm_modulate(xs, sh, sc, 1e-6),
+                *ops.gated_residual_rms_norm_modulate(xs, gate, ys, w, sh, sc, 1e-6),
+            )
+            for a, e in zip(got, expected):
+                close(a, e, dtype, 2.0)
+
+
+# The GPU benchmark switches inside the GPU-verified norm kernels (read once per
+# process, so each variant runs in a process of its own); see
+# docs/backends-and-kernels.md, "GPU-verified kernels".
+_SWITCH_CASES = [(dtype, per_token) for dtype in (torch.float32, torch.bfloat16, torch.float16) for per_token in (0, 1)]
+_SWITCH_SHAPES = ((2, 33, 1152), (3, 7, 72), (2, 16, 768), (1, 4, 4096))
+
+_FORWARD_SCRIPT = """
+import sys, torch
+import test_op_norm_modulate as t
+f, out = torch.ops.ddt_fast, {}
+for dtype, per_token in t._SWITCH_CASES:
+    for B, L, C in t._SWITCH_SHAPES:
+        _, _, x, gate, y, w, sh, sc, eps, _, _ = t._backward_args(dtype, "cuda", B, L, C, per_token, 1, True, True)
+        outs = [f.rms_norm_modulate(x, w, sh, sc, eps), f.layer_norm_modulate(x, sh, sc, eps),
+                f.gated_residual(x, gate, y), *f.gated_residual_rms_norm_modulate(x, gate, y, w, sh, sc, eps)]
+        out[(str(dtype), per_token, B, L, C)] = [a.cpu() for a in outs]
+torch.save(out, sys.argv[1])
+"""
+
+_BACKWARD_SCRIPT = """
+import sys, torch
+import test_op_norm_modulate as t
+f, out = torch.ops.ddt_fast, {}
+for dtype, per_token in t._SWITCH_CASES:
+    for B, L, C in t._SWITCH_SHAPES:
+        for case in t.BACKWARD_CASES:
+            args = t._backward_args(dtype, "cuda", B, L, C, per_token, *case)
+            out[(str(dtype), per_token, B, L, C, case)] = [a.cpu() for a in f.norm_modulate_backward(*args)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@on(CUDA)
+@pytest.mark.slow
+def test_forward_switch_variants_are_identical(device, tmp_path):
+    """DDT_FAST_NORM_FORWARD=raw (default), raw_stream and widened compute the
+    same values bit for bit."""
+    from helpers import fresh_process_outputs
+
+    runs = {
+        v: fresh_process_outputs(_FORWARD_SCRIPT, tmp_path / f"{v}.pt", {"DDT_FAST_NORM_FORWARD": v})
+        for v in ("raw", "raw_stream", "widened")
+    }
+    for v in ("raw_stream", "widened"):
+        assert runs[v].keys() == runs["raw"].keys()
+        for key in runs["raw"]:
+            for i, (a, b) in enumerate(zip(runs["raw"][key], runs[v][key])):
+                assert torch.equal(a, b), (v, key, i)
+
+
+@on(CUDA)
+@pytest.mark.slow
+def test_backward_rows_switch_agrees(device, tmp_path):
+    """DDT_FAST_NORM_BACKWARD=rows (the scalar row kernel plus a column pass
+    everywhere) gives the packed backward's values up to summation order."""
+    from helpers import fresh_process_outputs
+
+    packed = fresh_process_outputs(_BACKWARD_SCRIPT, tmp_path / "packed.pt", {"DDT_FAST_NORM_BACKWARD": "packed"})
+    rows = fresh_process_outputs(_BACKWARD_SCRIPT, tmp_path / "rows.pt", {"DDT_FAST_NORM_BACKWARD": "rows"})
+    assert packed.keys() == rows.keys()
+    for key in packed:
+        for a, b in zip(packed[key], rows[key]):
+            if b.numel():
+                mag = max(b.float().abs().max().item(), 1.0)
+                close(a / mag, b / mag, a.dtype, 2.0)

@@ -1,4 +1,7 @@
-"""GPU suite for the flash-attention kernels (`pytest -m cuda`); skipped without a GPU.
+"""The flash-attention kernels (`flash_attention`, and `qkv_attention` with the
+q/k norm and rotary fused into its prologue). They exist on CUDA only, so
+every test runs on the CUDA `device` (tests/conftest.py; `pytest -m cuda`,
+skipped without a GPU).
 
 Accuracy is judged the way the flash-attention projects judge it: against
 attention computed in float32 from the same 16-bit inputs, our error must stay
@@ -13,17 +16,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CUDA, autocast_run, model_inputs, on
 
 from ddt_fast import _extension, models, ops
 from ddt_fast.ops import reference
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not _extension.has_kernel("flash_attention", "CUDA"),
-        reason="ddt_fast._C was built without the CUDA attention kernels",
-    ),
-]
+KERNEL = "flash_attention"  # the `device` fixture skips devices without it
+pytestmark = on(CUDA)
 f = torch.ops.ddt_fast if _extension.available() else None
 
 
@@ -67,9 +66,9 @@ GRID = list(
 
 
 @pytest.mark.parametrize("B,H,L,D,dtype", GRID)
-def test_forward_backward_vs_sdpa_fp32(B, H, L, D, dtype):
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype) for _ in range(3))
-    grad = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+def test_forward_backward_vs_sdpa_fp32(device, B, H, L, D, dtype):
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(3))
+    grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
     ref = exact_fwd_bwd(q, k, v, grad)
     lowp = sdpa_fwd_bwd(q, k, v, grad)
     ours = ddt_fwd_bwd(q, k, v, grad)
@@ -82,10 +81,10 @@ def test_forward_backward_vs_sdpa_fp32(B, H, L, D, dtype):
 
 
 @pytest.mark.parametrize("Lq,Lk", [(1, 300), (100, 7), (256, 1024)])
-def test_cross_lengths(Lq, Lk):
+def test_cross_lengths(device, Lq, Lk):
     dtype = torch.bfloat16
-    q = torch.randn(2, 3, Lq, 72, device="cuda", dtype=dtype)
-    k, v = (torch.randn(2, 3, Lk, 72, device="cuda", dtype=dtype) for _ in range(2))
+    q = torch.randn(2, 3, Lq, 72, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 3, Lk, 72, device=device, dtype=dtype) for _ in range(2))
     grad = torch.randn_like(q)
     ref = exact_fwd_bwd(q, k, v, grad)
     lowp = sdpa_fwd_bwd(q, k, v, grad)
@@ -93,20 +92,20 @@ def test_cross_lengths(Lq, Lk):
         assert_within(a, lo, r, f"Lq={Lq} Lk={Lk}")
 
 
-def test_strided_and_misaligned_inputs():
+def test_strided_and_misaligned_inputs(device):
     B, L, H, D = 2, 77, 4, 72
-    qkv = torch.randn(B, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(B, L, 3, H, D, device=device, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] views into the packed tensor
     want = f.flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), D**-0.5)[0]
     assert torch.equal(f.flash_attention(q, k, v, D**-0.5)[0], want)
     # a storage offset of one element breaks 16-byte alignment: the binding copies
-    flat = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
+    flat = torch.empty(q.numel() + 1, device=device, dtype=q.dtype)
     q_odd = flat[1:].view_as(q).copy_(q)
     assert torch.equal(f.flash_attention(q_odd, k, v, D**-0.5)[0], want)
 
 
-def test_backward_is_deterministic():
-    q, k, v = (torch.randn(2, 16, 1000, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def test_backward_is_deterministic(device):
+    q, k, v = (torch.randn(2, 16, 1000, 72, device=device, dtype=torch.bfloat16) for _ in range(3))
     grad = torch.randn_like(q)
     first = ddt_fwd_bwd(q, k, v, grad)
     for _ in range(3):
@@ -115,12 +114,12 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
-def _qkv_case(B, grid, H, D, dtype):
+def _qkv_case(B, grid, H, D, dtype, device):
     L = grid[0] * grid[1]
-    qkv = torch.randn(B, L, 3 * H * D, device="cuda", dtype=dtype)
-    qw = (1 + 0.2 * torch.randn(D, device="cuda")).to(dtype)
-    kw = (1 + 0.2 * torch.randn(D, device="cuda")).to(dtype)
-    freqs = ops.rope_frequencies(*grid, D, torch.device("cuda"))
+    qkv = torch.randn(B, L, 3 * H * D, device=device, dtype=dtype)
+    qw = (1 + 0.2 * torch.randn(D, device=device)).to(dtype)
+    kw = (1 + 0.2 * torch.randn(D, device=device)).to(dtype)
+    freqs = ops.rope_frequencies(*grid, D, torch.device(device))
     return qkv, qw, kw, freqs
 
 
@@ -149,8 +148,8 @@ def _unfused_qkv_attention(qkv, qw, kw, H, freqs, use_reference):
         (2, (16, 16), 8, 128),
     ],
 )
-def test_fused_prologue_matches_unfused(dtype, B, grid, H, D, k_prepass):
-    qkv, qw, kw, freqs = _qkv_case(B, grid, H, D, dtype)
+def test_fused_prologue_matches_unfused(device, dtype, B, grid, H, D, k_prepass):
+    qkv, qw, kw, freqs = _qkv_case(B, grid, H, D, dtype, device)
     rope = torch.view_as_real(freqs)
     fused = f.qkv_attention(qkv, qw, kw, H, rope, 1e-6, D**-0.5, k_prepass)[0]
     # same kernels without the prologue: q/k differ at most by a rounding flip
@@ -193,9 +192,9 @@ def ddt_attention():
 
 
 @pytest.mark.parametrize("k_prepass", [True, False])
-def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(ddt_attention, monkeypatch, k_prepass):
+def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(device, ddt_attention, monkeypatch, k_prepass):
     monkeypatch.setattr(ops, "QKV_ATTENTION_K_PREPASS", k_prepass)
-    qkv, qw, kw, freqs = _qkv_case(2, (8, 8), 2, 64, torch.bfloat16)
+    qkv, qw, kw, freqs = _qkv_case(2, (8, 8), 2, 64, torch.bfloat16, device)
     assert ops.dispatch.use_fused_qkv_attention(qkv, 2)
     with torch.no_grad():
         out = ops.qkv_attention(qkv, qw, kw, 2, freqs, 1e-6)
@@ -205,10 +204,10 @@ def test_ops_qkv_attention_takes_the_fused_kernel_when_forced(ddt_attention, mon
         assert not ops.dispatch.use_fused_qkv_attention(qkv, 2)
 
 
-def test_opcheck():
-    q, k, v = (torch.randn(2, 3, 37, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+def test_opcheck(device):
+    q, k, v = (torch.randn(2, 3, 37, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     torch.library.opcheck(f.flash_attention, (q, k, v, 0.125))
-    qkv, qw, kw, freqs = _qkv_case(2, (3, 5), 2, 72, torch.bfloat16)
+    qkv, qw, kw, freqs = _qkv_case(2, (3, 5), 2, 72, torch.bfloat16, device)
     rope = torch.view_as_real(freqs).contiguous()
     for k_prepass in (True, False):
         torch.library.opcheck(
@@ -226,9 +225,9 @@ def test_opcheck():
         )
 
 
-def test_cuda_graph_capture():
-    q, k, v = (torch.randn(2, 16, 256, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    qkv, qw, kw, freqs = _qkv_case(2, (16, 16), 16, 72, torch.bfloat16)
+def test_cuda_graph_capture(device):
+    q, k, v = (torch.randn(2, 16, 256, 72, device=device, dtype=torch.bfloat16) for _ in range(3))
+    qkv, qw, kw, freqs = _qkv_case(2, (16, 16), 16, 72, torch.bfloat16, device)
     rope = torch.view_as_real(freqs).contiguous()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -249,76 +248,28 @@ def test_cuda_graph_capture():
         assert torch.equal(out2, f.qkv_attention(qkv, qw, kw, 16, rope, 1e-6, 72**-0.5)[0])
 
 
-def test_torch_compile_traces_the_ops(ddt_attention):
-    qkv, qw, kw, freqs = _qkv_case(2, (8, 8), 4, 64, torch.bfloat16)
+def test_torch_compile_traces_the_ops(device, ddt_attention):
+    qkv, qw, kw, freqs = _qkv_case(2, (8, 8), 4, 64, torch.bfloat16, device)
     fn = torch.compile(lambda a: ops.qkv_attention(a, qw, kw, 4, freqs, 1e-6), fullgraph=True)
     torch.testing.assert_close(fn(qkv), ops.qkv_attention(qkv, qw, kw, 4, freqs, 1e-6), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(hidden_size=128)])  # head dims 72 and 64
-def test_model_ddt_attention_vs_sdpa(overrides):
+def test_model_ddt_attention_vs_sdpa(device, overrides):
     torch.manual_seed(0)
-    m = models.create("DDT-tiny-d72/2", **overrides).cuda()
+    m = models.create("DDT-tiny-d72/2", **overrides).to(device)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    x, t, y = (
-        torch.randn(3, 4, 16, 16, device="cuda"),
-        torch.rand(3, device="cuda"),
-        torch.tensor([1, 2, 10], device="cuda"),
-    )
-    runs = {}
-    for attention in ("ddt", "sdpa"):
-        m.zero_grad()
-        with ops.use_backend("fused", attention=attention), torch.autocast("cuda", dtype=torch.bfloat16):
-            v, _ = m(x, t, y)
-        v.float().square().mean().backward()
-        runs[attention] = (v.detach().float(), {n: p.grad.clone() for n, p in m.named_parameters()})
-    (vd, gd), (vs, gs) = runs["ddt"], runs["sdpa"]
+    inputs = model_inputs(3, device)
+    (vd, gd), (vs, gs) = (autocast_run(m, inputs, device, backend="fused", attention=a) for a in ("ddt", "sdpa"))
     assert rel_err(vd, vs) < 2e-2
     for name in gd:
         assert rel_err(gd[name], gs[name]) < 5e-2, name
 
 
 @pytest.mark.slow
-def test_sixteen_rows_per_warp_forward_variant(tmp_path):
-    """DDT_FAST_ATTENTION_WARP_ROWS=16 selects the forward with one 16-row
-    tile per warp (the default for D <= 72 is two); it must agree with the
-    default within float32-accumulation noise and match SDPA as well."""
-    code = """
-import torch, torch.nn.functional as F
-import ddt_fast.ops
-f = torch.ops.ddt_fast
-for D in (64, 72):
-    for L in (17, 256, 1000):
-        q, k, v = (torch.randn(2, 3, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        out, lse = f.flash_attention(q, k, v, D ** -0.5)
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (D, L, err)
-        torch.save((q.cpu(), k.cpu(), v.cpu(), out.cpu(), lse.cpu()), f"{DIR}/rows16_{D}_{L}.pt")
-print("ok")
-"""
-    env = dict(os.environ, DDT_FAST_ATTENTION_WARP_ROWS="16")
-    run = subprocess.run(
-        [sys.executable, "-c", code.replace("{DIR}", str(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
-    for D in (64, 72):
-        for L in (17, 256, 1000):
-            q, k, v, out16, lse16 = (t.cuda() for t in torch.load(tmp_path / f"rows16_{D}_{L}.pt"))
-            out, lse = f.flash_attention(q, k, v, D**-0.5)
-            torch.testing.assert_close(out.float(), out16.float(), atol=1e-2, rtol=1e-2)
-            torch.testing.assert_close(lse, lse16, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_bad_input_errors():
+def test_bad_input_errors(device):
     """Run in a subprocess: on the H200 test machine (torch 2.11) a direct call
     with an unsupported head dim crashed the process instead of raising, and a
     crash must not take the rest of the suite down with it."""
@@ -345,3 +296,31 @@ print("ok")
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+_WARP_ROWS_SCRIPT = """
+import sys, torch
+f, out = torch.ops.ddt_fast, {}
+g = torch.Generator(device="cuda").manual_seed(0)
+for D in (64, 72):
+    for L in (17, 256, 1000):
+        q, k, v = (torch.randn(2, 3, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        o, lse = f.flash_attention(q, k, v, D ** -0.5)
+        out[(D, L)] = [o.cpu(), lse.cpu()]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_warp_rows_switch_agrees(device, tmp_path):
+    """DDT_FAST_ATTENTION_WARP_ROWS=16 (one 16-row query tile per warp for
+    D <= 72; the default is two), a GPU benchmark switch inside the
+    GPU-verified kernel, agrees with the default within float32-accumulation noise."""
+    from helpers import fresh_process_outputs
+
+    two = fresh_process_outputs(_WARP_ROWS_SCRIPT, tmp_path / "rows32.pt", {"DDT_FAST_ATTENTION_WARP_ROWS": "32"})
+    one = fresh_process_outputs(_WARP_ROWS_SCRIPT, tmp_path / "rows16.pt", {"DDT_FAST_ATTENTION_WARP_ROWS": "16"})
+    assert two.keys() == one.keys()
+    for key in two:
+        torch.testing.assert_close(one[key][0].float(), two[key][0].float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(one[key][1], two[key][1], atol=1e-4, rtol=1e-4)
