@@ -375,6 +375,26 @@ def attention_section(d: dict) -> str:
     return "\n".join(out)
 
 
+def compare_section(d: dict) -> str:
+    """compare_builds.py: two builds side by side, end to end."""
+    trees, st = d["trees"], d["settings"]
+    head = (
+        f"**Build comparison**: before `{trees['before']['commit']}` vs after `{trees['after']['commit']}`, "
+        f"{st['model']}, batch {st['batch']}, {st['threads']} threads, {st['rounds']} rounds "
+        f"({_machine(d.get('machine') or {})}):"
+    )
+    rows = [
+        "| case | before (s, fastest) | after (s, fastest) | after / before | median before | median after | calls |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, r in d["results"].items():
+        rows.append(
+            f"| {case} | {r['before_min_s']:.4f} | {r['after_min_s']:.4f} | {r['after_vs_before']:.3f} "
+            f"| {r['before_median_s']:.4f} | {r['after_median_s']:.4f} | {r['calls']} |"
+        )
+    return "\n".join([head, "", *rows])
+
+
 SECTIONS = {
     "dp": dp_section,
     "ops": ops_section,
@@ -383,6 +403,7 @@ SECTIONS = {
     "training": training_section,
     "train": training_section,
     "attention": attention_section,
+    "compare": compare_section,
 }
 
 
@@ -420,7 +441,9 @@ def render_files(paths, base: str = ROOT, include_quick: bool = False) -> str:
             d = json.load(f)
         if d.get("quick") and not include_quick:
             continue
-        key = (device_of(d), kind_of(path), d.get("variant", ""))  # e.g. the float16 grid beside the main one
+        # e.g. the float16 grid beside the main one; every build comparison is a result of its own
+        variant = os.path.basename(path) if kind_of(path) == "compare" else d.get("variant", "")
+        key = (device_of(d), kind_of(path), variant)
         date = (d.get("machine") or {}).get("date_utc", "")
         if key not in newest or date > newest[key][0]:
             newest[key] = (date, path, d)

@@ -203,6 +203,23 @@ def test_summarize_keeps_a_dtype_variant_beside_the_main_result(tmp_path):
     assert md.index("**Fused block ops** (") < md.index("**Fused block ops, float16 grid** (")
 
 
+def test_summarize_shows_every_build_comparison(tmp_path):
+    def compare(commit_after, ratio):
+        res = {"before_min_s": 1.0, "after_min_s": ratio, "before_median_s": 1.1, "after_median_s": 1.1 * ratio}
+        return {
+            "machine": {"date_utc": "2026-01-01", "cpu": "X", "cpu_count": 2, "torch": "2", "git_commit": "abc"},
+            "trees": {"before": {"commit": "aaa1111"}, "after": {"commit": commit_after}},
+            "settings": {"model": "DDT-B/2", "batch": 2, "threads": 2, "rounds": 5},
+            "results": {"forward_fp32": dict(res, after_vs_before=ratio, calls=15)},
+        }
+
+    (tmp_path / "compare_a_b.json").write_text(json.dumps(compare("bbb2222", 0.95)))
+    (tmp_path / "compare_a_c.json").write_text(json.dumps(compare("ccc3333", 1.02)))
+    md = summarize.render_files(summarize.result_files(str(tmp_path)), base=str(tmp_path))
+    assert "before `aaa1111` vs after `bbb2222`" in md and "before `aaa1111` vs after `ccc3333`" in md
+    assert "| forward_fp32 | 1.0000 | 0.9500 | 0.950 |" in md and "| 1.020 |" in md
+
+
 @pytest.mark.slow
 def test_bench_training_bf16_is_a_result_of_its_own(tmp_path, monkeypatch):
     import bench_training
